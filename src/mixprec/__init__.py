@@ -1,0 +1,29 @@
+"""mixprec: train PyTorch models in reduced precision (FP16, BF16, FP8) with FP32's
+accuracy, emulating each format bit for bit where the hardware lacks it.
+
+The numeric core is importable from here: formats (:mod:`mixprec.formats`), rounding
+onto a format's grid (:func:`quantize`), per-tensor scales (:func:`scale_from_amax`),
+and packing into real low-precision storage (:func:`to_storage`, :func:`from_storage`).
+"""
+
+from mixprec import formats
+from mixprec.formats import FloatFormat
+from mixprec.kernels import kernel_backend
+from mixprec.quantize import Rounding, quantize, scale_from_amax, tensor_scale
+from mixprec.storage import from_storage, storage_dtype, to_storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FloatFormat",
+    "Rounding",
+    "formats",
+    "from_storage",
+    "kernel_backend",
+    "quantize",
+    "scale_from_amax",
+    "storage_dtype",
+    "tensor_scale",
+    "to_storage",
+    "__version__",
+]

@@ -1,0 +1,100 @@
+"""``mixprec bench quantize``: throughput of :func:`mixprec.quantize` for every format and
+rounding mode, allocating and into ``out=``, against a copy and an allocating
+element-wise op timed in the same run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mixprec import formats
+from mixprec.bench.timing import median_seconds
+from mixprec.quantize import quantize
+
+__all__ = ["QuantizeRow", "bench_input", "run_quantize_bench", "DEFAULT_FORMATS"]
+
+DEFAULT_FORMATS = ("fp16", "bf16", "e5m2", "e4m3")
+
+
+@dataclass(frozen=True)
+class QuantizeRow:
+    """One timed configuration: GB/s counts 4 bytes read and 4 written per element."""
+
+    format: str
+    rounding: str
+    out: bool
+    gbps: float
+    ratio_to_copy: float
+    ratio_to_alloc: float
+
+    def as_record(self) -> dict[str, object]:
+        """The row as a JSON-ready dict."""
+        return asdict(self)
+
+
+def bench_input(numel: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """float32 values whose binary exponents are uniform over [-140, 128): every format
+    sees subnormals, values that flush to zero, and values that overflow (bf16 too,
+    just under float32's maximum), with random signs."""
+    generator = torch.Generator().manual_seed(seed)
+    exponent = torch.empty(numel).uniform_(-140.0, 128.0, generator=generator)
+    sign = torch.randint(0, 2, (numel,), generator=generator) * 2 - 1
+    return (torch.exp2(exponent) * sign).to(device)
+
+
+def range_shares(x: torch.Tensor, fmt_name: str) -> tuple[float, float]:
+    """Share of ``x`` in ``fmt``'s subnormal range, and share beyond its largest value."""
+    fmt = formats.get(fmt_name)
+    magnitude = x.abs()
+    subnormal = ((magnitude < fmt.smallest_normal) & (magnitude > 0)).float().mean().item()
+    overflow = (magnitude > fmt.largest).float().mean().item()
+    return subnormal, overflow
+
+
+def run_quantize_bench(
+    numel: int = 1 << 24,
+    repeats: int = 7,
+    format_names: Sequence[str] = DEFAULT_FORMATS,
+    roundings: Sequence[str] = ("nearest", "stochastic"),
+    device: str = "cpu",
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[list[QuantizeRow], dict[str, float]]:
+    """Time every format x rounding x (allocating, ``out=``) and the two baselines; return
+    the rows and the baselines' GB/s. ``on_step`` is called with a label before each
+    configuration (the command line uses it for its progress bar)."""
+    x = bench_input(numel, device=device)
+    out = torch.empty_like(x)
+    bytes_moved = numel * 8
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def gbps(fn: Callable[[], object]) -> float:
+        return bytes_moved / median_seconds(fn, repeats=repeats, warmup=2) / 1e9
+
+    notify = on_step or (lambda label: None)
+    notify("baseline: copy")
+    copy_gbps = gbps(lambda: out.copy_(x))
+    notify("baseline: x * 1.0")
+    alloc_gbps = gbps(lambda: x * 1.0)
+    rows = []
+    for name in format_names:
+        fmt = formats.get(name)
+        for rounding in roundings:
+            for into_out in (False, True):
+                notify(f"{fmt.name} {rounding} {'out=' if into_out else 'alloc'}")
+                target = out if into_out else None
+                rate = gbps(
+                    lambda: quantize(x, fmt, rounding, generator=generator, out=target)  # noqa: B023
+                )
+                rows.append(
+                    QuantizeRow(
+                        format=fmt.name,
+                        rounding=rounding,
+                        out=into_out,
+                        gbps=rate,
+                        ratio_to_copy=rate / copy_gbps,
+                        ratio_to_alloc=rate / alloc_gbps,
+                    )
+                )
+    return rows, {"copy": copy_gbps, "alloc": alloc_gbps}

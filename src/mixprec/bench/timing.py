@@ -1,0 +1,43 @@
+"""Timing helpers shared by the benchmarks: medians of repeats, and the thread settings
+that decide CPU timings."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["median_seconds", "thread_settings"]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones,
+    synchronising CUDA around each call so queued kernels are counted."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def thread_settings() -> dict[str, str]:
+    """The settings that change CPU timings: torch's intra-op threads and OpenMP's
+    waiting policy (spin-waiting costs milliseconds per parallel region on busy cores)."""
+    return {
+        "torch threads": str(torch.get_num_threads()),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: spin-waits)"),
+        "cpu count": str(os.cpu_count()),
+        "torch": torch.__version__,
+    }

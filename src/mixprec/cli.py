@@ -1,0 +1,150 @@
+"""The ``mixprec`` command line: argument parsing and display only; the work lives in
+the library and in :mod:`mixprec.bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="mixprec",
+        description="Mixed-precision (FP16, BF16, FP8) training for PyTorch, emulated bit "
+        "for bit where the hardware lacks the format.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser(
+        "formats", help="list the named formats and their numbers (largest, smallest, epsilon)"
+    )
+
+    bench = commands.add_parser("bench", help="benchmarks, as ratios to baselines in the same run")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    quant = benches.add_parser(
+        "quantize",
+        help="quantize throughput per format and rounding, against a copy and x * 1.0",
+    )
+    quant.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
+    quant.add_argument(
+        "--numel", type=int, default=1 << 24, help="elements of the input (default 16M)"
+    )
+    quant.add_argument("--repeats", type=int, default=7, help="timed calls per row; the median counts")
+    quant.add_argument(
+        "--formats", default="fp16,bf16,e5m2,e4m3", help="comma-separated formats (default: %(default)s)"
+    )
+    quant.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    return parser
+
+
+def _formats_command(console: Console) -> int:
+    from mixprec import formats
+
+    table = Table(title="mixprec formats")
+    for column in ("name", "exp", "man", "bias", "largest", "smallest normal", "smallest subnormal",
+                   "epsilon", "Inf", "overflow", "torch dtype"):
+        table.add_column(column, justify="right" if column not in ("name", "torch dtype") else "left")
+    for fmt in formats.NAMED_FORMATS.values():
+        table.add_row(
+            fmt.name, str(fmt.exponent_bits), str(fmt.mantissa_bits), str(fmt.bias),
+            f"{fmt.largest:.6g}", f"2^{fmt.min_exponent}",
+            f"2^{fmt.min_exponent - fmt.mantissa_bits}", f"2^-{fmt.mantissa_bits}",
+            "yes" if fmt.has_infinities else "no", fmt.overflow, str(fmt.torch_dtype),
+        )
+    console.print(table)
+    console.print("Any 'eXmY' (1 <= X <= 8, 0 <= Y <= 23) names an IEEE-style custom format.")
+    return 0
+
+
+def _bench_quantize(args: argparse.Namespace, console: Console) -> int:
+    from mixprec.bench.quantize_speed import range_shares, bench_input, run_quantize_bench
+    from mixprec.bench.timing import thread_settings
+    from mixprec.kernels import current_backend
+
+    if args.numel < 1 or args.repeats < 1:
+        console.print("[red]--numel and --repeats must be >= 1[/red]")
+        return 2
+    names = [name.strip() for name in args.formats.split(",") if name.strip()]
+    settings = thread_settings()
+    settings["kernel backend"] = current_backend()
+    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    if settings["OMP_WAIT_POLICY"].startswith("(unset"):
+        console.print("[yellow]tip: OMP_WAIT_POLICY=passive steadies timings on busy cores[/yellow]")
+
+    steps = 2 + len(names) * 4
+    with Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=steps)
+        seen = [0]
+
+        def on_step(label: str) -> None:
+            if seen[0]:
+                progress.advance(task)
+            seen[0] += 1
+            progress.update(task, description=label)
+
+        rows, baselines = run_quantize_bench(
+            numel=args.numel, repeats=args.repeats, format_names=names, device=args.device,
+            on_step=on_step,
+        )
+        progress.advance(task)
+
+    sample = bench_input(min(args.numel, 1 << 20))
+    table = Table(title=f"quantize throughput, {args.numel:,} float32 elements (median of {args.repeats})")
+    for column in ("format", "rounding", "out=", "GB/s", "x copy", "x alloc", "subnormal", "overflow"):
+        table.add_column(column, justify="right" if column not in ("format", "rounding") else "left")
+    table.add_row("baseline", "y.copy_(x)", "yes", f"{baselines['copy']:.2f}", "1.00", "", "", "")
+    table.add_row("baseline", "x * 1.0", "no", f"{baselines['alloc']:.2f}", "", "1.00", "", "")
+    for row in rows:
+        subnormal, overflow = range_shares(sample, row.format)
+        table.add_row(
+            row.format, row.rounding, "yes" if row.out else "no", f"{row.gbps:.2f}",
+            f"{row.ratio_to_copy:.2f}", f"{row.ratio_to_alloc:.2f}",
+            f"{subnormal:.1%}", f"{overflow:.1%}",
+        )
+    console.print(table)
+    console.print("GB/s counts 4 bytes read + 4 written per element; 'subnormal' and 'overflow' "
+                  "are the input's shares in that format's subnormal range and beyond its largest value.")
+    if args.json:
+        records = [row.as_record() for row in rows]
+        records += [
+            {"format": "baseline", "rounding": "copy", "out": True, "gbps": baselines["copy"],
+             "ratio_to_copy": 1.0, "ratio_to_alloc": baselines["copy"] / baselines["alloc"]},
+            {"format": "baseline", "rounding": "alloc", "out": False, "gbps": baselines["alloc"],
+             "ratio_to_copy": baselines["alloc"] / baselines["copy"], "ratio_to_alloc": 1.0},
+        ]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": settings, "rows": records}, indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "formats":
+            return _formats_command(console)
+        if args.command == "bench" and args.bench == "quantize":
+            return _bench_quantize(args, console)
+    except (ValueError, TypeError) as error:
+        console.print(f"[red]mixprec: {error}[/red]")
+        return 2
+    raise AssertionError(f"unhandled command {args.command}")  # argparse rejects others
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The rounding kernel: float32 values onto a format's grid by integer arithmetic on
+their bits, run eagerly or fused by ``torch.compile``.
+
+Rounding works on the 32-bit pattern of each float32 value, so it is exact and
+independent of the floating-point environment (no FPU rounding mode, no flush-to-zero,
+no fast-math reassociation can change a result). Eager and compiled paths run the same
+torch integer operations and give bit-identical results; the compiled one fuses them
+into a single pass over memory (inductor emits a vectorised C++ loop on CPU and a
+Triton kernel on CUDA), which is 50-100x faster than the eager chain of ~25 operations.
+
+Random bits for stochastic rounding come from a counter-based hash of each element's
+flat index and a 64-bit key drawn from a ``torch.Generator``, so they are reproducible,
+identical on every device, and need no random tensor in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+
+from mixprec.formats import FloatFormat, Overflow
+
+__all__ = ["Backend", "kernel_backend", "current_backend", "round_to_format", "COMPILE_MIN_NUMEL"]
+
+Backend = Literal["auto", "eager", "compiled"]
+"""``"eager"``: plain torch ops. ``"compiled"``: always the ``torch.compile`` kernel
+(errors propagate). ``"auto"``: compiled for tensors of at least
+:data:`COMPILE_MIN_NUMEL` elements where it works, eager otherwise."""
+
+COMPILE_MIN_NUMEL = 1 << 15
+"""Below this many elements the eager chain is cheaper than a compiled call's guards."""
+
+_INT32_MIN = -(2**31)
+_F32_INF_BITS = 0x7F800000
+_F32_QNAN_BITS = 0x7FC00000
+_MANTISSA_MASK = 0x7FFFFF
+_ABS_MASK = 0x7FFFFFFF
+
+# Odd 32-bit multipliers of the murmur3 finaliser, as signed int32 (torch has no uint32
+# arithmetic on CPU); int32 multiplication wraps modulo 2**32 on every backend.
+_MIX1 = 0x85EBCA6B - 2**32
+_MIX2 = 0xC2B2AE35 - 2**32
+_GOLDEN = 0x9E3779B9 - 2**32
+
+_VALID_BACKENDS = ("auto", "eager", "compiled")
+
+
+class _BackendState(threading.local):
+    def __init__(self) -> None:
+        env = os.environ.get("MIXPREC_KERNEL", "auto")
+        self.backend: str = env if env in _VALID_BACKENDS else "auto"
+
+
+_state = _BackendState()
+_compiled: dict[str, Callable[..., torch.Tensor | None]] = {}
+_compile_broken: list[str] = []  # reason the compiled path failed in "auto" mode, if it did
+
+
+def current_backend() -> Backend:
+    """The kernel backend in force in this thread (set by :func:`kernel_backend` or the
+    ``MIXPREC_KERNEL`` environment variable)."""
+    return _state.backend  # type: ignore[return-value]
+
+
+@contextmanager
+def kernel_backend(backend: Backend) -> Iterator[None]:
+    """Run the enclosed code with the given kernel backend, restoring the previous one
+    on exit; results are bit-identical across backends, only speed differs."""
+    if backend not in _VALID_BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; use one of {_VALID_BACKENDS}")
+    previous = _state.backend
+    _state.backend = backend
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+# ---- parameters ------------------------------------------------------------------------
+
+
+def _f32_bits(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+_params_cache: dict[tuple[FloatFormat, str, torch.device], torch.Tensor] = {}
+
+
+def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch.Tensor:
+    """The int32 parameter vector the kernel reads, one per format, overflow mode and
+    device (cached: building a tensor per call would cost more than small kernels)."""
+    key = (fmt, overflow, device)
+    cached = _params_cache.get(key)
+    if cached is not None:
+        return cached
+    shift = 23 - fmt.mantissa_bits
+    min_exp_biased = fmt.min_exponent + 127  # float32 biased exponent of the smallest normal
+    # Formats whose normal range starts where float32's does need no subnormal path:
+    # float32's own subnormals share the grid spacing of its smallest binade.
+    subnormal_below = min_exp_biased if min_exp_biased > 1 else 0
+    max_bits = _f32_bits(fmt.largest)
+    overflow_bits = {"inf": _F32_INF_BITS, "saturate": max_bits, "nan": _F32_QNAN_BITS}[overflow]
+    params = torch.tensor(
+        [
+            shift,
+            min_exp_biased,
+            max_bits,
+            overflow_bits,
+            (fmt.min_exponent - fmt.mantissa_bits) << 23,
+            subnormal_below,
+        ],
+        dtype=torch.int32,
+        device=device,
+    )
+    _params_cache[key] = params
+    return params
+
+
+# ---- the kernel ------------------------------------------------------------------------
+
+
+def _hash_bits(numel_like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """32 pseudo-random bits per element: the murmur3 finaliser (a bijection with full
+    avalanche) over the element's flat index, keyed by the two int32 words of ``key``
+    (one before and one after an odd multiply, so each key is its own permutation)."""
+    index = torch.arange(numel_like.numel(), dtype=torch.int32, device=numel_like.device)
+    h = ((index ^ key[1]) * _GOLDEN) ^ key[0]
+    h = h ^ ((h >> 16) & 0xFFFF)  # logical shifts, spelled for signed int32
+    h = h * _MIX1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _MIX2
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _round_bits(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
+    """Round float32 ``x`` onto the grid ``p`` describes; ``key`` selects stochastic
+    rounding. Returns float32.
+
+    Normal range: add a rounding increment below the kept mantissa bits of the 31-bit
+    magnitude pattern and clear them; a carry runs into the exponent, which is exactly
+    the next binade. Round-to-nearest-even adds half an ulp minus one plus the kept
+    lowest bit; stochastic rounding adds uniform random bits, so it rounds up with
+    probability (x - lo) / (hi - lo).
+
+    Subnormal range of the target: the full significand (implicit bit included) is
+    shifted right by the extra distance to the subnormal grid and rounded the same way;
+    the integer result times the smallest subnormal is built as a float32 normal.
+    """
+    shift, min_exp_biased, max_bits, overflow_bits, subnormal_exp, subnormal_below = (
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+    )
+    bits = x.view(torch.int32)
+    magnitude = bits & _ABS_MASK
+    sign = bits & _INT32_MIN
+    exponent = magnitude >> 23
+    one = torch.ones_like(shift)
+    drop_mask = (one << shift) - 1
+
+    significand = (magnitude & _MANTISSA_MASK) | ((exponent > 0).to(torch.int32) << 23)
+    sub_shift = shift + min_exp_biased - torch.clamp(exponent, min=1)
+    if key is None:
+        # The kept lowest bit of the significand decides ties; with no mantissa bits
+        # (shift 23) it is the implicit leading bit, so ties go to the even multiple of
+        # the spacing, as torch's and ml_dtypes' e8m0 casts do.
+        kept_lowest = (significand >> shift) & 1
+        increment = (((one << shift) >> 1) - 1 + kept_lowest) & drop_mask
+        # Past 25 bits of shift every float32 significand rounds to zero.
+        sub_shift = torch.clamp(sub_shift, max=25)
+        sub_increment = ((one << sub_shift) >> 1) - 1 + ((significand >> sub_shift) & 1)
+    else:
+        random = _hash_bits(x, key)
+        increment = random & drop_mask
+        # 30 random bits resolve the round-up probability to 2**-30 of a grid step; the
+        # significand's bits below that are truncated first (and the sum stays < 2**31).
+        extra = torch.clamp(sub_shift - 30, min=0, max=31)
+        significand = significand >> extra
+        sub_shift = torch.clamp(sub_shift, max=30)
+        sub_increment = random & ((one << sub_shift) - 1)
+
+    normal = (magnitude + increment) & ~drop_mask
+    steps = (significand + sub_increment) >> sub_shift  # multiples of the smallest subnormal
+    steps_bits = steps.to(torch.float32).view(torch.int32)  # exact: steps < 2**25
+    subnormal = torch.where(steps == 0, 0, steps_bits + subnormal_exp)
+
+    result = torch.where(exponent < subnormal_below, subnormal, normal)
+    result = torch.where(result > max_bits, overflow_bits, result)
+    result = torch.where(magnitude > _F32_INF_BITS, magnitude, result)  # NaN stays NaN
+    return (result | sign).view(torch.float32)
+
+
+def _scaled(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    key: torch.Tensor | None,
+    scale_inv: torch.Tensor | None,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    if scale_inv is None or scale is None:
+        return _round_bits(x, p, key)
+    return _round_bits(x * scale_inv, p, key) * scale
+
+
+# One entry point per variant, each its own code object, so that dynamo's per-function
+# recompile limit is never reached by the variants together.
+def _nearest(x, p, scale_inv, scale):  # type: ignore[no-untyped-def]
+    return _scaled(x, p, None, scale_inv, scale)
+
+
+def _nearest_out(x, p, scale_inv, scale, out):  # type: ignore[no-untyped-def]
+    out.copy_(_scaled(x, p, None, scale_inv, scale))
+
+
+def _stochastic(x, p, key, scale_inv, scale):  # type: ignore[no-untyped-def]
+    return _scaled(x, p, key, scale_inv, scale)
+
+
+def _stochastic_out(x, p, key, scale_inv, scale, out):  # type: ignore[no-untyped-def]
+    out.copy_(_scaled(x, p, key, scale_inv, scale))
+
+
+_ENTRIES: dict[str, Callable[..., torch.Tensor | None]] = {
+    "nearest": _nearest,
+    "nearest_out": _nearest_out,
+    "stochastic": _stochastic,
+    "stochastic_out": _stochastic_out,
+}
+
+
+def _compiled_entry(name: str) -> Callable[..., torch.Tensor | None]:
+    fn = _compiled.get(name)
+    if fn is None:
+        # Compiled lazily on first use and cached by inductor on disk across processes.
+        fn = torch.compile(_ENTRIES[name], dynamic=True, fullgraph=True)
+        _compiled[name] = fn
+    return fn
+
+
+def _wants_compiled(x: torch.Tensor) -> bool:
+    backend = _state.backend
+    # Sizes 0 and 1 are specialised by dynamo and would each cost a recompile.
+    if backend == "eager" or x.numel() < 2 or torch.compiler.is_compiling():
+        return False  # inside a user's torch.compile the eager ops are traced and fused
+    if backend == "compiled":
+        return True
+    if _compile_broken or x.numel() < COMPILE_MIN_NUMEL:
+        return False
+    if x.device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return x.device.type == "cpu"
+
+
+def _run(name: str, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor | None:
+    if _wants_compiled(x):
+        try:
+            return _compiled_entry(name)(x, *args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure falls back
+            if _state.backend == "compiled":
+                raise
+            _compile_broken.append(repr(error))
+            warnings.warn(
+                "mixprec: torch.compile of the rounding kernel failed, so quantize runs "
+                f"eagerly (same results, slower): {error!r}. Set MIXPREC_KERNEL=eager to "
+                "skip the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _ENTRIES[name](x, *args)
+
+
+def round_to_format(
+    x: torch.Tensor,
+    fmt: FloatFormat,
+    overflow: Overflow,
+    key: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round contiguous float32 ``x`` onto ``fmt``'s grid (stochastically when ``key``,
+    an int32 tensor of two words, is given), optionally as ``round(x * (1/scale)) *
+    scale``, into ``out`` when given. Inputs are assumed validated by the caller."""
+    flat = x.reshape(-1)
+    p = _params(fmt, overflow, x.device)
+    scale_inv = None if scale is None else torch.reciprocal(scale)
+    if out is not None and out.is_contiguous():
+        if key is None:
+            _run("nearest_out", flat, p, scale_inv, scale, out.view(-1))
+        else:
+            _run("stochastic_out", flat, p, key, scale_inv, scale, out.view(-1))
+        return out
+    if key is None:
+        result = _run("nearest", flat, p, scale_inv, scale)
+    else:
+        result = _run("stochastic", flat, p, key, scale_inv, scale)
+    assert result is not None
+    result = result.view(x.shape)
+    if out is not None:
+        return out.copy_(result)
+    return result

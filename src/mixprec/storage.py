@@ -1,0 +1,131 @@
+"""Real low-precision storage: pack values on a format's grid into 1- or 2-byte tensors
+and back, losslessly.
+
+Formats torch has a dtype for (fp16, bf16, e5m2, e4m3) are stored in that dtype, so
+the bytes are the ones hardware reads. Custom formats are stored as their own bit codes
+(sign, exponent, mantissa, as the format lays them out) in the smallest integer type
+that holds them: ``uint8`` up to 8 bits, ``int16`` up to 16; wider custom formats are
+kept as float32 values, since a code of 17 to 31 bits saves nothing over float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixprec import formats
+from mixprec.formats import FloatFormat
+from mixprec.quantize import quantize
+
+__all__ = ["storage_dtype", "to_storage", "from_storage"]
+
+_F32_INF_BITS = 0x7F800000
+_F32_QNAN_BITS = 0x7FC00000
+
+
+def storage_dtype(fmt: str | FloatFormat) -> torch.dtype:
+    """The dtype :func:`to_storage` packs ``fmt`` into."""
+    fmt = formats.get(fmt)
+    if fmt.torch_dtype is not None:
+        return fmt.torch_dtype
+    if fmt.total_bits <= 8:
+        return torch.uint8
+    if fmt.total_bits <= 16:
+        return torch.int16
+    return torch.float32
+
+
+def to_storage(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
+    """Pack ``x`` into ``fmt``'s storage dtype (:func:`storage_dtype`). Values already on
+    the grid (the output of :func:`mixprec.quantize`) are packed exactly; others are
+    rounded to nearest-even first, with the format's default overflow."""
+    fmt = formats.get(fmt)
+    dtype = storage_dtype(fmt)
+    if fmt.torch_dtype is not None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError("to_storage takes a floating-point torch.Tensor")
+        if x.dtype == fmt.torch_dtype:
+            return x
+        if x.dtype == torch.float64:
+            raise TypeError("to_storage takes float32, float16 or bfloat16; call x.float() first")
+        # torch's cast rounds to nearest-even with the format's default overflow, the
+        # same as quantize(x, fmt), so grid values pass through unchanged.
+        return x.to(fmt.torch_dtype)
+    on_grid = quantize(x, fmt)
+    if dtype == torch.float32:
+        return on_grid
+    return _encode(on_grid, fmt, dtype)
+
+
+def from_storage(packed: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
+    """Unpack what :func:`to_storage` made into float32 values on ``fmt``'s grid."""
+    fmt = formats.get(fmt)
+    dtype = storage_dtype(fmt)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"from_storage takes a torch.Tensor, not {type(packed).__name__}")
+    if packed.dtype != dtype:
+        raise TypeError(
+            f"format {fmt.name} is stored as {dtype}, but got a {packed.dtype} tensor; pass "
+            "what to_storage returned for this format"
+        )
+    if dtype in (torch.uint8, torch.int16):
+        return _decode(packed, fmt)
+    return packed.float()
+
+
+def _encode(values: torch.Tensor, fmt: FloatFormat, dtype: torch.dtype) -> torch.Tensor:
+    e, m = fmt.exponent_bits, fmt.mantissa_bits
+    top = 2**e - 1
+    shift = 23 - m
+    min_exp_biased = fmt.min_exponent + 127
+    bits = values.view(torch.int32)
+    magnitude = bits & 0x7FFFFFFF
+    exponent = magnitude >> 23
+    sign = ((bits >> 31) & 1) << (e + m)
+
+    normal = ((exponent - 127 + fmt.bias) << m) | ((magnitude & 0x7FFFFF) >> shift)
+    code = normal
+    if min_exp_biased > 1:  # the format's subnormals are float32 normals: re-scale them
+        significand = (magnitude & 0x7FFFFF) | (1 << 23)
+        sub_shift = torch.clamp(shift + min_exp_biased - exponent, max=31)
+        subnormal = torch.where(exponent == 0, 0, significand >> sub_shift)
+        code = torch.where(exponent < min_exp_biased, subnormal, normal)
+    is_nan = magnitude > _F32_INF_BITS
+    if not fmt.has_nan:
+        if bool(is_nan.any()):  # host check; only formats without NaN pay for it
+            raise ValueError(f"format {fmt.name} has no NaN code, but the tensor holds NaN")
+    else:
+        nan_code = (top << m) | (2**m - 1 if fmt.nan_encoding == "all_ones" else 2 ** (m - 1))
+        code = torch.where(is_nan, nan_code, code)
+    if fmt.has_infinities:
+        code = torch.where(magnitude == _F32_INF_BITS, top << m, code)
+    code = code | sign
+    if dtype == torch.int16:
+        code = code - ((code >> 15) << 16)  # the same 16 bits, as a signed value
+    return code.to(dtype)
+
+
+def _decode(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    e, m = fmt.exponent_bits, fmt.mantissa_bits
+    top = 2**e - 1
+    shift = 23 - m
+    code = codes.to(torch.int32) & (2 ** fmt.total_bits - 1)
+    sign = ((code >> (e + m)) & 1) << 31
+    exp_field = (code >> m) & top
+    mantissa = code & (2**m - 1)
+
+    bits = ((exp_field - fmt.bias + 127) << 23) | (mantissa << shift)
+    if fmt.min_exponent == -126:
+        subnormal = mantissa << shift  # float32's own subnormal encoding
+    else:
+        # mantissa * 2**(min_exponent - m), built from the exact float of the integer.
+        scaled = mantissa.to(torch.float32).view(torch.int32)
+        subnormal = torch.where(mantissa == 0, 0, scaled + ((fmt.min_exponent - m) << 23))
+    bits = torch.where(exp_field == 0, subnormal, bits)
+    if fmt.nan_encoding == "ieee" and fmt.has_nan:
+        special = torch.where(mantissa == 0, _F32_INF_BITS, _F32_QNAN_BITS)
+        bits = torch.where(exp_field == top, special, bits)
+    elif fmt.nan_encoding == "ieee":
+        bits = torch.where(exp_field == top, _F32_INF_BITS, bits)
+    elif fmt.nan_encoding == "all_ones":
+        bits = torch.where((exp_field == top) & (mantissa == 2**m - 1), _F32_QNAN_BITS, bits)
+    return (bits | sign).view(torch.float32)
