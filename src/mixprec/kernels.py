@@ -102,20 +102,14 @@ def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch
         return cached
     shift = 23 - fmt.mantissa_bits
     min_exp_biased = fmt.min_exponent + 127  # float32 biased exponent of the smallest normal
-    # Formats whose normal range starts where float32's does need no subnormal path:
-    # float32's own subnormals share the grid spacing of its smallest binade.
+    # Below this float32 exponent the grid spacing stops shrinking (the format's
+    # subnormals). Formats whose normal range starts where float32's does need no such
+    # floor: float32's own subnormals share its smallest binade's spacing.
     subnormal_below = min_exp_biased if min_exp_biased > 1 else 0
     max_bits = _f32_bits(fmt.largest)
     overflow_bits = {"inf": _F32_INF_BITS, "saturate": max_bits, "nan": _F32_QNAN_BITS}[overflow]
     params = torch.tensor(
-        [
-            shift,
-            min_exp_biased,
-            max_bits,
-            overflow_bits,
-            (fmt.min_exponent - fmt.mantissa_bits) << 23,
-            subnormal_below,
-        ],
+        [shift, max_bits, overflow_bits, subnormal_below, _f32_bits(fmt.smallest_subnormal)],
         dtype=torch.int32,
         device=device,
     )
@@ -143,58 +137,49 @@ def _round_bits(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None) -> t
     """Round float32 ``x`` onto the grid ``p`` describes; ``key`` selects stochastic
     rounding. Returns float32.
 
-    Normal range: add a rounding increment below the kept mantissa bits of the 31-bit
-    magnitude pattern and clear them; a carry runs into the exponent, which is exactly
-    the next binade. Round-to-nearest-even adds half an ulp minus one plus the kept
-    lowest bit; stochastic rounding adds uniform random bits, so it rounds up with
+    Within a binade float32's bit pattern is linear in the value, and so is it across
+    float32's subnormals. A grid spacing of ``2**s`` float32 ulps is therefore met by
+    adding a rounding increment below bit ``s`` of the 31-bit magnitude pattern and
+    clearing those bits; a carry runs into the exponent, which is exactly the next grid
+    point. ``s`` is ``23 - mantissa_bits`` in the format's normal range and grows by one
+    per binade below it (the subnormal range, where the spacing stays fixed).
+    Round-to-nearest-even adds half a spacing minus one plus the kept lowest bit of the
+    significand; stochastic rounding adds uniform random bits, so it rounds up with
     probability (x - lo) / (hi - lo).
 
-    Subnormal range of the target: the full significand (implicit bit included) is
-    shifted right by the extra distance to the subnormal grid and rounded the same way;
-    the integer result times the smallest subnormal is built as a float32 normal.
+    Once the spacing outgrows the value (``s >= 24``: x is below the smallest subnormal)
+    the result is 0 or the smallest subnormal: up past the midpoint for nearest, with
+    probability ``significand * 2**-s`` for stochastic.
     """
-    shift, min_exp_biased, max_bits, overflow_bits, subnormal_exp, subnormal_below = (
-        p[0],
-        p[1],
-        p[2],
-        p[3],
-        p[4],
-        p[5],
-    )
+    shift, max_bits, overflow_bits, subnormal_below, step_bits = p[0], p[1], p[2], p[3], p[4]
     bits = x.view(torch.int32)
     magnitude = bits & _ABS_MASK
     sign = bits & _INT32_MIN
     exponent = magnitude >> 23
-    one = torch.ones_like(shift)
-    drop_mask = (one << shift) - 1
-
     significand = (magnitude & _MANTISSA_MASK) | ((exponent > 0).to(torch.int32) << 23)
-    sub_shift = shift + min_exp_biased - torch.clamp(exponent, min=1)
+    drop = shift + torch.clamp(subnormal_below - torch.clamp(exponent, min=1), min=0)
+
     if key is None:
-        # The kept lowest bit of the significand decides ties; with no mantissa bits
-        # (shift 23) it is the implicit leading bit, so ties go to the even multiple of
-        # the spacing, as torch's and ml_dtypes' e8m0 casts do.
-        kept_lowest = (significand >> shift) & 1
-        increment = (((one << shift) >> 1) - 1 + kept_lowest) & drop_mask
-        # Past 25 bits of shift every float32 significand rounds to zero.
-        sub_shift = torch.clamp(sub_shift, max=25)
-        sub_increment = ((one << sub_shift) >> 1) - 1 + ((significand >> sub_shift) & 1)
+        drop = torch.clamp(drop, max=25)  # from 25 on everything rounds to zero
+        drop_mask = (1 << drop) - 1
+        # The kept lowest bit of the significand decides ties; with no mantissa bits it
+        # is the implicit leading bit, so ties go to the even multiple of the spacing,
+        # as torch's and ml_dtypes' e8m0 casts do.
+        increment = (drop_mask >> 1) + ((significand >> drop) & 1 & drop_mask)
+        tiny_up = significand > ((1 << drop) >> 1)
     else:
         random = _hash_bits(x, key)
+        drop = torch.clamp(drop, max=61)
+        drop_mask = (1 << torch.clamp(drop, max=24)) - 1
         increment = random & drop_mask
-        # 30 random bits resolve the round-up probability to 2**-30 of a grid step; the
-        # significand's bits below that are truncated first (and the sum stays < 2**31).
-        extra = torch.clamp(sub_shift - 30, min=0, max=31)
-        significand = significand >> extra
-        sub_shift = torch.clamp(sub_shift, max=30)
-        sub_increment = random & ((one << sub_shift) - 1)
+        # 30 random bits resolve the round-up probability significand * 2**-drop to
+        # 2**-30 of a spacing; below that the significand's low bits are truncated.
+        threshold = (significand << torch.clamp(30 - drop, min=0)) >> torch.clamp(drop - 30, min=0, max=31)
+        tiny_up = (random & 0x3FFFFFFF) < threshold
 
-    normal = (magnitude + increment) & ~drop_mask
-    steps = (significand + sub_increment) >> sub_shift  # multiples of the smallest subnormal
-    steps_bits = steps.to(torch.float32).view(torch.int32)  # exact: steps < 2**25
-    subnormal = torch.where(steps == 0, 0, steps_bits + subnormal_exp)
-
-    result = torch.where(exponent < subnormal_below, subnormal, normal)
+    rounded = (magnitude + increment) & ~drop_mask
+    tiny = torch.where(tiny_up, step_bits, 0)
+    result = torch.where(drop >= 24, tiny, rounded)
     result = torch.where(result > max_bits, overflow_bits, result)
     result = torch.where(magnitude > _F32_INF_BITS, magnitude, result)  # NaN stays NaN
     return (result | sign).view(torch.float32)

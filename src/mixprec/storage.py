@@ -122,7 +122,7 @@ def _decode(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
         subnormal = torch.where(mantissa == 0, 0, scaled + ((fmt.min_exponent - m) << 23))
     bits = torch.where(exp_field == 0, subnormal, bits)
     if fmt.nan_encoding == "ieee" and fmt.has_nan:
-        special = torch.where(mantissa == 0, _F32_INF_BITS, _F32_QNAN_BITS)
+        special = torch.where(mantissa == 0, _F32_INF_BITS, torch.full_like(mantissa, _F32_QNAN_BITS))
         bits = torch.where(exp_field == top, special, bits)
     elif fmt.nan_encoding == "ieee":
         bits = torch.where(exp_field == top, _F32_INF_BITS, bits)

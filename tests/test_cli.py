@@ -1,0 +1,50 @@
+"""The command line: subcommands listed, formats table, and the quantize benchmark's
+JSON records, run as a user would (a subprocess through ``python -m mixprec``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from mixprec.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mixprec", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_help_lists_the_subcommands():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "bench" in result.stdout and "formats" in result.stdout
+
+
+def test_formats_prints_the_numbers(capsys):
+    assert main(["formats"]) == 0
+    printed = capsys.readouterr().out
+    assert "65504" in printed and "57344" in printed and "448" in printed
+
+
+def test_bench_quantize_writes_json_records(tmp_path):
+    path = tmp_path / "bench.json"
+    result = run("bench", "quantize", "--numel", "65536", "--repeats", "2", "--formats", "fp16,e4m3",
+                 "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(path.read_text())
+    rows = [row for row in report["rows"] if row["format"] != "baseline"]
+    assert {(r["format"], r["rounding"], r["out"]) for r in rows} == {
+        (f, r, o) for f in ("fp16", "e4m3") for r in ("nearest", "stochastic") for o in (False, True)
+    }
+    for row in rows:
+        assert set(row) == {"format", "rounding", "out", "gbps", "ratio_to_copy", "ratio_to_alloc"}
+        assert row["gbps"] > 0 and row["ratio_to_copy"] > 0
+    assert "quantize throughput" in result.stdout
+
+
+def test_bad_arguments_fail_with_a_message():
+    result = run("bench", "quantize", "--formats", "fp99", "--numel", "1024")
+    assert result.returncode == 2
+    assert "unknown format" in result.stdout
+    assert run("nonsense").returncode == 2

@@ -1,0 +1,85 @@
+"""mixprec.kernels: the eager and compiled paths agree bit for bit, the backend switch
+is scoped, and a broken compiler falls back to eager with a warning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mixprec
+from mixprec import kernels
+from mixprec.kernels import current_backend, kernel_backend
+from tests.reference import assert_same
+
+
+def adversarial(count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(11)
+    bits = torch.randint(-(2**31), 2**31 - 1, (count,), dtype=torch.int32, generator=generator)
+    return bits.view(torch.float32)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16", "e5m2", "e4m3", "e3m2", "e8m0"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("scale", [None, 0.375])
+def test_compiled_equals_eager(name, rounding, scale):
+    x = adversarial(1 << 16)
+    results = {}
+    for backend in ("eager", "compiled"):
+        with kernel_backend(backend):
+            generator = torch.Generator().manual_seed(2)
+            out = torch.empty_like(x)
+            allocated = mixprec.quantize(x, name, rounding, scale=scale, generator=generator)
+            generator = torch.Generator().manual_seed(2)
+            mixprec.quantize(x, name, rounding, scale=scale, generator=generator, out=out)
+            assert_same(out, allocated, x, f"{backend}: out= vs allocating")
+            results[backend] = allocated
+    assert_same(results["compiled"], results["eager"], x, f"{name} {rounding} compiled vs eager")
+
+
+def test_backend_switch_is_scoped_and_validated():
+    before = current_backend()
+    with kernel_backend("eager"):
+        assert current_backend() == "eager"
+        with kernel_backend("compiled"):
+            assert current_backend() == "compiled"
+        assert current_backend() == "eager"
+    assert current_backend() == before
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        with kernel_backend("fast"):  # type: ignore[arg-type]
+            pass
+
+
+def test_auto_uses_eager_for_small_tensors(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "_compiled_entry", lambda name: calls.append(name))
+    with kernel_backend("auto"):
+        mixprec.quantize(torch.randn(16), "fp16")
+    assert calls == []
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken(name):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(kernels, "_compiled_entry", broken)
+    monkeypatch.setattr(kernels, "_compile_broken", [])
+    x = adversarial(kernels.COMPILE_MIN_NUMEL)
+    with kernel_backend("auto"):
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+            y = mixprec.quantize(x, "fp16")
+    assert_same(y, x.half().float(), x, "fallback result")
+    with kernel_backend("compiled"):
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            mixprec.quantize(x, "fp16")
+
+
+def test_quantize_inside_a_users_torch_compile():
+    def step(x):
+        return mixprec.quantize(x * 2, "e5m2") + 1
+
+    compiled = torch.compile(step, fullgraph=False)
+    x = adversarial(4096).nan_to_num(0.0, 0.0, 0.0).clamp(-1e4, 1e4)
+    assert_same(compiled(x), step(x), x, "inside torch.compile")
