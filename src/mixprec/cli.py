@@ -103,20 +103,21 @@ def _bench_quantize(args: argparse.Namespace, console: Console) -> int:
 
     sample = bench_input(min(args.numel, 1 << 20))
     table = Table(title=f"quantize throughput, {args.numel:,} float32 elements (median of {args.repeats})")
-    for column in ("format", "rounding", "out=", "GB/s", "x copy", "x alloc", "subnormal", "overflow"):
+    for column in ("format", "rounding", "out=", "GB/s", "x copy", "x alloc", "below normal", "overflow"):
         table.add_column(column, justify="right" if column not in ("format", "rounding") else "left")
     table.add_row("baseline", "y.copy_(x)", "yes", f"{baselines['copy']:.2f}", "1.00", "", "", "")
     table.add_row("baseline", "x * 1.0", "no", f"{baselines['alloc']:.2f}", "", "1.00", "", "")
     for row in rows:
-        subnormal, overflow = range_shares(sample, row.format)
+        below_normal, overflow = range_shares(sample, row.format)
         table.add_row(
             row.format, row.rounding, "yes" if row.out else "no", f"{row.gbps:.2f}",
             f"{row.ratio_to_copy:.2f}", f"{row.ratio_to_alloc:.2f}",
-            f"{subnormal:.1%}", f"{overflow:.1%}",
+            f"{below_normal:.1%}", f"{overflow:.1%}",
         )
     console.print(table)
-    console.print("GB/s counts 4 bytes read + 4 written per element; 'subnormal' and 'overflow' "
-                  "are the input's shares in that format's subnormal range and beyond its largest value.")
+    console.print("GB/s counts 4 bytes read + 4 written per element; 'below normal' and 'overflow' "
+                  "are the input's shares under the format's smallest normal (subnormal or flushed) "
+                  "and beyond its largest value.")
     if args.json:
         records = [row.as_record() for row in rows]
         records += [
@@ -135,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
     console = Console()
+    if not console.is_terminal:  # pipes and logs: wide enough for the tables
+        console = Console(width=120)
     try:
         if args.command == "formats":
             return _formats_command(console)

@@ -40,7 +40,6 @@ COMPILE_MIN_NUMEL = 1 << 15
 _INT32_MIN = -(2**31)
 _F32_INF_BITS = 0x7F800000
 _F32_QNAN_BITS = 0x7FC00000
-_MANTISSA_MASK = 0x7FFFFF
 _ABS_MASK = 0x7FFFFFFF
 
 # Odd 32-bit multipliers of the murmur3 finaliser, as signed int32 (torch has no uint32
@@ -55,7 +54,14 @@ _VALID_BACKENDS = ("auto", "eager", "compiled")
 class _BackendState(threading.local):
     def __init__(self) -> None:
         env = os.environ.get("MIXPREC_KERNEL", "auto")
-        self.backend: str = env if env in _VALID_BACKENDS else "auto"
+        if env not in _VALID_BACKENDS:
+            warnings.warn(
+                f"MIXPREC_KERNEL={env!r} is not one of {_VALID_BACKENDS}; using 'auto'",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            env = "auto"
+        self.backend: str = env
 
 
 _state = _BackendState()
@@ -155,9 +161,10 @@ def _round_bits(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None) -> t
     bits = x.view(torch.int32)
     magnitude = bits & _ABS_MASK
     sign = bits & _INT32_MIN
-    exponent = magnitude >> 23
-    significand = (magnitude & _MANTISSA_MASK) | ((exponent > 0).to(torch.int32) << 23)
-    drop = shift + torch.clamp(subnormal_below - torch.clamp(exponent, min=1), min=0)
+    exponent = torch.clamp(magnitude >> 23, min=1)  # float32 subnormals share binade 1's spacing
+    # The significand with its implicit bit (none for float32 subnormals, exponent 0).
+    significand = magnitude - ((exponent - 1) << 23)
+    drop = shift + torch.clamp(subnormal_below - exponent, min=0)
 
     if key is None:
         drop = torch.clamp(drop, max=25)  # from 25 on everything rounds to zero

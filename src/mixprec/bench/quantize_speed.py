@@ -45,12 +45,13 @@ def bench_input(numel: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
 
 
 def range_shares(x: torch.Tensor, fmt_name: str) -> tuple[float, float]:
-    """Share of ``x`` in ``fmt``'s subnormal range, and share beyond its largest value."""
+    """Share of ``x`` under ``fmt``'s smallest normal (subnormal or flushed to zero), and
+    share beyond its largest value."""
     fmt = formats.get(fmt_name)
     magnitude = x.abs()
-    subnormal = ((magnitude < fmt.smallest_normal) & (magnitude > 0)).float().mean().item()
+    below_normal = ((magnitude < fmt.smallest_normal) & (magnitude > 0)).float().mean().item()
     overflow = (magnitude > fmt.largest).float().mean().item()
-    return subnormal, overflow
+    return below_normal, overflow
 
 
 def run_quantize_bench(
