@@ -1,21 +1,38 @@
 """mixprec: train PyTorch models in reduced precision (FP16, BF16, FP8) with FP32's
 accuracy, emulating each format bit for bit where the hardware lacks it.
 
-The numeric core is importable from here: formats (:mod:`mixprec.formats`), rounding
+``prepare(model, optimizer, recipe)`` converts a model and wraps its optimizer for one
+of the papers' recipes. The numeric core is importable from here too: formats (:mod:`mixprec.formats`), rounding
 onto a format's grid (:func:`quantize`), per-tensor scales (:func:`scale_from_amax`),
 and packing into real low-precision storage (:func:`to_storage`, :func:`from_storage`).
 """
 
 from mixprec import formats
+from mixprec.convert import ConversionSummary, convert
 from mixprec.formats import FloatFormat
 from mixprec.kernels import kernel_backend
+from mixprec.optim import MixedPrecisionOptimizer
 from mixprec.quantize import Rounding, quantize, scale_from_amax, tensor_scale
+from mixprec.recipe import RECIPES, Recipe, TensorFormat, TensorScaling, get_recipe
+from mixprec.scaling import DynamicScaling, StaticScaling
 from mixprec.storage import from_storage, storage_dtype, to_storage
+from mixprec.training import prepare
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RECIPES",
+    "ConversionSummary",
+    "DynamicScaling",
     "FloatFormat",
+    "MixedPrecisionOptimizer",
+    "Recipe",
+    "StaticScaling",
+    "TensorFormat",
+    "TensorScaling",
+    "convert",
+    "get_recipe",
+    "prepare",
     "Rounding",
     "formats",
     "from_storage",

@@ -1,0 +1,144 @@
+"""Activation memory: keep the tensors autograd saves in a converted model's forward in
+low-precision storage, and count the bytes saved for backward.
+
+mixprec's own ops save packed low-precision tensors already. The FP32 islands between
+them (batch norm, ReLU, GELU, softmax) save float32 activations; paper 1 stores
+activations in FP16, so :class:`ActivationPacker` rounds those into the activation
+format's storage while they wait for backward. Statistics (1-D tensors, and reductions
+whose last dimension is 1, such as layer norm's mean and reciprocal deviation) and
+parameters stay FP32.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec.quantize import quantize, tensor_scale
+from mixprec.recipe import Recipe
+from mixprec.storage import from_storage, to_storage
+
+__all__ = ["ActivationPacker", "SavedBytesCounter", "MIN_PACKED_NUMEL"]
+
+MIN_PACKED_NUMEL = 1024
+"""Saved float32 tensors smaller than this stay as they are (not worth a kernel call)."""
+
+
+class _Counters(threading.local):
+    def __init__(self) -> None:
+        self.active: list[SavedBytesCounter] = []
+
+
+_counters = _Counters()
+
+
+def _record(tensor: torch.Tensor) -> None:
+    for counter in _counters.active:
+        counter.add(tensor)
+
+
+class SavedBytesCounter:
+    """Counts the bytes of tensors saved for backward while it is active (a context
+    manager), parameters and buffers of ``exclude_from`` excepted. Works with plain
+    models (its own saved-tensor hooks) and with converted ones (their packer reports
+    what it actually stores)."""
+
+    def __init__(self, exclude_from: Iterable[nn.Module] = ()) -> None:
+        self.bytes = 0
+        self._modules = list(exclude_from)
+        self._excluded: set[int] = set()
+        self._seen: set[tuple[int, int]] = set()
+        self._hooks: Any = None
+
+    def add(self, tensor: torch.Tensor) -> None:
+        """Count one saved tensor once (a storage saved twice counts once)."""
+        if tensor.data_ptr() in self._excluded:
+            return
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.bytes += tensor.numel() * tensor.element_size()
+
+    def __enter__(self) -> SavedBytesCounter:
+        self._excluded = {
+            t.data_ptr() for module in self._modules for t in (*module.parameters(), *module.buffers())
+        }
+        _counters.active.append(self)
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            self.add(tensor)
+            return tensor
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        _counters.active.remove(self)
+
+
+class ActivationPacker:
+    """Saved-tensor hooks that hold a converted model's saved float32 activations in
+    the activation format's storage dtype (with a current per-tensor scale under FP8
+    scaling). Entered around the model's forward by :func:`mixprec.convert`."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe) -> None:
+        self.model = model
+        self.recipe = recipe
+
+    def _excluded(self) -> set[int]:
+        return {t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """A fresh hooks context for one forward pass."""
+        spec = self.recipe.activation
+        scaling = self.recipe.tensor_scaling
+        excluded = self._excluded()
+
+        def pack(tensor: torch.Tensor) -> Any:
+            packable = (
+                not spec.is_fp32
+                and tensor.dtype == torch.float32
+                and tensor.dim() >= 2
+                and tensor.shape[-1] > 1
+                and tensor.numel() >= MIN_PACKED_NUMEL
+                and tensor.data_ptr() not in excluded
+            )
+            if not packable:
+                _record(tensor)
+                return tensor
+            scale = None
+            if scaling is not None:
+                scale = tensor_scale(tensor, spec.fmt, margin=scaling.margin, power_of_two=True)
+            rounded = quantize(tensor, spec.fmt, scale=scale)
+            packed = to_storage(rounded if scale is None else rounded * torch.reciprocal(scale), spec.fmt)
+            _record(packed)
+            return (packed, scale)
+
+        def unpack(saved: Any) -> torch.Tensor:
+            if isinstance(saved, torch.Tensor):
+                return saved
+            packed, scale = saved
+            values = from_storage(packed, spec.fmt)
+            return values if scale is None else values * scale
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def wrap_forward(model: nn.Module, packer: ActivationPacker) -> Callable[..., Any]:
+    """Make ``model``'s forward (this instance only) run inside ``packer``'s hooks; the
+    hooks are exited however the forward ends. Returns the original bound forward."""
+    original = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with packer.hooks():
+            return original(*args, **kwargs)
+
+    model.forward = forward  # type: ignore[method-assign]
+    return original

@@ -1,0 +1,327 @@
+"""Low-precision autograd operations: linear, convolution (1-D, 2-D, transposed),
+embedding, batched matmul and attention, each rounding per a :class:`~mixprec.recipe.Recipe`.
+
+Forward: inputs are rounded to the activation format (weights already sit on the
+weight format's grid in their 16-bit storage), the product is computed with FP32
+accumulation, and the output is rounded to the activation format. Backward: the
+incoming error (which carries the loss scale) is rounded to the error format, the input
+and weight gradients are computed with FP32 accumulation and rounded to their formats.
+Tensors saved for backward are packed into the activation format's storage dtype
+(1 byte for FP8, 2 for FP16/BF16): that is where the memory saving comes from.
+
+On CPU every product runs in float32 kernels: FP16, BF16 and FP8 values are exact in
+float32 and so are their pairwise products, so only the accumulation order differs from
+hardware, never the inputs. (torch's float16 and bfloat16 CPU matmuls are ~100x slower
+than float32 on CPUs without native support, and are never used.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
+
+from mixprec.quantize import quantize, tensor_scale
+from mixprec.recipe import Recipe, TensorFormat
+from mixprec.scaling import AmaxHistory
+from mixprec.storage import from_storage, to_storage
+
+__all__ = [
+    "Rounder",
+    "linear",
+    "convolution",
+    "embedding",
+    "matmul",
+    "scaled_dot_product_attention",
+    "weight_as_fp32",
+]
+
+
+class Rounder:
+    """What one converted module needs to round its tensors: the recipe, the shared
+    stochastic-rounding generator, and for FP8 per-tensor scaling one amax history per
+    tensor role ("input", "output", "grad_output", ...). Held by the module, passed to
+    the ops, so the ops themselves keep no state."""
+
+    def __init__(self, recipe: Recipe, generator: torch.Generator | None = None) -> None:
+        self.recipe = recipe
+        self.generator = generator
+        self.histories: dict[str, AmaxHistory] = {}
+
+    def _scale(self, x: torch.Tensor, spec: TensorFormat, role: str) -> torch.Tensor | None:
+        scaling = self.recipe.tensor_scaling
+        if scaling is None:
+            return None
+        if scaling.mode == "current":
+            return tensor_scale(x, spec.fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
+        history = self.histories.get(role)
+        if history is None:
+            history = self.histories[role] = AmaxHistory(scaling.history, x.device)
+        scale = history.scale(spec.fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
+        history.record(x)
+        return scale
+
+    def round(
+        self, x: torch.Tensor, spec: TensorFormat, role: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` on ``spec``'s grid (as float32) and the per-tensor scale used, if any."""
+        if spec.is_fp32:
+            return x.float(), None
+        scale = self._scale(x, spec, role)
+        rounded = quantize(x, spec.fmt, spec.rounding, scale=scale, generator=self.generator)
+        return rounded, scale
+
+    def pack(self, x_rounded: torch.Tensor, spec: TensorFormat, scale: torch.Tensor | None) -> torch.Tensor:
+        """Grid values into the format's storage dtype (divided by the scale first)."""
+        if spec.is_fp32:
+            return x_rounded
+        unscaled = x_rounded if scale is None else x_rounded * torch.reciprocal(scale)
+        return to_storage(unscaled, spec.fmt)
+
+    def unpack(self, packed: torch.Tensor, spec: TensorFormat, scale: torch.Tensor | None) -> torch.Tensor:
+        """What :meth:`pack` stored, as float32 grid values again."""
+        if spec.is_fp32:
+            return packed
+        values = from_storage(packed, spec.fmt)
+        return values if scale is None else values * scale
+
+    def weight_grad(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A weight gradient rounded to the weight-gradient format, in the weight's dtype."""
+        rounded, _ = self.round(grad, self.recipe.weight_grad, "weight_grad")
+        return rounded.to(dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The amax histories (empty without per-tensor scaling)."""
+        return {role: history.state_dict() for role, history in self.histories.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the amax histories."""
+        scaling = self.recipe.tensor_scaling
+        for role, saved in state_dict.items():
+            length = scaling.history if scaling is not None else saved["amax"].numel()
+            history = self.histories.setdefault(role, AmaxHistory(length, saved["amax"].device))
+            history.load_state_dict(saved)
+
+
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x, weight, bias, rounder: Rounder, weight_is_fp32: bool):  # type: ignore[override]
+        recipe = rounder.recipe
+        x_q, x_scale = rounder.round(x, recipe.activation, "input")
+        weight32 = weight.float()
+        y = F.linear(x_q, weight32, None if bias is None else bias.float())
+        y_q, _ = rounder.round(y, recipe.activation, "output")
+        ctx.rounder, ctx.x_scale, ctx.weight_is_fp32 = rounder, x_scale, weight_is_fp32
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(rounder.pack(x_q, recipe.activation, x_scale), weight)
+        return y_q
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        rounder: Rounder = ctx.rounder
+        recipe = rounder.recipe
+        packed_x, weight = ctx.saved_tensors
+        g_q, _ = rounder.round(grad_output, recipe.error, "grad_output")
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x, _ = rounder.round(g_q @ weight.float(), recipe.error, "grad_input")
+        if ctx.needs_input_grad[1]:
+            x_q = rounder.unpack(packed_x, recipe.activation, ctx.x_scale)
+            grad_w = _flat_rows(g_q).t() @ _flat_rows(x_q)
+            # An FP32 weight (an RNN's recurrent weight) accumulates over time steps in
+            # FP32 and is rounded once, by weight_as_fp32's backward.
+            if not ctx.weight_is_fp32:
+                grad_w = rounder.weight_grad(grad_w, weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = _flat_rows(g_q).sum(0)
+            if not ctx.weight_is_fp32:
+                grad_b = rounder.weight_grad(grad_b, ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rounder: Rounder,
+    weight_is_fp32: bool = False,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` with the recipe's roundings. ``weight_is_fp32`` marks a
+    float32 weight from :func:`weight_as_fp32` whose gradient is left unrounded."""
+    return _Linear.apply(x, weight, bias, rounder, weight_is_fp32)
+
+
+class _WeightAsFP32(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, weight, rounder: Rounder):  # type: ignore[override]
+        ctx.rounder, ctx.dtype = rounder, weight.dtype
+        return weight.float()
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        return ctx.rounder.weight_grad(grad, ctx.dtype), None
+
+
+def weight_as_fp32(weight: torch.Tensor, rounder: Rounder) -> torch.Tensor:
+    """The weight's values as float32, for a weight used many times in one forward (an
+    RNN's recurrent weight): its gradient accumulates over every use in FP32 and is
+    rounded to the weight-gradient format once."""
+    return _WeightAsFP32.apply(weight, rounder)
+
+
+class _Convolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x, weight, bias, rounder: Rounder, geometry: tuple):  # type: ignore[override]
+        stride, padding, dilation, transposed, output_padding, groups = geometry
+        recipe = rounder.recipe
+        x_q, x_scale = rounder.round(x, recipe.activation, "input")
+        y = torch.ops.aten.convolution(
+            x_q, weight.float(), None if bias is None else bias.float(),
+            stride, padding, dilation, transposed, output_padding, groups,
+        )
+        y_q, _ = rounder.round(y, recipe.activation, "output")
+        ctx.rounder, ctx.x_scale, ctx.geometry = rounder, x_scale, geometry
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(rounder.pack(x_q, recipe.activation, x_scale), weight)
+        return y_q
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        rounder: Rounder = ctx.rounder
+        recipe = rounder.recipe
+        packed_x, weight = ctx.saved_tensors
+        g_q, _ = rounder.round(grad_output, recipe.error, "grad_output")
+        x_q = rounder.unpack(packed_x, recipe.activation, ctx.x_scale)
+        has_bias = ctx.bias_dtype is not None
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
+        out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g_q, x_q, weight.float(), [out_channels] if has_bias else None,
+            stride, padding, dilation, transposed, output_padding, groups, mask,
+        )
+        if grad_x is not None:
+            grad_x, _ = rounder.round(grad_x, recipe.error, "grad_input")
+        if grad_w is not None:
+            grad_w = rounder.weight_grad(grad_w, weight.dtype)
+        if grad_b is not None:
+            grad_b = rounder.weight_grad(grad_b, ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rounder: Rounder,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    transposed: bool,
+    output_padding: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """A convolution (``transposed`` for ConvTranspose) with the recipe's roundings,
+    through aten's own convolution and convolution_backward in float32."""
+    geometry = (list(stride), list(padding), list(dilation), transposed, list(output_padding), groups)
+    return _Convolution.apply(x, weight, bias, rounder, geometry)
+
+
+class _Embedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, indices, weight, rounder: Rounder, padding_idx: int | None):  # type: ignore[override]
+        y = F.embedding(indices, weight.float())
+        y_q, _ = rounder.round(y, rounder.recipe.activation, "output")
+        ctx.rounder, ctx.padding_idx, ctx.weight_shape, ctx.dtype = rounder, padding_idx, weight.shape, weight.dtype
+        ctx.save_for_backward(indices)
+        return y_q
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        rounder: Rounder = ctx.rounder
+        (indices,) = ctx.saved_tensors
+        g_q, _ = rounder.round(grad_output, rounder.recipe.error, "grad_output")
+        grad_w = torch.zeros(ctx.weight_shape, dtype=torch.float32, device=g_q.device)
+        grad_w.index_add_(0, indices.reshape(-1), g_q.reshape(-1, ctx.weight_shape[1]))
+        if ctx.padding_idx is not None:
+            grad_w[ctx.padding_idx] = 0
+        return None, rounder.weight_grad(grad_w, ctx.dtype), None, None
+
+
+def embedding(
+    indices: torch.Tensor, weight: torch.Tensor, rounder: Rounder, padding_idx: int | None = None
+) -> torch.Tensor:
+    """Rows of ``weight`` (output rounded to the activation format); the weight
+    gradient is summed in FP32 and rounded once to the weight-gradient format."""
+    return _Embedding.apply(indices, weight, rounder, padding_idx)
+
+
+class _Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, a, b, rounder: Rounder, role: str):  # type: ignore[override]
+        spec = rounder.recipe.activation
+        a_q, a_scale = rounder.round(a, spec, f"{role}.a")
+        b_q, b_scale = rounder.round(b, spec, f"{role}.b")
+        y_q, _ = rounder.round(torch.matmul(a_q, b_q), spec, f"{role}.out")
+        ctx.rounder, ctx.role, ctx.scales = rounder, role, (a_scale, b_scale)
+        ctx.save_for_backward(rounder.pack(a_q, spec, a_scale), rounder.pack(b_q, spec, b_scale))
+        return y_q
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        rounder: Rounder = ctx.rounder
+        recipe = rounder.recipe
+        packed_a, packed_b = ctx.saved_tensors
+        g_q, _ = rounder.round(grad_output, recipe.error, f"{ctx.role}.grad")
+        a_q = rounder.unpack(packed_a, recipe.activation, ctx.scales[0])
+        b_q = rounder.unpack(packed_b, recipe.activation, ctx.scales[1])
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a, _ = rounder.round(torch.matmul(g_q, b_q.transpose(-1, -2)), recipe.error, f"{ctx.role}.grad_a")
+        if ctx.needs_input_grad[1]:
+            grad_b, _ = rounder.round(torch.matmul(a_q.transpose(-1, -2), g_q), recipe.error, f"{ctx.role}.grad_b")
+        return grad_a, grad_b, None, None
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, rounder: Rounder, role: str = "matmul") -> torch.Tensor:
+    """Batched ``a @ b`` of two activations (attention's products), both rounded to the
+    activation format, FP32 accumulation, output and errors rounded per the recipe."""
+    return _Matmul.apply(a, b, rounder, role)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rounder: Rounder,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    """Attention with both products in low precision (Q, K, V and the probabilities
+    rounded to the activation format) and the softmax in FP32, as paper 1 prescribes.
+    Arguments as torch's ``scaled_dot_product_attention``; shapes (..., L, E)."""
+    factor = scale if scale is not None else query.shape[-1] ** -0.5
+    scores = matmul(query, key.transpose(-1, -2), rounder, "scores") * factor
+    length, source = query.shape[-2], key.shape[-2]
+    if is_causal:
+        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probabilities = torch.softmax(scores.float(), dim=-1)
+    if dropout_p > 0 and training:
+        probabilities = F.dropout(probabilities, p=dropout_p)
+    return matmul(probabilities, value, rounder, "values")
