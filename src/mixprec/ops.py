@@ -70,7 +70,10 @@ class Rounder:
         if spec.is_fp32:
             return x.float(), None
         scale = self._scale(x, spec, role)
-        rounded = quantize(x, spec.fmt, spec.rounding, scale=scale, generator=self.generator)
+        # Under per-tensor scaling a value past the scaled range saturates, as
+        # Transformer Engine's casts do: the scale, not Inf, manages the range.
+        saturate = True if scale is not None else None
+        rounded = quantize(x, spec.fmt, spec.rounding, scale=scale, saturate=saturate, generator=self.generator)
         return rounded, scale
 
     def pack(self, x_rounded: torch.Tensor, spec: TensorFormat, scale: torch.Tensor | None) -> torch.Tensor:

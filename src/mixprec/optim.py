@@ -121,7 +121,9 @@ class MixedPrecisionOptimizer:
         before clipping (Inf/NaN on an overflowing step, which step() then skips)."""
         grads = [g for g in self._unscale() if g is not None]
         total = torch.nn.utils.get_total_norm(grads, norm_type)
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+        # torch.nn.utils.clip_grad_norm_'s rule, applied to the unscaled FP32 copies
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coefficient)
         return total
 
     def step(self, closure: None = None) -> bool:

@@ -1,0 +1,56 @@
+"""A training run the checkpoint test drives in fresh processes: train a small model
+for some steps from scratch or from a checkpoint, then save the final state.
+
+    python -m tests.checkpoint_run RECIPE FIRST_STEP LAST_STEP [--load CKPT] --save OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixprec
+
+
+def build(recipe: str) -> tuple[nn.Module, mixprec.MixedPrecisionOptimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return mixprec.prepare(model, optimizer, recipe)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 5, (16,), generator=generator)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("first", type=int)
+    parser.add_argument("last", type=int)
+    parser.add_argument("--load")
+    parser.add_argument("--save", required=True)
+    args = parser.parse_args()
+    model, optimizer = build(args.recipe)
+    if args.load:
+        checkpoint = torch.load(args.load, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    for step in range(args.first, args.last):
+        x, y = batch(step)
+        loss = F.cross_entropy(model(x), y)
+        if step == 2:
+            loss = loss * float("inf")  # an overflowing step, skipped
+        optimizer.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, args.save)
+
+
+if __name__ == "__main__":
+    main()
