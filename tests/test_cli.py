@@ -48,3 +48,17 @@ def test_bad_arguments_fail_with_a_message():
     assert result.returncode == 2
     assert "unknown format" in result.stdout
     assert run("nonsense").returncode == 2
+
+
+def test_bench_step_writes_rows_for_every_configuration(tmp_path):
+    path = tmp_path / "step.json"
+    result = run("bench", "step", "--repeats", "1", "--batch-scale", "0.0625", "--models", "cnn",
+                 "--configs", "fp32,autocast-bf16,fp16,fp8", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(path.read_text())
+    assert [row["config"] for row in rows] == ["fp32", "autocast-bf16", "fp16", "fp8"]
+    by_config = {row["config"]: row for row in rows}
+    assert by_config["fp32"]["ratio_to_fp32"] == 1.0
+    # 16-bit weights, FP32 batch norms: just over half the bytes of FP32's parameters
+    assert 0.5 < by_config["fp16"]["param_bytes"] / by_config["fp32"]["param_bytes"] < 0.52
+    assert all(row["step_ms"] > 0 and row["saved_bytes"] > 0 for row in rows)

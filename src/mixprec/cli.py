@@ -44,7 +44,69 @@ def build_parser() -> argparse.ArgumentParser:
         "--formats", default="fp16,bf16,e5m2,e4m3", help="comma-separated formats (default: %(default)s)"
     )
     quant.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    step = benches.add_parser(
+        "step",
+        help="one training step of a CNN and a Transformer block under fp32, torch.autocast and every recipe",
+    )
+    step.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
+    step.add_argument("--repeats", type=int, default=5, help="timed steps per row; the median counts")
+    step.add_argument("--models", default="cnn,transformer", help="comma-separated: cnn, transformer")
+    step.add_argument("--configs", default=",".join(_step_configs()),
+                      help="comma-separated configurations (default: all)")
+    step.add_argument("--batch-scale", type=float, default=1.0,
+                      help="multiply the batch sizes (128 images, 32 sequences) by this")
     return parser
+
+
+def _step_configs() -> tuple[str, ...]:
+    from mixprec.bench.step_speed import CONFIGS
+
+    return CONFIGS
+
+
+def _bench_step(args: argparse.Namespace, console: Console) -> int:
+    from mixprec.bench.step_speed import run_step_bench
+    from mixprec.bench.timing import thread_settings
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in _step_configs()] + [m for m in models if m not in ("cnn", "transformer")]
+    if unknown or args.repeats < 1 or args.batch_scale <= 0:
+        console.print(f"[red]unknown models or configurations {unknown}, or a bad --repeats/--batch-scale; "
+                      f"configurations: {', '.join(_step_configs())}[/red]")
+        return 2
+    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in thread_settings().items()))
+    total = len(models) * len({"fp32", *configs})
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=total)
+        seen = [0]
+
+        def on_step(label: str) -> None:
+            if seen[0]:
+                progress.advance(task)
+            seen[0] += 1
+            progress.update(task, description=label)
+
+        rows = run_step_bench(models=models, configs=configs, repeats=args.repeats,
+                              batch_scale=args.batch_scale, on_step=on_step)
+        progress.advance(task)
+    table = Table(title=f"one training step (median of {args.repeats}); bytes in MB")
+    for column in ("model", "config", "step ms", "x fp32", "params", "optimizer", "saved", "saved x fp32"):
+        table.add_column(column, justify="left" if column in ("model", "config") else "right")
+    for row in rows:
+        table.add_row(row.model, row.config, f"{row.step_ms:.1f}", f"{row.ratio_to_fp32:.2f}",
+                      f"{row.param_bytes / 1e6:.2f}", f"{row.optimizer_bytes / 1e6:.2f}",
+                      f"{row.saved_bytes / 1e6:.1f}", f"{row.saved_ratio_to_fp32:.2f}")
+    console.print(table)
+    console.print("optimizer = its state plus master weights; saved = tensors autograd keeps for backward "
+                  "(parameters excluded).")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([row.as_record() for row in rows], indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
 
 
 def _formats_command(console: Console) -> int:
@@ -143,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _formats_command(console)
         if args.command == "bench" and args.bench == "quantize":
             return _bench_quantize(args, console)
+        if args.command == "bench" and args.bench == "step":
+            return _bench_step(args, console)
     except (ValueError, TypeError) as error:
         console.print(f"[red]mixprec: {error}[/red]")
         return 2

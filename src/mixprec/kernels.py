@@ -258,7 +258,9 @@ def _wants_compiled(x: torch.Tensor) -> bool:
 def _run(name: str, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor | None:
     if _wants_compiled(x):
         try:
-            return _compiled_entry(name)(x, *args)
+            # One grad mode for every call: a change of it is a recompilation for dynamo.
+            with torch.no_grad():
+                return _compiled_entry(name)(x, *args)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":
                 raise
@@ -284,14 +286,16 @@ def round_to_format(
     """Round contiguous float32 ``x`` onto ``fmt``'s grid (stochastically when ``key``,
     an int32 tensor of two words, is given), optionally as ``round(x * (1/scale)) *
     scale``, into ``out`` when given. Inputs are assumed validated by the caller."""
-    flat = x.reshape(-1)
+    # A detached flat alias has no view base, so dynamo guards on nothing but its
+    # length (guards on a view's base would recompile for every base shape).
+    flat = x.reshape(-1).detach()
     p = _params(fmt, overflow, x.device)
     scale_inv = None if scale is None else torch.reciprocal(scale)
     if out is not None and out.is_contiguous():
         if key is None:
-            _run("nearest_out", flat, p, scale_inv, scale, out.view(-1))
+            _run("nearest_out", flat, p, scale_inv, scale, out.view(-1).detach())
         else:
-            _run("stochastic_out", flat, p, key, scale_inv, scale, out.view(-1))
+            _run("stochastic_out", flat, p, key, scale_inv, scale, out.view(-1).detach())
         return out
     if key is None:
         result = _run("nearest", flat, p, scale_inv, scale)

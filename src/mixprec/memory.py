@@ -12,6 +12,7 @@ parameters stay FP32.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,7 +23,7 @@ from mixprec.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe
 from mixprec.storage import from_storage, to_storage
 
-__all__ = ["ActivationPacker", "SavedBytesCounter", "MIN_PACKED_NUMEL"]
+__all__ = ["ActivationPacker", "SavedBytesCounter", "MIN_PACKED_NUMEL", "packer_active", "wrap_forward"]
 
 MIN_PACKED_NUMEL = 1024
 """Saved float32 tensors smaller than this stay as they are (not worth a kernel call)."""
@@ -83,52 +84,95 @@ class SavedBytesCounter:
         _counters.active.remove(self)
 
 
+class _PackingState(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+_packing = _PackingState()
+
+
+def packer_active() -> bool:
+    """Whether an :class:`ActivationPacker` is packing this thread's saved tensors (then
+    ops may save their float32 inputs and let it pack them once, shared with any other
+    op that saves the same tensor)."""
+    return _packing.depth > 0
+
+
+class _PackingHooks:
+    """Saved-tensor hooks for one forward pass, with a cache so that a tensor saved by
+    several ops (a ReLU's output is also the next convolution's input) is stored once."""
+
+    def __init__(self, packer: ActivationPacker) -> None:
+        self.packer = packer
+        spec = packer.recipe.activation
+        self.spec = spec
+        self.excluded = packer.excluded()
+        self.cache: dict[int, tuple[weakref.ref[torch.Tensor], int, Any]] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        spec = self.spec
+        packable = (
+            not spec.is_fp32
+            and tensor.dtype == torch.float32
+            and tensor.dim() >= 2
+            and tensor.shape[-1] > 1
+            and tensor.numel() >= MIN_PACKED_NUMEL
+            and tensor.data_ptr() not in self.excluded
+        )
+        if not packable:
+            _record(tensor)
+            return tensor
+        cached = self.cache.get(id(tensor))
+        if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
+            return cached[2]
+        scale = None
+        scaling = self.packer.recipe.tensor_scaling
+        if scaling is not None:
+            scale = tensor_scale(tensor, spec.fmt, margin=scaling.margin, power_of_two=True)
+        rounded = quantize(tensor, spec.fmt, scale=scale, saturate=True if scale is not None else None)
+        packed = to_storage(rounded if scale is None else rounded * torch.reciprocal(scale), spec.fmt)
+        _record(packed)
+        saved = (packed, scale)
+        self.cache[id(tensor)] = (weakref.ref(tensor), tensor._version, saved)
+        return saved
+
+    def unpack(self, saved: Any) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        packed, scale = saved
+        values = from_storage(packed, self.spec.fmt)
+        return values if scale is None else values * scale
+
+    def __enter__(self) -> _PackingHooks:
+        self.hooks.__enter__()
+        _packing.depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _packing.depth -= 1
+        self.hooks.__exit__(*exc)
+        self.cache.clear()
+
+
 class ActivationPacker:
     """Saved-tensor hooks that hold a converted model's saved float32 activations in
     the activation format's storage dtype (with a current per-tensor scale under FP8
-    scaling). Entered around the model's forward by :func:`mixprec.convert`."""
+    scaling), each tensor once however many ops save it. Entered around the model's
+    forward by :func:`mixprec.convert`."""
 
     def __init__(self, model: nn.Module, recipe: Recipe) -> None:
         self.model = model
         self.recipe = recipe
 
-    def _excluded(self) -> set[int]:
+    def excluded(self) -> set[int]:
+        """Data pointers of the model's parameters and buffers, which are never packed."""
         return {t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
 
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+    def hooks(self) -> _PackingHooks:
         """A fresh hooks context for one forward pass."""
-        spec = self.recipe.activation
-        scaling = self.recipe.tensor_scaling
-        excluded = self._excluded()
-
-        def pack(tensor: torch.Tensor) -> Any:
-            packable = (
-                not spec.is_fp32
-                and tensor.dtype == torch.float32
-                and tensor.dim() >= 2
-                and tensor.shape[-1] > 1
-                and tensor.numel() >= MIN_PACKED_NUMEL
-                and tensor.data_ptr() not in excluded
-            )
-            if not packable:
-                _record(tensor)
-                return tensor
-            scale = None
-            if scaling is not None:
-                scale = tensor_scale(tensor, spec.fmt, margin=scaling.margin, power_of_two=True)
-            rounded = quantize(tensor, spec.fmt, scale=scale)
-            packed = to_storage(rounded if scale is None else rounded * torch.reciprocal(scale), spec.fmt)
-            _record(packed)
-            return (packed, scale)
-
-        def unpack(saved: Any) -> torch.Tensor:
-            if isinstance(saved, torch.Tensor):
-                return saved
-            packed, scale = saved
-            values = from_storage(packed, spec.fmt)
-            return values if scale is None else values * scale
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        return _PackingHooks(self)
 
 
 def wrap_forward(model: nn.Module, packer: ActivationPacker) -> Callable[..., Any]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
+from mixprec.memory import packer_active
 from mixprec.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe, TensorFormat
 from mixprec.scaling import AmaxHistory
@@ -108,6 +109,24 @@ class Rounder:
             history.load_state_dict(saved)
 
 
+def _save_input(rounder: Rounder, x: torch.Tensor, x_q: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """What an op saves of a rounded input: under a model's activation packer and with
+    deterministic rounding, the float32 input itself (the packer stores it once, in
+    the activation format, shared with any other op that saves it); otherwise the
+    rounded values packed here. The flag says which."""
+    spec = rounder.recipe.activation
+    if packer_active() and spec.rounding == "nearest" and scale is None and x.dtype == torch.float32:
+        return x, True
+    return rounder.pack(x_q, spec, scale), False
+
+
+def _load_input(rounder: Rounder, saved: torch.Tensor, raw: bool, scale: torch.Tensor | None) -> torch.Tensor:
+    spec = rounder.recipe.activation
+    if raw:
+        return saved if spec.is_fp32 else quantize(saved, spec.fmt)
+    return rounder.unpack(saved, spec, scale)
+
+
 def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -122,20 +141,21 @@ class _Linear(torch.autograd.Function):
         y_q, _ = rounder.round(y, recipe.activation, "output")
         ctx.rounder, ctx.x_scale, ctx.weight_is_fp32 = rounder, x_scale, weight_is_fp32
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(rounder.pack(x_q, recipe.activation, x_scale), weight)
+        saved_x, ctx.raw_x = _save_input(rounder, x, x_q, x_scale)
+        ctx.save_for_backward(saved_x, weight)
         return y_q
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
         rounder: Rounder = ctx.rounder
         recipe = rounder.recipe
-        packed_x, weight = ctx.saved_tensors
+        saved_x, weight = ctx.saved_tensors
         g_q, _ = rounder.round(grad_output, recipe.error, "grad_output")
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x, _ = rounder.round(g_q @ weight.float(), recipe.error, "grad_input")
         if ctx.needs_input_grad[1]:
-            x_q = rounder.unpack(packed_x, recipe.activation, ctx.x_scale)
+            x_q = _load_input(rounder, saved_x, ctx.raw_x, ctx.x_scale)
             grad_w = _flat_rows(g_q).t() @ _flat_rows(x_q)
             # An FP32 weight (an RNN's recurrent weight) accumulates over time steps in
             # FP32 and is rounded once, by weight_as_fp32's backward.
@@ -191,17 +211,17 @@ class _Convolution(torch.autograd.Function):
         y_q, _ = rounder.round(y, recipe.activation, "output")
         ctx.rounder, ctx.x_scale, ctx.geometry = rounder, x_scale, geometry
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.x_shape = x.shape
-        ctx.save_for_backward(rounder.pack(x_q, recipe.activation, x_scale), weight)
+        saved_x, ctx.raw_x = _save_input(rounder, x, x_q, x_scale)
+        ctx.save_for_backward(saved_x, weight)
         return y_q
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
         rounder: Rounder = ctx.rounder
         recipe = rounder.recipe
-        packed_x, weight = ctx.saved_tensors
+        saved_x, weight = ctx.saved_tensors
         g_q, _ = rounder.round(grad_output, recipe.error, "grad_output")
-        x_q = rounder.unpack(packed_x, recipe.activation, ctx.x_scale)
+        x_q = _load_input(rounder, saved_x, ctx.raw_x, ctx.x_scale)
         has_bias = ctx.bias_dtype is not None
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
         stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
@@ -274,17 +294,20 @@ class _Matmul(torch.autograd.Function):
         b_q, b_scale = rounder.round(b, spec, f"{role}.b")
         y_q, _ = rounder.round(torch.matmul(a_q, b_q), spec, f"{role}.out")
         ctx.rounder, ctx.role, ctx.scales = rounder, role, (a_scale, b_scale)
-        ctx.save_for_backward(rounder.pack(a_q, spec, a_scale), rounder.pack(b_q, spec, b_scale))
+        saved_a, raw_a = _save_input(rounder, a, a_q, a_scale)
+        saved_b, raw_b = _save_input(rounder, b, b_q, b_scale)
+        ctx.raw = (raw_a, raw_b)
+        ctx.save_for_backward(saved_a, saved_b)
         return y_q
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
         rounder: Rounder = ctx.rounder
         recipe = rounder.recipe
-        packed_a, packed_b = ctx.saved_tensors
+        saved_a, saved_b = ctx.saved_tensors
         g_q, _ = rounder.round(grad_output, recipe.error, f"{ctx.role}.grad")
-        a_q = rounder.unpack(packed_a, recipe.activation, ctx.scales[0])
-        b_q = rounder.unpack(packed_b, recipe.activation, ctx.scales[1])
+        a_q = _load_input(rounder, saved_a, ctx.raw[0], ctx.scales[0])
+        b_q = _load_input(rounder, saved_b, ctx.raw[1], ctx.scales[1])
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_a, _ = rounder.round(torch.matmul(g_q, b_q.transpose(-1, -2)), recipe.error, f"{ctx.role}.grad_a")
@@ -297,6 +320,65 @@ def matmul(a: torch.Tensor, b: torch.Tensor, rounder: Rounder, role: str = "matm
     """Batched ``a @ b`` of two activations (attention's products), both rounded to the
     activation format, FP32 accumulation, output and errors rounded per the recipe."""
     return _Matmul.apply(a, b, rounder, role)
+
+
+class _Attention(torch.autograd.Function):
+    """Softmax attention with both products in low precision that saves only Q, K and V
+    (in the activation format) and recomputes the probabilities in backward, as fused
+    attention kernels do: the L x S probability matrix is never kept."""
+
+    @staticmethod
+    def _probabilities(ctx: Any, q_q, k_q, mask, rounder: Rounder, scales: list):  # type: ignore[no-untyped-def]
+        spec = rounder.recipe.activation
+        scores = _round_with(rounder, q_q @ k_q.transpose(-1, -2), spec, scales, 0) * ctx.factor
+        if mask is not None:
+            scores = scores + mask
+        probabilities = torch.softmax(scores, dim=-1)
+        return probabilities, _round_with(rounder, probabilities, spec, scales, 1)
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, q, k, v, mask, factor: float, rounder: Rounder):  # type: ignore[override]
+        spec = rounder.recipe.activation
+        q_q, q_scale = rounder.round(q, spec, "attention.q")
+        k_q, k_scale = rounder.round(k, spec, "attention.k")
+        v_q, v_scale = rounder.round(v, spec, "attention.v")
+        ctx.factor = factor
+        scales: list = [None, None]  # scores' and probabilities' scales, reused in backward
+        if rounder.recipe.tensor_scaling is not None:
+            scales = [rounder._scale(q_q @ k_q.transpose(-1, -2), spec, "attention.scores"), None]
+        _, probabilities_q = _Attention._probabilities(ctx, q_q, k_q, mask, rounder, scales)
+        out, _ = rounder.round(probabilities_q @ v_q, spec, "attention.out")
+        saved = [_save_input(rounder, t, t_q, scale) for t, t_q, scale in ((q, q_q, q_scale), (k, k_q, k_scale), (v, v_q, v_scale))]
+        ctx.raw = [raw for _, raw in saved]
+        ctx.scales, ctx.input_scales, ctx.rounder = scales, (q_scale, k_scale, v_scale), rounder
+        ctx.save_for_backward(*(t for t, _ in saved), mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        rounder: Rounder = ctx.rounder
+        recipe = rounder.recipe
+        *saved, mask = ctx.saved_tensors
+        q_q, k_q, v_q = (_load_input(rounder, t, raw, scale) for t, raw, scale in zip(saved, ctx.raw, ctx.input_scales))
+        probabilities, probabilities_q = _Attention._probabilities(ctx, q_q, k_q, mask, rounder, ctx.scales)
+        g_q, _ = rounder.round(grad_output, recipe.error, "attention.grad")
+        grad_v, _ = rounder.round(probabilities_q.transpose(-1, -2) @ g_q, recipe.error, "attention.grad_v")
+        grad_probabilities, _ = rounder.round(g_q @ v_q.transpose(-1, -2), recipe.error, "attention.grad_p")
+        # softmax backward in FP32, on the FP32 probabilities
+        grad_scores = probabilities * (grad_probabilities - (grad_probabilities * probabilities).sum(-1, keepdim=True))
+        grad_scores, _ = rounder.round(grad_scores * ctx.factor, recipe.error, "attention.grad_s")
+        grad_q, _ = rounder.round(grad_scores @ k_q, recipe.error, "attention.grad_q")
+        grad_k, _ = rounder.round(grad_scores.transpose(-1, -2) @ q_q, recipe.error, "attention.grad_k")
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _round_with(rounder: Rounder, x: torch.Tensor, spec: TensorFormat, scales: list, index: int) -> torch.Tensor:
+    """Round with a scale fixed in forward, so backward's recomputation matches it."""
+    if spec.is_fp32:
+        return x
+    scale = scales[index]
+    saturate = True if scale is not None else None
+    return quantize(x, spec.fmt, scale=scale, saturate=saturate)
 
 
 def scaled_dot_product_attention(
@@ -312,19 +394,25 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """Attention with both products in low precision (Q, K, V and the probabilities
     rounded to the activation format) and the softmax in FP32, as paper 1 prescribes.
-    Arguments as torch's ``scaled_dot_product_attention``; shapes (..., L, E)."""
+    Arguments as torch's ``scaled_dot_product_attention``; shapes (..., L, E). Without
+    dropout only Q, K and V are saved for backward (the probabilities are recomputed)."""
     factor = scale if scale is not None else query.shape[-1] ** -0.5
-    scores = matmul(query, key.transpose(-1, -2), rounder, "scores") * factor
     length, source = query.shape[-2], key.shape[-2]
+    mask = None
     if is_causal:
         causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        mask = torch.zeros(length, source, device=query.device).masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    probabilities = torch.softmax(scores.float(), dim=-1)
-    if dropout_p > 0 and training:
-        probabilities = F.dropout(probabilities, p=dropout_p)
+        extra = (
+            torch.zeros(attn_mask.shape, device=query.device).masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else attn_mask.float()
+        )
+        mask = extra if mask is None else mask + extra
+    if dropout_p == 0 or not training:
+        return _Attention.apply(query, key, value, mask, factor, rounder)
+    scores = matmul(query, key.transpose(-1, -2), rounder, "scores") * factor
+    if mask is not None:
+        scores = scores + mask
+    probabilities = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p)
     return matmul(probabilities, value, rounder, "values")

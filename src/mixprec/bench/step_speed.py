@@ -1,0 +1,185 @@
+"""``mixprec bench step``: one training step of a ResNet-style CNN and of a Transformer
+block under FP32, torch.autocast (bf16, fp16) and every mixprec recipe, in one run:
+median step time, its ratio to FP32, and the bytes of parameters, optimizer state
+(master weights included) and tensors saved for backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec.bench.timing import median_seconds
+from mixprec.memory import SavedBytesCounter
+from mixprec.recipe import RECIPES
+from mixprec.training import prepare
+
+__all__ = ["StepRow", "run_step_bench", "CONFIGS", "resnet_style_cnn", "transformer_block"]
+
+CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", *[name for name in RECIPES if name != "fp32"])
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One model under one configuration."""
+
+    model: str
+    config: str
+    step_ms: float
+    ratio_to_fp32: float
+    param_bytes: int
+    optimizer_bytes: int
+    saved_bytes: int
+    saved_ratio_to_fp32: float
+
+    def as_record(self) -> dict[str, object]:
+        """The row as a JSON-ready dict."""
+        return asdict(self)
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels // stride, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(channels // stride, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+            if stride > 1
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def resnet_style_cnn(width: int = 32, classes: int = 10) -> nn.Module:
+    """A small ResNet for 28x28 single-channel images: a stem and three residual
+    blocks with batch norm (the last two halve the resolution)."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        _Block(width, 1), _Block(width * 2, 2), _Block(width * 4, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width * 4, classes),
+    )
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LN Transformer block (causal self-attention and a 4x MLP) with a linear
+    head, as in a GPT-style language model."""
+
+    def __init__(self, width: int = 256, heads: int = 4, vocabulary: int = 96) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, vocabulary)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, need_weights=False, is_causal=True,
+                               attn_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1]))[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x)
+
+
+def transformer_block(width: int = 256, heads: int = 4) -> nn.Module:
+    """The benchmark's Transformer block (d=256, 4 heads by default)."""
+    return TransformerBlock(width, heads)
+
+
+def _workload(name: str, batch_scale: float) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    if name == "cnn":
+        batch = max(2, int(128 * batch_scale))
+        x = torch.randn(batch, 1, 28, 28, generator=generator)
+        return resnet_style_cnn, x, torch.randint(0, 10, (batch,), generator=generator)
+    batch = max(2, int(32 * batch_scale))
+    x = torch.randn(batch, 128, 256, generator=generator)
+    return transformer_block, x, torch.randint(0, 96, (batch, 128), generator=generator)
+
+
+def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer, masters: Sequence[torch.Tensor]) -> int:
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return _tensor_bytes(state) + _tensor_bytes(masters)
+
+
+def measure(model_name: str, config: str, repeats: int = 5, batch_scale: float = 1.0) -> dict[str, float]:
+    """Step time (median of ``repeats`` after two warm-up steps) and bytes for one
+    model under one configuration."""
+    build, x, y = _workload(model_name, batch_scale)
+    torch.manual_seed(0)
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    autocast = None
+    if config.startswith("autocast-"):
+        autocast = torch.bfloat16 if config.endswith("bf16") else torch.float16
+    wrapped = None
+    if config in RECIPES and config != "fp32":
+        model, wrapped = prepare(model, optimizer, config)
+
+    def loss_of() -> torch.Tensor:
+        context = torch.autocast("cpu", dtype=autocast) if autocast is not None else nullcontext()
+        with context:
+            out = model(x)
+        return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    def step() -> None:
+        loss = loss_of()
+        if wrapped is not None:
+            wrapped.backward(loss)
+            wrapped.step()
+            wrapped.zero_grad()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    seconds = median_seconds(step, repeats=repeats, warmup=2)
+    with SavedBytesCounter(exclude_from=[model]) as counter:
+        loss = loss_of()
+    del loss
+    masters = [master for master, _ in wrapped.pairs] if wrapped is not None else []
+    return {
+        "seconds": seconds,
+        "param_bytes": _tensor_bytes(list(model.parameters())),
+        "optimizer_bytes": _optimizer_bytes(optimizer, masters),
+        "saved_bytes": counter.bytes,
+    }
+
+
+def run_step_bench(
+    models: Sequence[str] = ("cnn", "transformer"),
+    configs: Sequence[str] = CONFIGS,
+    repeats: int = 5,
+    batch_scale: float = 1.0,
+    on_step: Callable[[str], None] | None = None,
+) -> list[StepRow]:
+    """Every model under every configuration, FP32 first (the baseline of the ratios)."""
+    rows = []
+    notify = on_step or (lambda label: None)
+    for model_name in models:
+        baseline = None
+        for config in ("fp32", *[c for c in configs if c != "fp32"]):
+            notify(f"{model_name} {config}")
+            result = measure(model_name, config, repeats=repeats, batch_scale=batch_scale)
+            if baseline is None:
+                baseline = result
+            rows.append(StepRow(
+                model=model_name, config=config, step_ms=result["seconds"] * 1e3,
+                ratio_to_fp32=result["seconds"] / baseline["seconds"],
+                param_bytes=int(result["param_bytes"]), optimizer_bytes=int(result["optimizer_bytes"]),
+                saved_bytes=int(result["saved_bytes"]),
+                saved_ratio_to_fp32=result["saved_bytes"] / max(baseline["saved_bytes"], 1),
+            ))
+    return rows
