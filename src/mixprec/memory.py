@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.provenance import is_on_grid, mark_on_grid
 from mixprec.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe
 from mixprec.storage import from_storage, to_storage
@@ -131,7 +132,10 @@ class _PackingHooks:
         scaling = self.packer.recipe.tensor_scaling
         if scaling is not None:
             scale = tensor_scale(tensor, spec.fmt, margin=scaling.margin, power_of_two=True)
-        rounded = quantize(tensor, spec.fmt, scale=scale, saturate=True if scale is not None else None)
+        if scale is None and is_on_grid(tensor, spec.fmt):
+            rounded = tensor  # a layer's rounded output: pack it as it is
+        else:
+            rounded = quantize(tensor, spec.fmt, scale=scale, saturate=True if scale is not None else None)
         packed = to_storage(rounded if scale is None else rounded * torch.reciprocal(scale), spec.fmt)
         _record(packed)
         saved = (packed, scale)
@@ -143,7 +147,7 @@ class _PackingHooks:
             return saved
         packed, scale = saved
         values = from_storage(packed, self.spec.fmt)
-        return values if scale is None else values * scale
+        return mark_on_grid(values, self.spec.fmt) if scale is None else values * scale
 
     def __enter__(self) -> _PackingHooks:
         self.hooks.__enter__()

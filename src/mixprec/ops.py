@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
 from mixprec.memory import packer_active
+from mixprec.provenance import is_on_grid, mark_on_grid
 from mixprec.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe, TensorFormat
 from mixprec.scaling import AmaxHistory
@@ -70,11 +71,15 @@ class Rounder:
         """``x`` on ``spec``'s grid (as float32) and the per-tensor scale used, if any."""
         if spec.is_fp32:
             return x.float(), None
+        if self.recipe.tensor_scaling is None and is_on_grid(x, spec.fmt):
+            return x, None  # rounded already (the previous layer's output): rounding is idempotent
         scale = self._scale(x, spec, role)
         # Under per-tensor scaling a value past the scaled range saturates, as
         # Transformer Engine's casts do: the scale, not Inf, manages the range.
         saturate = True if scale is not None else None
         rounded = quantize(x, spec.fmt, spec.rounding, scale=scale, saturate=saturate, generator=self.generator)
+        if scale is None:
+            mark_on_grid(rounded, spec.fmt)
         return rounded, scale
 
     def pack(self, x_rounded: torch.Tensor, spec: TensorFormat, scale: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +94,7 @@ class Rounder:
         if spec.is_fp32:
             return packed
         values = from_storage(packed, spec.fmt)
-        return values if scale is None else values * scale
+        return mark_on_grid(values, spec.fmt) if scale is None else values * scale
 
     def weight_grad(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A weight gradient rounded to the weight-gradient format, in the weight's dtype."""
@@ -123,7 +128,9 @@ def _save_input(rounder: Rounder, x: torch.Tensor, x_q: torch.Tensor, scale: tor
 def _load_input(rounder: Rounder, saved: torch.Tensor, raw: bool, scale: torch.Tensor | None) -> torch.Tensor:
     spec = rounder.recipe.activation
     if raw:
-        return saved if spec.is_fp32 else quantize(saved, spec.fmt)
+        if spec.is_fp32 or is_on_grid(saved, spec.fmt):
+            return saved
+        return mark_on_grid(quantize(saved, spec.fmt), spec.fmt)
     return rounder.unpack(saved, spec, scale)
 
 

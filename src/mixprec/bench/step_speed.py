@@ -5,6 +5,7 @@ median step time, its ratio to FP32, and the bytes of parameters, optimizer stat
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -114,48 +115,48 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer, masters: Sequence[torch.T
     return _tensor_bytes(state) + _tensor_bytes(masters)
 
 
-def measure(model_name: str, config: str, repeats: int = 5, batch_scale: float = 1.0) -> dict[str, float]:
-    """Step time (median of ``repeats`` after two warm-up steps) and bytes for one
-    model under one configuration."""
-    build, x, y = _workload(model_name, batch_scale)
-    torch.manual_seed(0)
-    model = build()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    autocast = None
-    if config.startswith("autocast-"):
-        autocast = torch.bfloat16 if config.endswith("bf16") else torch.float16
-    wrapped = None
-    if config in RECIPES and config != "fp32":
-        model, wrapped = prepare(model, optimizer, config)
+class _Run:
+    """One model under one configuration, built and ready to step."""
 
-    def loss_of() -> torch.Tensor:
-        context = torch.autocast("cpu", dtype=autocast) if autocast is not None else nullcontext()
+    def __init__(self, model_name: str, config: str, batch_scale: float) -> None:
+        build, self.x, self.y = _workload(model_name, batch_scale)
+        torch.manual_seed(0)
+        self.model = build()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.autocast = None
+        if config.startswith("autocast-"):
+            self.autocast = torch.bfloat16 if config.endswith("bf16") else torch.float16
+        self.wrapped = None
+        if config in RECIPES and config != "fp32":
+            self.model, self.wrapped = prepare(self.model, self.optimizer, config)
+
+    def loss(self) -> torch.Tensor:
+        context = torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else nullcontext()
         with context:
-            out = model(x)
-        return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+            out = self.model(self.x)
+        return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), self.y.reshape(-1))
 
-    def step() -> None:
-        loss = loss_of()
-        if wrapped is not None:
-            wrapped.backward(loss)
-            wrapped.step()
-            wrapped.zero_grad()
+    def step(self) -> None:
+        loss = self.loss()
+        if self.wrapped is not None:
+            self.wrapped.backward(loss)
+            self.wrapped.step()
+            self.wrapped.zero_grad()
         else:
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
 
-    seconds = median_seconds(step, repeats=repeats, warmup=2)
-    with SavedBytesCounter(exclude_from=[model]) as counter:
-        loss = loss_of()
-    del loss
-    masters = [master for master, _ in wrapped.pairs] if wrapped is not None else []
-    return {
-        "seconds": seconds,
-        "param_bytes": _tensor_bytes(list(model.parameters())),
-        "optimizer_bytes": _optimizer_bytes(optimizer, masters),
-        "saved_bytes": counter.bytes,
-    }
+    def bytes(self) -> dict[str, int]:
+        with SavedBytesCounter(exclude_from=[self.model]) as counter:
+            loss = self.loss()
+        del loss
+        masters = [master for master, _ in self.wrapped.pairs] if self.wrapped is not None else []
+        return {
+            "param_bytes": _tensor_bytes(list(self.model.parameters())),
+            "optimizer_bytes": _optimizer_bytes(self.optimizer, masters),
+            "saved_bytes": counter.bytes,
+        }
 
 
 def run_step_bench(
@@ -165,21 +166,30 @@ def run_step_bench(
     batch_scale: float = 1.0,
     on_step: Callable[[str], None] | None = None,
 ) -> list[StepRow]:
-    """Every model under every configuration, FP32 first (the baseline of the ratios)."""
+    """Every model under every configuration, FP32 first (the baseline of the ratios).
+    The configurations of a model are timed in interleaved rounds (one step of each per
+    round, median over rounds), so drift of the shared machine hits them alike."""
     rows = []
     notify = on_step or (lambda label: None)
     for model_name in models:
-        baseline = None
-        for config in ("fp32", *[c for c in configs if c != "fp32"]):
+        names = ("fp32", *[c for c in configs if c != "fp32"])
+        runs = {}
+        for config in names:
             notify(f"{model_name} {config}")
-            result = measure(model_name, config, repeats=repeats, batch_scale=batch_scale)
-            if baseline is None:
-                baseline = result
+            run = runs[config] = _Run(model_name, config, batch_scale)
+            median_seconds(run.step, repeats=1, warmup=1)  # warm-up (and compilation)
+        times: dict[str, list[float]] = {config: [] for config in names}
+        for _ in range(repeats):
+            for config in names:
+                times[config].append(median_seconds(runs[config].step, repeats=1, warmup=0))
+        medians = {config: statistics.median(values) for config, values in times.items()}
+        sizes = {config: runs[config].bytes() for config in names}
+        for config in names:
             rows.append(StepRow(
-                model=model_name, config=config, step_ms=result["seconds"] * 1e3,
-                ratio_to_fp32=result["seconds"] / baseline["seconds"],
-                param_bytes=int(result["param_bytes"]), optimizer_bytes=int(result["optimizer_bytes"]),
-                saved_bytes=int(result["saved_bytes"]),
-                saved_ratio_to_fp32=result["saved_bytes"] / max(baseline["saved_bytes"], 1),
+                model=model_name, config=config, step_ms=medians[config] * 1e3,
+                ratio_to_fp32=medians[config] / medians["fp32"],
+                param_bytes=sizes[config]["param_bytes"], optimizer_bytes=sizes[config]["optimizer_bytes"],
+                saved_bytes=sizes[config]["saved_bytes"],
+                saved_ratio_to_fp32=sizes[config]["saved_bytes"] / max(sizes["fp32"]["saved_bytes"], 1),
             ))
     return rows
