@@ -66,9 +66,12 @@ class Rounder:
         return scale
 
     def round(
-        self, x: torch.Tensor, spec: TensorFormat, role: str
+        self, x: torch.Tensor, spec: TensorFormat, role: str, owned: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x`` on ``spec``'s grid (as float32) and the per-tensor scale used, if any."""
+        """``x`` on ``spec``'s grid (as float32) and the per-tensor scale used, if any.
+        ``owned`` says that ``x`` is a fresh result nobody else holds (a product this op
+        just computed), which is then rounded in place: on CPU a new activation-sized
+        output costs more in page faults than the rounding itself."""
         if spec.is_fp32:
             return x.float(), None
         if self.recipe.tensor_scaling is None and is_on_grid(x, spec.fmt):
@@ -77,7 +80,9 @@ class Rounder:
         # Under per-tensor scaling a value past the scaled range saturates, as
         # Transformer Engine's casts do: the scale, not Inf, manages the range.
         saturate = True if scale is not None else None
-        rounded = quantize(x, spec.fmt, spec.rounding, scale=scale, saturate=saturate, generator=self.generator)
+        in_place = owned and x.dtype == torch.float32 and x.is_contiguous()
+        rounded = quantize(x, spec.fmt, spec.rounding, scale=scale, saturate=saturate,
+                           generator=self.generator, out=x if in_place else None)
         if scale is None:
             mark_on_grid(rounded, spec.fmt)
         return rounded, scale
@@ -96,9 +101,10 @@ class Rounder:
         values = from_storage(packed, spec.fmt)
         return mark_on_grid(values, spec.fmt) if scale is None else values * scale
 
-    def weight_grad(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A weight gradient rounded to the weight-gradient format, in the weight's dtype."""
-        rounded, _ = self.round(grad, self.recipe.weight_grad, "weight_grad")
+    def weight_grad(self, grad: torch.Tensor, dtype: torch.dtype, owned: bool = True) -> torch.Tensor:
+        """A weight gradient rounded to the weight-gradient format, in the weight's dtype
+        (in place unless ``owned`` is False: the ops pass gradients they just computed)."""
+        rounded, _ = self.round(grad, self.recipe.weight_grad, "weight_grad", owned=owned)
         return rounded.to(dtype)
 
     def state_dict(self) -> dict[str, Any]:
@@ -145,7 +151,7 @@ class _Linear(torch.autograd.Function):
         x_q, x_scale = rounder.round(x, recipe.activation, "input")
         weight32 = weight.float()
         y = F.linear(x_q, weight32, None if bias is None else bias.float())
-        y_q, _ = rounder.round(y, recipe.activation, "output")
+        y_q, _ = rounder.round(y, recipe.activation, "output", owned=True)
         ctx.rounder, ctx.x_scale, ctx.weight_is_fp32 = rounder, x_scale, weight_is_fp32
         ctx.bias_dtype = None if bias is None else bias.dtype
         saved_x, ctx.raw_x = _save_input(rounder, x, x_q, x_scale)
@@ -160,7 +166,7 @@ class _Linear(torch.autograd.Function):
         g_q, _ = rounder.round(grad_output, recipe.error, "grad_output")
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x, _ = rounder.round(g_q @ weight.float(), recipe.error, "grad_input")
+            grad_x, _ = rounder.round(g_q @ weight.float(), recipe.error, "grad_input", owned=True)
         if ctx.needs_input_grad[1]:
             x_q = _load_input(rounder, saved_x, ctx.raw_x, ctx.x_scale)
             grad_w = _flat_rows(g_q).t() @ _flat_rows(x_q)
@@ -195,7 +201,7 @@ class _WeightAsFP32(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
-        return ctx.rounder.weight_grad(grad, ctx.dtype), None
+        return ctx.rounder.weight_grad(grad, ctx.dtype, owned=False), None
 
 
 def weight_as_fp32(weight: torch.Tensor, rounder: Rounder) -> torch.Tensor:
@@ -215,7 +221,7 @@ class _Convolution(torch.autograd.Function):
             x_q, weight.float(), None if bias is None else bias.float(),
             stride, padding, dilation, transposed, output_padding, groups,
         )
-        y_q, _ = rounder.round(y, recipe.activation, "output")
+        y_q, _ = rounder.round(y, recipe.activation, "output", owned=True)
         ctx.rounder, ctx.x_scale, ctx.geometry = rounder, x_scale, geometry
         ctx.bias_dtype = None if bias is None else bias.dtype
         saved_x, ctx.raw_x = _save_input(rounder, x, x_q, x_scale)
@@ -238,7 +244,7 @@ class _Convolution(torch.autograd.Function):
             stride, padding, dilation, transposed, output_padding, groups, mask,
         )
         if grad_x is not None:
-            grad_x, _ = rounder.round(grad_x, recipe.error, "grad_input")
+            grad_x, _ = rounder.round(grad_x, recipe.error, "grad_input", owned=True)
         if grad_w is not None:
             grad_w = rounder.weight_grad(grad_w, weight.dtype)
         if grad_b is not None:
@@ -268,7 +274,7 @@ class _Embedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, indices, weight, rounder: Rounder, padding_idx: int | None):  # type: ignore[override]
         y = F.embedding(indices, weight.float())
-        y_q, _ = rounder.round(y, rounder.recipe.activation, "output")
+        y_q, _ = rounder.round(y, rounder.recipe.activation, "output", owned=True)
         ctx.rounder, ctx.padding_idx, ctx.weight_shape, ctx.dtype = rounder, padding_idx, weight.shape, weight.dtype
         ctx.save_for_backward(indices)
         return y_q
@@ -299,7 +305,7 @@ class _Matmul(torch.autograd.Function):
         spec = rounder.recipe.activation
         a_q, a_scale = rounder.round(a, spec, f"{role}.a")
         b_q, b_scale = rounder.round(b, spec, f"{role}.b")
-        y_q, _ = rounder.round(torch.matmul(a_q, b_q), spec, f"{role}.out")
+        y_q, _ = rounder.round(torch.matmul(a_q, b_q), spec, f"{role}.out", owned=True)
         ctx.rounder, ctx.role, ctx.scales = rounder, role, (a_scale, b_scale)
         saved_a, raw_a = _save_input(rounder, a, a_q, a_scale)
         saved_b, raw_b = _save_input(rounder, b, b_q, b_scale)
@@ -317,9 +323,11 @@ class _Matmul(torch.autograd.Function):
         b_q = _load_input(rounder, saved_b, ctx.raw[1], ctx.scales[1])
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a, _ = rounder.round(torch.matmul(g_q, b_q.transpose(-1, -2)), recipe.error, f"{ctx.role}.grad_a")
+            grad_a, _ = rounder.round(torch.matmul(g_q, b_q.transpose(-1, -2)), recipe.error, f"{ctx.role}.grad_a",
+                                      owned=True)
         if ctx.needs_input_grad[1]:
-            grad_b, _ = rounder.round(torch.matmul(a_q.transpose(-1, -2), g_q), recipe.error, f"{ctx.role}.grad_b")
+            grad_b, _ = rounder.round(torch.matmul(a_q.transpose(-1, -2), g_q), recipe.error, f"{ctx.role}.grad_b",
+                                      owned=True)
         return grad_a, grad_b, None, None
 
 
@@ -354,7 +362,7 @@ class _Attention(torch.autograd.Function):
         if rounder.recipe.tensor_scaling is not None:
             scales = [rounder._scale(q_q @ k_q.transpose(-1, -2), spec, "attention.scores"), None]
         _, probabilities_q = _Attention._probabilities(ctx, q_q, k_q, mask, rounder, scales)
-        out, _ = rounder.round(probabilities_q @ v_q, spec, "attention.out")
+        out, _ = rounder.round(probabilities_q @ v_q, spec, "attention.out", owned=True)
         saved = [_save_input(rounder, t, t_q, scale) for t, t_q, scale in ((q, q_q, q_scale), (k, k_q, k_scale), (v, v_q, v_scale))]
         ctx.raw = [raw for _, raw in saved]
         ctx.scales, ctx.input_scales, ctx.rounder = scales, (q_scale, k_scale, v_scale), rounder
@@ -369,13 +377,13 @@ class _Attention(torch.autograd.Function):
         q_q, k_q, v_q = (_load_input(rounder, t, raw, scale) for t, raw, scale in zip(saved, ctx.raw, ctx.input_scales))
         probabilities, probabilities_q = _Attention._probabilities(ctx, q_q, k_q, mask, rounder, ctx.scales)
         g_q, _ = rounder.round(grad_output, recipe.error, "attention.grad")
-        grad_v, _ = rounder.round(probabilities_q.transpose(-1, -2) @ g_q, recipe.error, "attention.grad_v")
-        grad_probabilities, _ = rounder.round(g_q @ v_q.transpose(-1, -2), recipe.error, "attention.grad_p")
+        grad_v, _ = rounder.round(probabilities_q.transpose(-1, -2) @ g_q, recipe.error, "attention.grad_v", owned=True)
+        grad_probabilities, _ = rounder.round(g_q @ v_q.transpose(-1, -2), recipe.error, "attention.grad_p", owned=True)
         # softmax backward in FP32, on the FP32 probabilities
         grad_scores = probabilities * (grad_probabilities - (grad_probabilities * probabilities).sum(-1, keepdim=True))
         grad_scores, _ = rounder.round(grad_scores * ctx.factor, recipe.error, "attention.grad_s")
-        grad_q, _ = rounder.round(grad_scores @ k_q, recipe.error, "attention.grad_q")
-        grad_k, _ = rounder.round(grad_scores.transpose(-1, -2) @ q_q, recipe.error, "attention.grad_k")
+        grad_q, _ = rounder.round(grad_scores @ k_q, recipe.error, "attention.grad_q", owned=True)
+        grad_k, _ = rounder.round(grad_scores.transpose(-1, -2) @ q_q, recipe.error, "attention.grad_k", owned=True)
         return grad_q, grad_k, grad_v, None, None, None
 
 
