@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +15,24 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 __all__ = ["main", "build_parser"]
+
+
+@contextmanager
+def _labelled_progress(console: Console, total: int) -> Iterator[Callable[[str], None]]:
+    """A transient progress bar; the yielded callback names and counts each new stage."""
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=total)
+        seen = [0]
+
+        def on_step(label: str) -> None:
+            if seen[0]:
+                progress.advance(task)
+            seen[0] += 1
+            progress.update(task, description=label)
+
+        yield on_step
+        progress.advance(task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,20 +97,9 @@ def _bench_step(args: argparse.Namespace, console: Console) -> int:
         return 2
     console.print("settings: " + ", ".join(f"{k}={v}" for k, v in thread_settings().items()))
     total = len(models) * len({"fp32", *configs})
-    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("starting", total=total)
-        seen = [0]
-
-        def on_step(label: str) -> None:
-            if seen[0]:
-                progress.advance(task)
-            seen[0] += 1
-            progress.update(task, description=label)
-
+    with _labelled_progress(console, total) as on_step:
         rows = run_step_bench(models=models, configs=configs, repeats=args.repeats,
                               batch_scale=args.batch_scale, on_step=on_step)
-        progress.advance(task)
     table = Table(title=f"one training step (median of {args.repeats}); bytes in MB")
     for column in ("model", "config", "step ms", "x fp32", "params", "optimizer", "saved", "saved x fp32"):
         table.add_column(column, justify="left" if column in ("model", "config") else "right")
@@ -144,24 +152,11 @@ def _bench_quantize(args: argparse.Namespace, console: Console) -> int:
         console.print("[yellow]tip: OMP_WAIT_POLICY=passive steadies timings on busy cores[/yellow]")
 
     steps = 2 + len(names) * 4
-    with Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, transient=True,
-    ) as progress:
-        task = progress.add_task("starting", total=steps)
-        seen = [0]
-
-        def on_step(label: str) -> None:
-            if seen[0]:
-                progress.advance(task)
-            seen[0] += 1
-            progress.update(task, description=label)
-
+    with _labelled_progress(console, steps) as on_step:
         rows, baselines = run_quantize_bench(
             numel=args.numel, repeats=args.repeats, format_names=names, device=args.device,
             on_step=on_step,
         )
-        progress.advance(task)
 
     sample = bench_input(min(args.numel, 1 << 20))
     table = Table(title=f"quantize throughput, {args.numel:,} float32 elements (median of {args.repeats})")

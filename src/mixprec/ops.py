@@ -140,6 +140,17 @@ def _load_input(rounder: Rounder, saved: torch.Tensor, raw: bool, scale: torch.T
     return rounder.unpack(saved, spec, scale)
 
 
+def _finish_forward(ctx: Any, rounder: Rounder, x, x_q, x_scale, y, weight, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The end of a weighted op's forward: round the product to the activation format
+    (in place: it is fresh) and save what backward needs."""
+    y_q, _ = rounder.round(y, rounder.recipe.activation, "output", owned=True)
+    ctx.rounder, ctx.x_scale = rounder, x_scale
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    saved_x, ctx.raw_x = _save_input(rounder, x, x_q, x_scale)
+    ctx.save_for_backward(saved_x, weight)
+    return y_q
+
+
 def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -151,12 +162,8 @@ class _Linear(torch.autograd.Function):
         x_q, x_scale = rounder.round(x, recipe.activation, "input")
         weight32 = weight.float()
         y = F.linear(x_q, weight32, None if bias is None else bias.float())
-        y_q, _ = rounder.round(y, recipe.activation, "output", owned=True)
-        ctx.rounder, ctx.x_scale, ctx.weight_is_fp32 = rounder, x_scale, weight_is_fp32
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        saved_x, ctx.raw_x = _save_input(rounder, x, x_q, x_scale)
-        ctx.save_for_backward(saved_x, weight)
-        return y_q
+        ctx.weight_is_fp32 = weight_is_fp32
+        return _finish_forward(ctx, rounder, x, x_q, x_scale, y, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
@@ -221,12 +228,8 @@ class _Convolution(torch.autograd.Function):
             x_q, weight.float(), None if bias is None else bias.float(),
             stride, padding, dilation, transposed, output_padding, groups,
         )
-        y_q, _ = rounder.round(y, recipe.activation, "output", owned=True)
-        ctx.rounder, ctx.x_scale, ctx.geometry = rounder, x_scale, geometry
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        saved_x, ctx.raw_x = _save_input(rounder, x, x_q, x_scale)
-        ctx.save_for_backward(saved_x, weight)
-        return y_q
+        ctx.geometry = geometry
+        return _finish_forward(ctx, rounder, x, x_q, x_scale, y, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
