@@ -230,3 +230,56 @@ def test_nan_loss_is_a_skipped_step():
     x, y = teacher_data(8)
     optimizer.backward(F.cross_entropy(model(x), y) * float("nan"))
     assert optimizer.step() is False
+
+
+def test_fp16_without_loss_scaling_does_not_train_where_scaling_does():
+    """A loss whose gradients sit below FP16's subnormals: unscaled FP16 training never
+    moves the weights; with dynamic loss scaling it trains as FP32 does."""
+    def final_weights(recipe):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        model, optimizer = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=1e6), recipe)
+        start = [m.detach().clone() for m, _ in optimizer.pairs]
+        x = torch.randn(64, 16)
+        for _ in range(5):
+            optimizer.backward((model(x) - 1).pow(2).mean() * 1e-9)
+            optimizer.step()
+            optimizer.zero_grad()
+        return start, [m.detach() for m, _ in optimizer.pairs]
+
+    noscale = mixprec.get_recipe("fp16").replace(name="fp16-noscale", loss_scale=None)
+    start, end = final_weights(noscale)
+    assert all(torch.equal(a, b) for a, b in zip(start, end))
+    start, end = final_weights("fp16")
+    assert all(not torch.equal(a, b) for a, b in zip(start, end))
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "fp8", "fp8-hybrid"])
+def test_lstm_and_attention_models_train(recipe):
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(12, 16)
+            self.lstm = nn.LSTM(16, 16, batch_first=True)
+            self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 12)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            h, _ = self.lstm(self.embed(tokens))
+            a, _ = self.attention(h, h, h, need_weights=False, is_causal=True,
+                                  attn_mask=nn.Transformer.generate_square_subsequent_mask(tokens.shape[1]))
+            return self.head(h + a)
+
+    torch.manual_seed(0)
+    model = Tiny()
+    model, optimizer = mixprec.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-2), recipe)
+    assert {name for name, _ in optimizer.summary.converted} == {"embed", "lstm", "attention", "head"}
+    tokens = torch.arange(12).repeat(8, 2)[:, :16]  # a sequence to memorise: next token = +1
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 12), tokens[:, 1:].reshape(-1))
+        optimizer.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
