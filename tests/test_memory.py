@@ -44,9 +44,9 @@ def test_packed_activations_give_the_same_gradients_as_rounding_in_place():
     x = torch.randn(32, 64)
     grads = []
     for packed in (True, False):
-        forward = model.forward if packed else model._mixprec_original_forward
+        model._mixprec_pack_activations = packed
         model.zero_grad()
-        F.mse_loss(forward(x), torch.zeros(32, 8)).backward()
+        F.mse_loss(model(x), torch.zeros(32, 8)).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -62,3 +62,28 @@ def test_counter_skips_parameters_and_counts_a_storage_once():
         (y * y).sum()
     # x (saved by the matmul) and y (saved twice by the product): 2 x 4 x 16 x 4 bytes
     assert counter.bytes == 2 * 4 * 16 * 4
+
+
+def test_a_deep_copy_packs_its_own_activations():
+    import copy
+
+    torch.manual_seed(0)
+    model = resnet_style_cnn()
+    mixprec.convert(model, "fp8")
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 1, 28, 28)
+    with SavedBytesCounter(exclude_from=[twin]) as counter:
+        twin(x).sum().backward()
+    assert twin[0].weight.grad is not None and model[0].weight.grad is None
+    assert counter.bytes > 0
+
+
+def test_packing_hooks_are_left_even_when_forward_raises():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    mixprec.convert(model, "fp16")
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5))  # wrong width
+    assert not model._mixprec_packing_stack
+    y = torch.randn(3, 3, requires_grad=True)
+    (y * y).sum().backward()  # autograd outside the model is untouched by mixprec's hooks
+    assert torch.equal(y.grad, 2 * y.detach())

@@ -25,7 +25,7 @@ from mixprec.layers import (
     LowPrecisionMultiheadAttention,
     round_weight,
 )
-from mixprec.memory import ActivationPacker, wrap_forward
+from mixprec.memory import attach_packer
 from mixprec.recipe import Recipe, get_recipe
 
 __all__ = ["convert", "ConversionSummary", "SUPPORTED_TYPES"]
@@ -83,8 +83,8 @@ def convert(
     """Replace ``model``'s supported layers in place with low-precision ones for
     ``recipe`` and return a summary. ``module_filter_fn(module, name)`` returning False
     keeps a layer in FP32. Layers with parameters of an unsupported type are named in a
-    warning and left in FP32, never skipped silently. The model's forward is wrapped so
-    that FP32 activations saved for backward are held in the activation format."""
+    warning and left in FP32, never skipped silently. Forward hooks on the model hold the
+    FP32 activations it saves for backward in the activation format."""
     recipe = get_recipe(recipe)
     if getattr(model, "_mixprec_recipe", None) is not None:
         raise ValueError("this model was already converted by mixprec; convert the original float model once")
@@ -141,5 +141,5 @@ def convert(
         )
     if summary.converted:
         model._mixprec_recipe = recipe  # type: ignore[assignment]
-        model._mixprec_original_forward = wrap_forward(model, ActivationPacker(model, recipe))  # type: ignore[assignment]
+        attach_packer(model)
     return summary

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from mixprec.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe
 from mixprec.storage import from_storage, to_storage
 
-__all__ = ["ActivationPacker", "SavedBytesCounter", "MIN_PACKED_NUMEL", "packer_active", "wrap_forward"]
+__all__ = ["ActivationPacker", "SavedBytesCounter", "MIN_PACKED_NUMEL", "packer_active", "attach_packer"]
 
 MIN_PACKED_NUMEL = 1024
 """Saved float32 tensors smaller than this stay as they are (not worth a kernel call)."""
@@ -179,14 +179,24 @@ class ActivationPacker:
         return _PackingHooks(self)
 
 
-def wrap_forward(model: nn.Module, packer: ActivationPacker) -> Callable[..., Any]:
-    """Make ``model``'s forward (this instance only) run inside ``packer``'s hooks; the
-    hooks are exited however the forward ends. Returns the original bound forward."""
-    original = model.forward
+def _enter_packing(module: nn.Module, args: Any) -> None:
+    if not getattr(module, "_mixprec_pack_activations", True):
+        return
+    hooks = ActivationPacker(module, module._mixprec_recipe).hooks()  # type: ignore[arg-type]
+    hooks.__enter__()
+    module.__dict__.setdefault("_mixprec_packing_stack", []).append(hooks)
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with packer.hooks():
-            return original(*args, **kwargs)
 
-    model.forward = forward  # type: ignore[method-assign]
-    return original
+def _exit_packing(module: nn.Module, args: Any, output: Any) -> None:
+    stack = module.__dict__.get("_mixprec_packing_stack")
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+def attach_packer(model: nn.Module) -> None:
+    """Run ``model``'s forward inside an :class:`ActivationPacker`, through forward
+    hooks (the exit hook runs even when the forward raises). The hooks read the model
+    they are called on, so a deep copy of the model packs its own activations; set
+    ``model._mixprec_pack_activations = False`` to turn packing off."""
+    model.register_forward_pre_hook(_enter_packing)
+    model.register_forward_hook(_exit_packing, always_call=True)
