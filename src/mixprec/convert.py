@@ -30,7 +30,7 @@ from mixprec.recipe import Recipe, get_recipe
 
 __all__ = ["convert", "ConversionSummary", "SUPPORTED_TYPES"]
 
-SUPPORTED_TYPES: dict[type[nn.Module], type[LowPrecisionModule]] = {
+SUPPORTED_TYPES: dict[type[nn.Module], Callable[..., LowPrecisionModule]] = {
     nn.Linear: LowPrecisionLinear,
     nn.Conv1d: LowPrecisionConv,
     nn.Conv2d: LowPrecisionConv,
@@ -67,7 +67,7 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
-def _supported_target(module: nn.Module) -> type[LowPrecisionModule] | None:
+def _supported_target(module: nn.Module) -> Callable[..., LowPrecisionModule] | None:
     for kind, target in SUPPORTED_TYPES.items():
         if isinstance(module, kind):
             return target
@@ -120,7 +120,7 @@ def convert(
                 continue  # the whole layer stays FP32, its sub-layers too
             elif target is not None:
                 try:
-                    replacement = target(child, recipe, generator, make)  # type: ignore[call-arg]
+                    replacement = target(child, recipe, generator, make)
                 except ValueError as reason:
                     summary.unsupported.append((name, kind, str(reason)))
                     continue

@@ -7,6 +7,7 @@ state dicts line up), and computes through :mod:`mixprec.ops`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ __all__ = [
     "round_weight",
 ]
 
-ParamMaker = Callable[[nn.Parameter | None], nn.Parameter | None]
+ParamMaker = Callable[[Any], Any]
+"""Makes a converted layer's parameter from the float one (None stays None)."""
 
 
 def round_weight(master: torch.Tensor, recipe: Recipe, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -139,7 +141,7 @@ class LowPrecisionLSTM(LowPrecisionModule):
         for name in source._flat_weights_names:
             setattr(self, name, make(getattr(source, name)))
 
-    def _layer_params(self, layer: int) -> tuple[torch.Tensor, ...]:
+    def _layer_params(self, layer: int) -> tuple[Any, ...]:
         names = [f"weight_ih_l{layer}", f"weight_hh_l{layer}", f"bias_ih_l{layer}", f"bias_hh_l{layer}"]
         return tuple(getattr(self, name, None) for name in names)
 

@@ -60,7 +60,7 @@ class SavedBytesCounter:
         """Count one saved tensor once (a storage saved twice counts once)."""
         if tensor.data_ptr() in self._excluded:
             return
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
         if key in self._seen:
             return
         self._seen.add(key)

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import FunctionCtx
 
 from mixprec.memory import packer_active
 from mixprec.provenance import is_on_grid, mark_on_grid
@@ -157,7 +156,7 @@ def _flat_rows(x: torch.Tensor) -> torch.Tensor:
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x, weight, bias, rounder: Rounder, weight_is_fp32: bool):  # type: ignore[override]
+    def forward(ctx: Any, x, weight, bias, rounder: Rounder, weight_is_fp32: bool):  # type: ignore[override]
         recipe = rounder.recipe
         x_q, x_scale = rounder.round(x, recipe.activation, "input")
         weight32 = weight.float()
@@ -202,7 +201,7 @@ def linear(
 
 class _WeightAsFP32(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, weight, rounder: Rounder):  # type: ignore[override]
+    def forward(ctx: Any, weight, rounder: Rounder):  # type: ignore[override]
         ctx.rounder, ctx.dtype = rounder, weight.dtype
         return weight.float()
 
@@ -220,7 +219,7 @@ def weight_as_fp32(weight: torch.Tensor, rounder: Rounder) -> torch.Tensor:
 
 class _Convolution(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x, weight, bias, rounder: Rounder, geometry: tuple):  # type: ignore[override]
+    def forward(ctx: Any, x, weight, bias, rounder: Rounder, geometry: tuple):  # type: ignore[override]
         stride, padding, dilation, transposed, output_padding, groups = geometry
         recipe = rounder.recipe
         x_q, x_scale = rounder.round(x, recipe.activation, "input")
@@ -275,7 +274,7 @@ def convolution(
 
 class _Embedding(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, indices, weight, rounder: Rounder, padding_idx: int | None):  # type: ignore[override]
+    def forward(ctx: Any, indices, weight, rounder: Rounder, padding_idx: int | None):  # type: ignore[override]
         y = F.embedding(indices, weight.float())
         y_q, _ = rounder.round(y, rounder.recipe.activation, "output", owned=True)
         ctx.rounder, ctx.padding_idx, ctx.weight_shape, ctx.dtype = rounder, padding_idx, weight.shape, weight.dtype
@@ -304,7 +303,7 @@ def embedding(
 
 class _Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, a, b, rounder: Rounder, role: str):  # type: ignore[override]
+    def forward(ctx: Any, a, b, rounder: Rounder, role: str):  # type: ignore[override]
         spec = rounder.recipe.activation
         a_q, a_scale = rounder.round(a, spec, f"{role}.a")
         b_q, b_scale = rounder.round(b, spec, f"{role}.b")
@@ -355,7 +354,7 @@ class _Attention(torch.autograd.Function):
         return probabilities, _round_with(rounder, probabilities, spec, scales, 1)
 
     @staticmethod
-    def forward(ctx: FunctionCtx, q, k, v, mask, factor: float, rounder: Rounder):  # type: ignore[override]
+    def forward(ctx: Any, q, k, v, mask, factor: float, rounder: Rounder):  # type: ignore[override]
         spec = rounder.recipe.activation
         q_q, q_scale = rounder.round(q, spec, "attention.q")
         k_q, k_scale = rounder.round(k, spec, "attention.k")

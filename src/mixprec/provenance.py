@@ -30,8 +30,11 @@ def mark_on_grid(tensor: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """Record that every value of ``tensor`` (float32) lies on ``fmt``'s grid; returns it."""
     entries = _registry.entries
     key = id(tensor)
-    entries[key] = (weakref.ref(tensor, lambda _, key=key, entries=entries: entries.pop(key, None)),
-                    tensor._version, fmt)
+
+    def forget(_: object) -> None:  # runs when the tensor is deallocated
+        entries.pop(key, None)
+
+    entries[key] = (weakref.ref(tensor, forget), tensor._version, fmt)
     return tensor
 
 

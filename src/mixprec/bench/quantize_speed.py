@@ -11,7 +11,7 @@ import torch
 
 from mixprec import formats
 from mixprec.bench.timing import median_seconds
-from mixprec.quantize import quantize
+from mixprec.quantize import Rounding, quantize
 
 __all__ = ["QuantizeRow", "bench_input", "run_quantize_bench", "DEFAULT_FORMATS"]
 
@@ -58,7 +58,7 @@ def run_quantize_bench(
     numel: int = 1 << 24,
     repeats: int = 7,
     format_names: Sequence[str] = DEFAULT_FORMATS,
-    roundings: Sequence[str] = ("nearest", "stochastic"),
+    roundings: Sequence[Rounding] = ("nearest", "stochastic"),
     device: str = "cpu",
     on_step: Callable[[str], None] | None = None,
 ) -> tuple[list[QuantizeRow], dict[str, float]]:
