@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (the main job) and `make test`. Both set up
 # everything on a fresh machine first: a virtual environment in .venv with the pinned
-# local CPU wheel of torch, and mixprec in editable mode with its test extras.
+# local CPU wheel of torch, mixprec in editable mode with its test extras, and the
+# Debian packages that hold the real data sets (Fashion-MNIST, the King James Bible).
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,8 +9,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mixprec-installed
 # Spin-waiting OpenMP threads cost milliseconds per parallel region on shared cores.
 export OMP_WAIT_POLICY ?= passive
+DEB_PACKAGES := dataset-fashion-mnist bible-kjv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench exhaustive clean
+.PHONY: setup data demo test bench exhaustive clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +21,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+data:
+	@missing=""; for package in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$package 2>/dev/null | grep -q '^install ok installed' || \
+			missing="$$missing $$package"; \
+	done; \
+	[ -z "$$missing" ] || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
+
+setup: $(STAMP) data
 
 demo: setup
 	$(VENV)/bin/mixprec bench quantize

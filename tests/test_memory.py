@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mixprec
-from mixprec.bench.step_speed import resnet_style_cnn, transformer_block
+from mixprec.bench.step_speed import transformer_block
+from mixprec.experiments.models import resnet_style_cnn
 from mixprec.memory import SavedBytesCounter
 
 

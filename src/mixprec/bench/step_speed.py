@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.bench.timing import median_seconds
+from mixprec.experiments.models import TransformerBlock, resnet_style_cnn
 from mixprec.memory import SavedBytesCounter
 from mixprec.recipe import RECIPES
 from mixprec.training import prepare
 
-__all__ = ["StepRow", "run_step_bench", "CONFIGS", "resnet_style_cnn", "transformer_block"]
+__all__ = ["StepRow", "run_step_bench", "CONFIGS", "transformer_block"]
 
 CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", *[name for name in RECIPES if name != "fp32"])
 
@@ -42,57 +43,21 @@ class StepRow:
         return asdict(self)
 
 
-class _Block(nn.Module):
-    def __init__(self, channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels // stride, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = (
-            nn.Sequential(nn.Conv2d(channels // stride, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
-            if stride > 1
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-def resnet_style_cnn(width: int = 32, classes: int = 10) -> nn.Module:
-    """A small ResNet for 28x28 single-channel images: a stem and three residual
-    blocks with batch norm (the last two halve the resolution)."""
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        _Block(width, 1), _Block(width * 2, 2), _Block(width * 4, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width * 4, classes),
-    )
-
-
-class TransformerBlock(nn.Module):
-    """A pre-LN Transformer block (causal self-attention and a 4x MLP) with a linear
-    head, as in a GPT-style language model."""
+class _BlockWithHead(nn.Module):
+    """The benchmark's Transformer workload: one block on input embeddings, a linear head."""
 
     def __init__(self, width: int = 256, heads: int = 4, vocabulary: int = 96) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.block = TransformerBlock(width, heads)
         self.head = nn.Linear(width, vocabulary)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attention(h, h, h, need_weights=False, is_causal=True,
-                               attn_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1]))[0]
-        x = x + self.mlp(self.norm2(x))
-        return self.head(x)
+        return self.head(self.block(x))
 
 
 def transformer_block(width: int = 256, heads: int = 4) -> nn.Module:
-    """The benchmark's Transformer block (d=256, 4 heads by default)."""
-    return TransformerBlock(width, heads)
+    """The benchmark's Transformer block (d=256, 4 heads by default) with a head."""
+    return _BlockWithHead(width, heads)
 
 
 def _workload(name: str, batch_scale: float) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]:
