@@ -60,3 +60,16 @@ def test_bad_fields():
         TensorFormat("fp16", "up")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="master weights"):
         Recipe("x", master="e5m2")
+
+
+def test_ablations_drop_one_ingredient_each():
+    from mixprec.recipe import ABLATIONS
+
+    assert get_recipe("fp16-noscale").loss_scale is None
+    nomaster = get_recipe("fp16-nomaster")
+    assert nomaster.master == "fp16" and nomaster.update_rounding == "nearest"
+    rne = get_recipe("fp8-rne")
+    assert (rne.error.rounding, rne.weight_grad.rounding, rne.update_rounding) == ("nearest",) * 3
+    assert get_recipe("fp8-nominscale").loss_scale.min_scale_schedule == ()
+    for name, recipe in ABLATIONS.items():
+        assert recipe.name == name

@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
         "formats", help="list the named formats and their numbers (largest, smallest, epsilon)"
     )
 
+    compare = commands.add_parser(
+        "compare", help="train real models on real data under several recipes and write a report"
+    )
+    compare.add_argument("--model", default="cnn", help="cnn, lstm, gan, transformer, or all (default: cnn)")
+    compare.add_argument("--recipes", default="fp32,fp16,bf16,fp8,fp8-hybrid",
+                         help="comma-separated recipes or ablations (default: %(default)s)")
+    compare.add_argument("--budget", default="quick", help="quick, full or test (default: quick)")
+    compare.add_argument("--seeds", type=int, default=1, help="seeds per model x recipe (default: 1)")
+    compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    compare.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted comparison")
+    compare.add_argument("--data-dir", help="a folder with the Fashion-MNIST IDX files")
+
     bench = commands.add_parser("bench", help="benchmarks, as ratios to baselines in the same run")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     quant = benches.add_parser(
@@ -189,6 +201,49 @@ def _bench_quantize(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    from mixprec.experiments.compare import ComparePlan, run_compare
+    from mixprec.experiments.report import summary_rows
+    from mixprec.experiments.runner import MODELS
+
+    plan = None
+    if args.resume is None:
+        models = MODELS if args.model == "all" else tuple(m.strip() for m in args.model.split(","))
+        recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+        plan = ComparePlan(models, recipes, args.budget, args.seeds, args.out, args.data_dir)
+    progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console)
+
+    def on_run_start(model: str, recipe: str, seed: int, steps: int):  # type: ignore[no-untyped-def]
+        task = progress.add_task(f"{model} {recipe} seed {seed}", total=steps)
+        return lambda step: progress.update(task, completed=step)
+
+    def on_run_end(result) -> None:  # type: ignore[no-untyped-def]
+        progress.console.print(
+            f"{result.model} {result.recipe} seed {result.seed}: {result.metric_name} {result.metric_value:.4f}, "
+            f"{result.step_seconds * 1e3:.0f} ms/step, {result.skipped_steps} skipped, "
+            f"loss scale {result.final_loss_scale:g}")
+
+    out = args.resume or args.out
+    try:
+        with progress:
+            records, report = run_compare(plan, args.resume, on_run_start, on_run_end)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: finished runs are in {out}/results.json and {out}/report.md; "
+                      f"continue with `mixprec compare --resume {out}`[/yellow]")
+        return 130
+    table = Table(title="mixprec compare")
+    for column in ("model", "recipe", "metric", "mean", "spread", "MB", "step ms", "x fp32", "skipped"):
+        table.add_column(column, justify="left" if column in ("model", "recipe", "metric") else "right")
+    for row in summary_rows(records):
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        table.add_row(row["model"], row["recipe"], row["metric"], f"{row['mean']:.4f}", f"{row['spread']:.4f}",
+                      f"{row['megabytes']:.1f}", f"{row['step_ms']:.0f}", ratio, f"{row['skipped']:.0f}")
+    console.print(table)
+    console.print(f"report: {report}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -198,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "formats":
             return _formats_command(console)
+        if args.command == "compare":
+            return _compare(args, console)
         if args.command == "bench" and args.bench == "quantize":
             return _bench_quantize(args, console)
         if args.command == "bench" and args.bench == "step":

@@ -34,7 +34,7 @@ Backend = Literal["auto", "eager", "compiled"]
 (errors propagate). ``"auto"``: compiled for tensors of at least
 :data:`COMPILE_MIN_NUMEL` elements where it works, eager otherwise."""
 
-COMPILE_MIN_NUMEL = 1 << 15
+COMPILE_MIN_NUMEL = 1 << 12
 """Below this many elements the eager chain is cheaper than a compiled call's guards."""
 
 _INT32_MIN = -(2**31)

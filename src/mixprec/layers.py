@@ -161,8 +161,9 @@ class LowPrecisionLSTM(LowPrecisionModule):
             b_hh32 = None if b_hh is None else ops.weight_as_fp32(b_hh, self.rounder)
             h, c = state[0][layer], state[1][layer]
             outputs = []
-            for step in range(sequence.shape[0]):
-                gates = projected[step] + ops.linear(h, w_hh32, b_hh32, self.rounder, weight_is_fp32=True)
+            # unbind once: indexing step by step would cost a full-size zero gradient per step
+            for projected_step in projected.unbind(0):
+                gates = projected_step + ops.linear(h, w_hh32, b_hh32, self.rounder, weight_is_fp32=True)
                 i, f, g, o = gates.chunk(4, dim=-1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)

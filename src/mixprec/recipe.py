@@ -25,6 +25,7 @@ __all__ = [
     "TensorScaling",
     "Recipe",
     "RECIPES",
+    "ABLATIONS",
     "get_recipe",
     "FP32_MODULES",
 ]
@@ -200,13 +201,32 @@ errors, gradients and the update) and ``fp8-hybrid`` (E4M3 forward, E5M2 backwar
 delayed per-tensor scaling, FP32 master: Transformer Engine's default)."""
 
 
+ABLATIONS: dict[str, Recipe] = {
+    "fp16-noscale": RECIPES["fp16"].replace(name="fp16-noscale", loss_scale=None),
+    "fp16-nomaster": RECIPES["fp16"].replace(name="fp16-nomaster", master="fp16", update_rounding="nearest"),
+    "fp8-rne": RECIPES["fp8"].replace(
+        name="fp8-rne", error=TensorFormat("e5m2"), weight_grad=TensorFormat("e5m2"), update_rounding="nearest"
+    ),
+    "fp8-nominscale": RECIPES["fp8"].replace(name="fp8-nominscale", loss_scale=DynamicScaling()),
+}
+"""Recipes that each drop one ingredient, to show why it is there: loss scaling
+(``fp16-noscale``), the FP32 master copy (``fp16-nomaster``: the update is applied and
+rounded in FP16), stochastic rounding (``fp8-rne``: round-to-nearest for errors,
+gradients and the update), and the rising minimum loss scale (``fp8-nominscale``)."""
+
+
 def get_recipe(recipe: str | Recipe) -> Recipe:
-    """A named recipe, or a :class:`Recipe` passed through."""
+    """A named recipe or ablation, or a :class:`Recipe` passed through."""
     if isinstance(recipe, Recipe):
         return recipe
     if not isinstance(recipe, str):
         raise TypeError(f"a recipe is a name or a mixprec.Recipe, not {type(recipe).__name__}")
     key = recipe.strip().lower()
-    if key not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; named recipes: {', '.join(RECIPES)}, or build a mixprec.Recipe(...)")
-    return RECIPES[key]
+    if key in RECIPES:
+        return RECIPES[key]
+    if key in ABLATIONS:
+        return ABLATIONS[key]
+    raise ValueError(
+        f"unknown recipe {recipe!r}; named recipes: {', '.join(RECIPES)}; ablations: "
+        f"{', '.join(ABLATIONS)}; or build a mixprec.Recipe(...)"
+    )

@@ -1,0 +1,145 @@
+"""The comparison's report: ``results.json`` (one record per run), ``report.md`` (one row
+per model x recipe) and PNG plots (curves, loss scales, GAN samples)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["summary_rows", "write_results", "write_report"]
+
+_HIGHER_IS_BETTER = {"test_accuracy": True, "validation_bpc": False, "frechet_distance": False}
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model x recipe: metric mean and spread over seeds, bytes, times."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[(record["model"], record["recipe"])].append(record)
+    rows = []
+    for (model, recipe), runs in groups.items():
+        values = [r["metric_value"] for r in runs]
+        ratios = [r["step_time_ratio"] for r in runs if r.get("step_time_ratio") is not None]
+        rows.append({
+            "model": model, "recipe": recipe, "metric": runs[0]["metric_name"],
+            "mean": statistics.mean(values), "spread": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": len(runs),
+            "megabytes": statistics.mean(r["param_bytes"] + r["optimizer_bytes"] + r["saved_bytes"] for r in runs) / 1e6,
+            "step_ms": statistics.mean(r["step_seconds"] for r in runs) * 1e3,
+            "ratio": statistics.mean(ratios) if ratios else None,
+            "skipped": statistics.mean(r["skipped_steps"] for r in runs),
+            "final_scale": runs[-1]["final_loss_scale"],
+            "extra": {k: statistics.mean(r["extra"][k] for r in runs) for k in runs[0]["extra"]},
+        })
+    return rows
+
+
+def write_results(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
+    """``results.json``: the settings and every run's record."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"settings": settings, "runs": records}))
+    temporary.replace(path)
+    return path
+
+
+def _plot_curves(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        label = f"{run['recipe']} (seed {run['seed']})"
+        steps, losses = zip(*run["curves"]["train_loss"]) if run["curves"]["train_loss"] else ((), ())
+        left.plot(steps, losses, label=label, linewidth=0.8)
+        if run["curves"]["validation"]:
+            steps, values = zip(*run["curves"]["validation"])
+            right.plot(steps, values, marker="o", markersize=3, label=label)
+    left.set(title=f"{model}: training loss", xlabel="step", ylabel="loss")
+    right.set(title=f"{model}: {runs[0]['metric_name'].replace('_', ' ')} (validation)", xlabel="step")
+    left.legend(fontsize=7)
+    figure.tight_layout()
+    name = f"curves_{model}.png"
+    figure.savefig(out / name, dpi=110)
+    plt.close(figure)
+    return name
+
+
+def _plot_scales(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for run in runs:
+        curve = run["curves"].get("loss_scale") or []
+        if curve:
+            steps, scales = zip(*curve)
+            axis.step(steps, scales, where="post", label=f"{run['recipe']} (seed {run['seed']})")
+    axis.set_yscale("log", base=2)
+    axis.set(title=f"{model}: loss scale over steps", xlabel="step", ylabel="loss scale")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    name = f"loss_scale_{model}.png"
+    figure.savefig(out / name, dpi=110)
+    plt.close(figure)
+    return name
+
+
+def _plot_samples(out: Path, runs: list[dict[str, Any]]) -> str:
+    firsts = {}
+    for run in runs:
+        firsts.setdefault(run["recipe"], run)
+    figure, axes = plt.subplots(1, len(firsts), figsize=(3.2 * len(firsts), 3.4), squeeze=False)
+    for axis, (recipe, run) in zip(axes[0], firsts.items()):
+        samples = run["curves"]["samples"]
+        grid = [[samples[row * 8 + col] for col in range(8)] for row in range(8)]
+        image = [[0.0] * (8 * 28) for _ in range(8 * 28)]
+        for row in range(8):
+            for col in range(8):
+                for pixel, value in enumerate(grid[row][col]):
+                    image[row * 28 + pixel // 28][col * 28 + pixel % 28] = value
+        axis.imshow(image, cmap="gray", vmin=-1, vmax=1)
+        axis.set_title(recipe)
+        axis.axis("off")
+    figure.tight_layout()
+    name = "gan_samples.png"
+    figure.savefig(out / name, dpi=110)
+    plt.close(figure)
+    return name
+
+
+def write_report(out: Path, records: list[dict[str, Any]], settings: dict[str, Any], partial: bool = False) -> Path:
+    """``report.md`` with the table and the plots beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(records)
+    lines = ["# mixprec compare", ""]
+    if partial:
+        lines += ["**Partial report**: the comparison was interrupted; only finished runs are listed. "
+                  "`mixprec compare --resume DIR` continues it.", ""]
+    lines += [f"Budget `{settings.get('budget')}`, seeds {settings.get('seeds')}, torch {settings.get('torch')}, "
+              f"{settings.get('threads')} threads.", "",
+              "| model | recipe | metric | mean | spread | MB (params + optimizer + saved) | step ms | x fp32 | "
+              "skipped | final loss scale |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        extra = "".join(f"; {k} {v:.3f}" for k, v in row["extra"].items())
+        lines.append(f"| {row['model']} | {row['recipe']} | {row['metric']}{extra} | {row['mean']:.4f} | "
+                     f"{row['spread']:.4f} | {row['megabytes']:.1f} | {row['step_ms']:.1f} | {ratio} | "
+                     f"{row['skipped']:.1f} | {row['final_scale']:g} |")
+    lines += ["", "Metrics: CNN test accuracy (higher is better); language models' validation bits per "
+              "character (lower is better); GAN Frechet distance on a Fashion-MNIST classifier's features "
+              "(lower is better) with the entropy of generated classes (ln 10 = 2.30 at most).", ""]
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_model[record["model"]].append(record)
+    for model, runs in by_model.items():
+        lines += [f"## {model}", "", f"![curves]({_plot_curves(out, model, runs)})", "",
+                  f"![loss scale]({_plot_scales(out, model, runs)})", ""]
+        if model == "gan":
+            lines += [f"![samples]({_plot_samples(out, runs)})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,374 @@
+"""The comparison runner: train one model under several recipes with the same seed, data
+order, initial weights and hyper-parameters, measure each run, checkpoint as it goes."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec.experiments.data import CharCorpus, load_fashion_mnist, load_kjv
+from mixprec.experiments.gan_score import gan_score, load_classifier
+from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
+from mixprec.memory import SavedBytesCounter
+from mixprec.optim import MixedPrecisionOptimizer
+from mixprec.training import prepare
+
+__all__ = ["Budget", "BUDGETS", "MODELS", "RunResult", "Data", "run_one"]
+
+MODELS = ("cnn", "lstm", "gan", "transformer")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one run trains: steps, batch size, evaluation interval, checkpoint interval."""
+
+    steps: int
+    batch: int
+    eval_every: int
+    checkpoint_every: int = 100
+
+
+BUDGETS: dict[str, dict[str, Budget]] = {
+    "quick": {
+        "cnn": Budget(steps=469, batch=128, eval_every=50),  # one epoch
+        "lstm": Budget(steps=300, batch=32, eval_every=50),
+        "gan": Budget(steps=300, batch=128, eval_every=50),
+        "transformer": Budget(steps=200, batch=32, eval_every=50),
+    },
+    "full": {
+        "cnn": Budget(steps=1407, batch=128, eval_every=100),  # three epochs
+        "lstm": Budget(steps=1000, batch=32, eval_every=100),
+        "gan": Budget(steps=1000, batch=128, eval_every=100),
+        "transformer": Budget(steps=800, batch=32, eval_every=100),
+    },
+    "test": {  # a few steps of everything, for the test suite
+        "cnn": Budget(steps=3, batch=16, eval_every=2, checkpoint_every=2),
+        "lstm": Budget(steps=3, batch=4, eval_every=2, checkpoint_every=2),
+        "gan": Budget(steps=3, batch=16, eval_every=2, checkpoint_every=2),
+        "transformer": Budget(steps=3, batch=4, eval_every=2, checkpoint_every=2),
+    },
+}
+"""Steps per model and budget. ``quick`` keeps one FP32 run near a minute on 2 cores."""
+
+_SEQUENCE = 128
+_TEST_SMALL = {"cnn": 16, "lstm": 256, "transformer": 256}
+
+
+@dataclass
+class RunResult:
+    """One model trained under one recipe with one seed, and what was measured."""
+
+    model: str
+    recipe: str
+    seed: int
+    metric_name: str
+    metric_value: float
+    steps: int
+    wall_seconds: float
+    step_seconds: float
+    param_bytes: int
+    optimizer_bytes: int
+    saved_bytes: int
+    skipped_steps: int
+    final_loss_scale: float
+    extra: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)
+    step_time_ratio: float | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """The run as a JSON-ready dict."""
+        return asdict(self)
+
+
+class Data:
+    """The data sets a comparison needs, loaded once and shared by its runs."""
+
+    def __init__(self, data_dir: str | Path | None, cache_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.cache_dir = cache_dir
+        self._fashion: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._corpus: CharCorpus | None = None
+        self._splits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._classifier: nn.Module | None = None
+
+    def fashion(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fashion-MNIST images in [0, 1] and labels."""
+        if split not in self._fashion:
+            self._fashion[split] = load_fashion_mnist(split, self.data_dir)
+        return self._fashion[split]
+
+    def corpus(self) -> tuple[CharCorpus, torch.Tensor, torch.Tensor]:
+        """The King James Bible and its training and validation indices."""
+        if self._corpus is None:
+            self._corpus = load_kjv(self.cache_dir)
+            self._splits = self._corpus.split()
+        assert self._splits is not None
+        return self._corpus, *self._splits
+
+    def classifier(self) -> nn.Module:
+        """The cached Fashion-MNIST classifier behind the GAN score."""
+        if self._classifier is None:
+            self._classifier = load_classifier(self.cache_dir, self.data_dir)
+        return self._classifier
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _optimizer_bytes(optimizer: MixedPrecisionOptimizer) -> int:
+    state = [v for s in optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    masters = [master for master, _ in optimizer.pairs]
+    return _tensor_bytes(state) + _tensor_bytes(masters)
+
+
+def _checkpoint(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+class _Trainer:
+    """The loop shared by every model: steps, timing, curves, checkpoints."""
+
+    def __init__(self, name: str, recipe: str, seed: int, budget: Budget, checkpoint: Path | None,
+                 on_step: Callable[[int], None]) -> None:
+        self.name, self.recipe, self.seed, self.budget = name, recipe, seed, budget
+        self.checkpoint, self.on_step = checkpoint, on_step
+        self.curves: dict[str, list[list[float]]] = {"train_loss": [], "validation": []}
+        self.step_times: list[float] = []
+        self.start_step = 0
+        self.sampler = torch.Generator().manual_seed(seed)
+
+    def resume(self, modules: dict[str, nn.Module], optimizers: dict[str, MixedPrecisionOptimizer]) -> None:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return
+        state = torch.load(self.checkpoint, weights_only=False)
+        for key, module in modules.items():
+            module.load_state_dict(state["modules"][key])
+        for key, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][key])
+        self.sampler.set_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.curves, self.start_step = state["curves"], state["step"]
+
+    def save(self, step: int, modules: dict[str, nn.Module], optimizers: dict[str, MixedPrecisionOptimizer]) -> None:
+        _checkpoint(self.checkpoint, {
+            "modules": {k: m.state_dict() for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "sampler": self.sampler.get_state(), "torch_rng": torch.get_rng_state(),
+            "curves": self.curves, "step": step,
+        })
+
+    def loop(self, step_fn: Callable[[int], float], evaluate: Callable[[], float],
+             modules: dict[str, nn.Module], optimizers: dict[str, MixedPrecisionOptimizer]) -> None:
+        self.resume(modules, optimizers)
+        for step in range(self.start_step, self.budget.steps):
+            started = time.perf_counter()
+            loss = step_fn(step)
+            self.step_times.append(time.perf_counter() - started)
+            self.curves["train_loss"].append([step + 1, loss])
+            if (step + 1) % self.budget.eval_every == 0 or step + 1 == self.budget.steps:
+                self.curves["validation"].append([step + 1, evaluate()])
+            if (step + 1) % self.budget.checkpoint_every == 0 and step + 1 < self.budget.steps:
+                self.save(step + 1, modules, optimizers)
+            self.on_step(step + 1)
+
+    def step_seconds(self) -> float:
+        times = self.step_times[3:] or self.step_times
+        return statistics.median(times) if times else float("nan")
+
+
+def _scale_curve(optimizer: MixedPrecisionOptimizer) -> list[list[float]]:
+    return [[step, scale] for step, scale, _ in optimizer.scaler.history]
+
+
+def _classifier_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResult:
+    images, labels = data.fashion("train")
+    test_images, test_labels = data.fashion("test")
+    torch.manual_seed(trainer.seed)
+    model = resnet_style_cnn(width=width)
+    model, optimizer = prepare(model, torch.optim.Adam(model.parameters(), lr=2e-3), recipe)
+    batch = trainer.budget.batch
+    epochs: dict[int, torch.Tensor] = {}
+
+    def epoch_order(epoch: int) -> torch.Tensor:
+        # one permutation per epoch, from the seed alone, so a resumed run sees the same order
+        if epoch not in epochs:
+            epochs.clear()
+            epochs[epoch] = torch.randperm(len(images), generator=torch.Generator().manual_seed(
+                trainer.seed * 10007 + epoch))
+        return epochs[epoch]
+
+    def accuracy(count: int) -> float:
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, count, 1000):
+                chunk = slice(start, min(start + 1000, count))
+                correct += int((model(test_images[chunk] * 2 - 1).argmax(1) == test_labels[chunk]).sum())
+        model.train()
+        return correct / count
+
+    def step(index: int) -> float:
+        epoch, position = divmod(index * batch, len(images))
+        rows = epoch_order(epoch)[position:position + batch]
+        loss = F.cross_entropy(model(images[rows] * 2 - 1), labels[rows])
+        optimizer.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    with SavedBytesCounter(exclude_from=[model]) as counter:
+        F.cross_entropy(model(images[:batch] * 2 - 1), labels[:batch])
+    trainer.loop(step, lambda: accuracy(2000), {"model": model}, {"optimizer": optimizer})
+    started = time.perf_counter()
+    final = accuracy(len(test_images))
+    return _result(trainer, "test_accuracy", final, optimizer, model, counter.bytes, {}, started)
+
+
+def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str, width: int) -> RunResult:
+    corpus, train, validation = data.corpus()
+    torch.manual_seed(trainer.seed)
+    vocabulary = corpus.vocabulary_size
+    model: nn.Module = (CharLSTM(vocabulary, hidden=width) if kind == "lstm"
+                        else CharGPT(vocabulary, width=width, context=_SEQUENCE))
+    model, optimizer = prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-3 if kind == "lstm" else 1e-3),
+                               recipe)
+    batch = trainer.budget.batch
+    evaluation_offsets = torch.linspace(0, len(validation) - _SEQUENCE - 2, 16 * 8).long()
+
+    def windows(source: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = offsets[:, None] + torch.arange(_SEQUENCE + 1)
+        tokens = source[rows]
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs)
+        return F.cross_entropy(logits.reshape(-1, vocabulary), targets.reshape(-1))
+
+    def bits_per_character() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [loss_of(*windows(validation, chunk)).item() for chunk in evaluation_offsets.split(16)]
+        model.train()
+        return statistics.mean(losses) / math.log(2)
+
+    def step(index: int) -> float:
+        offsets = torch.randint(0, len(train) - _SEQUENCE - 2, (batch,), generator=trainer.sampler)
+        loss = loss_of(*windows(train, offsets))
+        optimizer.backward(loss)
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    with SavedBytesCounter(exclude_from=[model]) as counter:
+        loss_of(*windows(train, torch.arange(batch) * 1000))
+    trainer.loop(step, bits_per_character, {"model": model}, {"optimizer": optimizer})
+    started = time.perf_counter()
+    return _result(trainer, "validation_bpc", bits_per_character(), optimizer, model, counter.bytes, {}, started)
+
+
+def _gan_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResult:
+    images, _ = data.fashion("train")
+    test_images, _ = data.fashion("test")
+    torch.manual_seed(trainer.seed)
+    latent = 64
+    generator, critic = Generator(latent, width), Discriminator(width)
+    adam = {"lr": 2e-4, "betas": (0.5, 0.999)}
+    generator, opt_g = prepare(generator, torch.optim.Adam(generator.parameters(), **adam), recipe)
+    critic, opt_d = prepare(critic, torch.optim.Adam(critic.parameters(), **adam), recipe)
+    batch = trainer.budget.batch
+    fixed_noise = torch.randn(64, latent, generator=torch.Generator().manual_seed(99))
+    classifier = data.classifier()
+
+    def score() -> float:
+        generator.eval()
+        with torch.no_grad():
+            noise = torch.randn(1000, latent, generator=torch.Generator().manual_seed(7))
+            samples = generator(noise)
+        generator.train()
+        return gan_score(classifier, samples, test_images[:1000] * 2 - 1)["frechet"]
+
+    def step(index: int) -> float:
+        rows = torch.randint(0, len(images), (batch,), generator=trainer.sampler)
+        real = images[rows] * 2 - 1
+        noise = torch.randn(batch, latent, generator=trainer.sampler)
+        fake = generator(noise)
+        ones, zeros = torch.ones(batch), torch.zeros(batch)
+        opt_d.zero_grad()
+        opt_d.backward(F.binary_cross_entropy_with_logits(critic(real), ones))
+        opt_d.backward(F.binary_cross_entropy_with_logits(critic(fake.detach()), zeros))
+        opt_d.step()
+        opt_g.zero_grad()
+        loss_g = F.binary_cross_entropy_with_logits(critic(fake), ones)
+        opt_g.backward(loss_g)
+        opt_g.step()
+        return loss_g.item()
+
+    with SavedBytesCounter(exclude_from=[generator, critic]) as counter:
+        critic(generator(torch.randn(batch, latent)))
+    modules = {"generator": generator, "critic": critic}
+    trainer.loop(step, score, modules, {"generator": opt_g, "critic": opt_d})
+    started = time.perf_counter()
+    generator.eval()
+    with torch.no_grad():
+        noise = torch.randn(2000, latent, generator=torch.Generator().manual_seed(7))
+        final = gan_score(classifier, generator(noise), test_images[:2000] * 2 - 1)
+        samples = generator(fixed_noise)
+    result = _result(trainer, "frechet_distance", final["frechet"], opt_g, generator, counter.bytes,
+                     {"class_entropy": final["class_entropy"]}, started)
+    result.param_bytes += _tensor_bytes(critic.parameters())
+    result.optimizer_bytes += _optimizer_bytes(opt_d)
+    result.skipped_steps += opt_d.scaler.state.skipped
+    result.curves["samples"] = samples.reshape(64, 28 * 28).tolist()
+    result.curves["loss_scale_critic"] = _scale_curve(opt_d)
+    return result
+
+
+def _result(trainer: _Trainer, metric: str, value: float, optimizer: MixedPrecisionOptimizer, model: nn.Module,
+            saved: int, extra: dict[str, float], evaluation_started: float) -> RunResult:
+    trainer.curves["loss_scale"] = _scale_curve(optimizer)
+    return RunResult(
+        model=trainer.name, recipe=trainer.recipe, seed=trainer.seed, metric_name=metric, metric_value=value,
+        steps=trainer.budget.steps, wall_seconds=sum(trainer.step_times) + time.perf_counter() - evaluation_started,
+        step_seconds=trainer.step_seconds(), param_bytes=_tensor_bytes(model.parameters()),
+        optimizer_bytes=_optimizer_bytes(optimizer), saved_bytes=saved,
+        skipped_steps=optimizer.scaler.state.skipped, final_loss_scale=optimizer.loss_scale,
+        extra=extra, curves=trainer.curves,
+    )
+
+
+def run_one(model: str, recipe: str, seed: int, budget_name: str, data: Data,
+            checkpoint: Path | None = None, on_step: Callable[[int], None] = lambda step: None) -> RunResult:
+    """Train ``model`` under ``recipe`` with ``seed`` for the budget's steps (resuming
+    from ``checkpoint`` if it exists) and measure the run."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)} or 'all'")
+    if budget_name not in BUDGETS:
+        raise ValueError(f"unknown budget {budget_name!r}; choose from {', '.join(BUDGETS)}")
+    budget = BUDGETS[budget_name][model]
+    trainer = _Trainer(model, recipe, seed, budget, checkpoint, on_step)
+    small = budget_name == "test"
+    if model == "cnn":
+        result = _classifier_run(trainer, data, recipe, width=8 if small else _TEST_SMALL["cnn"])
+    elif model in ("lstm", "transformer"):
+        result = _language_run(trainer, data, recipe, model, width=32 if small else 256)
+    else:
+        result = _gan_run(trainer, data, recipe, width=8 if small else 32)
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()  # the run is complete: its result replaces the checkpoint
+    return result
