@@ -83,3 +83,22 @@ def test_quantize_inside_a_users_torch_compile():
     compiled = torch.compile(step, fullgraph=False)
     x = adversarial(4096).nan_to_num(0.0, 0.0, 0.0).clamp(-1e4, 1e4)
     assert_same(compiled(x), step(x), x, "inside torch.compile")
+
+
+def test_auto_retries_compiling_a_few_times_before_staying_eager(monkeypatch):
+    attempts = []
+
+    def broken(name):
+        def fail(*args):
+            attempts.append(name)
+            raise RuntimeError("flaky compiler")
+
+        return fail
+
+    monkeypatch.setattr(kernels, "_compiled_entry", broken)
+    monkeypatch.setattr(kernels, "_compile_broken", [])
+    x = adversarial(kernels.COMPILE_MIN_NUMEL)
+    with kernel_backend("auto"), pytest.warns(RuntimeWarning):
+        for _ in range(6):
+            assert_same(mixprec.quantize(x, "e5m2"), x.to(torch.float8_e5m2).float(), x, "eager fallback")
+    assert len(attempts) == kernels._MAX_COMPILE_FAILURES

@@ -66,7 +66,8 @@ class _BackendState(threading.local):
 
 _state = _BackendState()
 _compiled: dict[str, Callable[..., torch.Tensor | None]] = {}
-_compile_broken: list[str] = []  # reason the compiled path failed in "auto" mode, if it did
+_compile_broken: list[str] = []  # why compiled calls failed in "auto" mode, if they did
+_MAX_COMPILE_FAILURES = 3  # after this many failures "auto" stops trying to compile
 
 
 def current_backend() -> Backend:
@@ -246,7 +247,7 @@ def _wants_compiled(x: torch.Tensor) -> bool:
         return False  # inside a user's torch.compile the eager ops are traced and fused
     if backend == "compiled":
         return True
-    if _compile_broken or x.numel() < COMPILE_MIN_NUMEL:
+    if len(_compile_broken) >= _MAX_COMPILE_FAILURES or x.numel() < COMPILE_MIN_NUMEL:
         return False
     if x.device.type == "cuda":
         from torch.utils._triton import has_triton
@@ -264,14 +265,20 @@ def _run(name: str, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":
                 raise
+            # This call runs eagerly (same results); the next one compiles afresh, and
+            # after a few failures "auto" stays eager.
             _compile_broken.append(repr(error))
-            warnings.warn(
-                "mixprec: torch.compile of the rounding kernel failed, so quantize runs "
-                f"eagerly (same results, slower): {error!r}. Set MIXPREC_KERNEL=eager to "
-                "skip the attempt.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _compiled.pop(name, None)
+            if len(_compile_broken) in (1, _MAX_COMPILE_FAILURES):
+                final = len(_compile_broken) == _MAX_COMPILE_FAILURES
+                warnings.warn(
+                    f"mixprec: torch.compile of the rounding kernel failed "
+                    f"({len(_compile_broken)} time{'s' if final else ''}), so "
+                    f"{'quantize now runs eagerly' if final else 'this call ran eagerly'} "
+                    f"(same results, slower): {error!r}. Set MIXPREC_KERNEL=eager to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     return _ENTRIES[name](x, *args)
 
 
