@@ -223,11 +223,23 @@ def _stochastic_out(x, p, key, scale_inv, scale, out):  # type: ignore[no-untype
     out.copy_(_scaled(x, p, key, scale_inv, scale))
 
 
+# Rounding in place gets entries of its own: passing one tensor as both input and out
+# makes dynamo trace aliased inputs, which inductor failed to compile from a cold cache.
+def _nearest_inplace(x, p, scale_inv, scale):  # type: ignore[no-untyped-def]
+    x.copy_(_scaled(x, p, None, scale_inv, scale))
+
+
+def _stochastic_inplace(x, p, key, scale_inv, scale):  # type: ignore[no-untyped-def]
+    x.copy_(_scaled(x, p, key, scale_inv, scale))
+
+
 _ENTRIES: dict[str, Callable[..., torch.Tensor | None]] = {
     "nearest": _nearest,
     "nearest_out": _nearest_out,
+    "nearest_inplace": _nearest_inplace,
     "stochastic": _stochastic,
     "stochastic_out": _stochastic_out,
+    "stochastic_inplace": _stochastic_inplace,
 }
 
 
@@ -282,6 +294,11 @@ def _run(name: str, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor
     return _ENTRIES[name](x, *args)
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors are the very same elements."""
+    return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and b.is_contiguous()
+
+
 def round_to_format(
     x: torch.Tensor,
     fmt: FloatFormat,
@@ -298,6 +315,12 @@ def round_to_format(
     flat = x.reshape(-1).detach()
     p = _params(fmt, overflow, x.device)
     scale_inv = None if scale is None else torch.reciprocal(scale)
+    if out is not None and out.is_contiguous() and _same_memory(out, x):
+        if key is None:
+            _run("nearest_inplace", flat, p, scale_inv, scale)
+        else:
+            _run("stochastic_inplace", flat, p, key, scale_inv, scale)
+        return out
     if out is not None and out.is_contiguous():
         if key is None:
             _run("nearest_out", flat, p, scale_inv, scale, out.view(-1).detach())
