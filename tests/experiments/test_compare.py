@@ -70,7 +70,7 @@ def test_bad_plans_fail_before_training(tmp_path, kwargs, message):
         ComparePlan(**arguments)
 
 
-@pytest.mark.parametrize("model", ["cnn", "lstm"])  # the GAN: see the note on issue 4
+@pytest.mark.parametrize("model", ["cnn", "lstm", "gan"])
 def test_a_run_resumes_exactly_from_its_checkpoint(tmp_path, model):
     from pathlib import Path
 

@@ -24,6 +24,11 @@ def load_classifier(cache_dir: Path, data_dir: str | Path | None = None) -> nn.M
     """The scoring classifier (the small CNN, FP32, two epochs), trained on first use
     and cached as ``classifier-v1.pt`` in ``cache_dir``."""
     path = cache_dir / f"classifier-v{_CLASSIFIER_VERSION}.pt"
+    with torch.random.fork_rng():  # building or training it leaves the caller's RNG alone
+        return _load_or_train(path, cache_dir, data_dir)
+
+
+def _load_or_train(path: Path, cache_dir: Path, data_dir: str | Path | None) -> nn.Module:
     model = resnet_style_cnn(width=16)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))

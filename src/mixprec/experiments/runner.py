@@ -131,6 +131,17 @@ def _optimizer_bytes(optimizer: MixedPrecisionOptimizer) -> int:
     return _tensor_bytes(state) + _tensor_bytes(masters)
 
 
+def _saved_bytes(modules: list[nn.Module], forward: Callable[[], object]) -> int:
+    """Bytes autograd saves for one forward pass, leaving the modules as they were (a
+    training-mode forward would move batch-norm statistics) and the RNG untouched."""
+    states = [{k: v.clone() for k, v in module.state_dict().items()} for module in modules]
+    with torch.random.fork_rng(), SavedBytesCounter(exclude_from=modules) as counter:
+        forward()
+    for module, state in zip(modules, states):
+        module.load_state_dict(state)
+    return counter.bytes
+
+
 def _checkpoint(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
@@ -231,12 +242,11 @@ def _classifier_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> R
         optimizer.zero_grad()
         return loss.item()
 
-    with SavedBytesCounter(exclude_from=[model]) as counter:
-        F.cross_entropy(model(images[:batch] * 2 - 1), labels[:batch])
+    saved = _saved_bytes([model], lambda: F.cross_entropy(model(images[:batch] * 2 - 1), labels[:batch]))
     trainer.loop(step, lambda: accuracy(2000), {"model": model}, {"optimizer": optimizer})
     started = time.perf_counter()
     final = accuracy(len(test_images))
-    return _result(trainer, "test_accuracy", final, optimizer, model, counter.bytes, {}, started)
+    return _result(trainer, "test_accuracy", final, optimizer, model, saved, {}, started)
 
 
 def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str, width: int) -> RunResult:
@@ -275,11 +285,10 @@ def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str, width: 
         optimizer.zero_grad()
         return loss.item()
 
-    with SavedBytesCounter(exclude_from=[model]) as counter:
-        loss_of(*windows(train, torch.arange(batch) * 1000))
+    saved = _saved_bytes([model], lambda: loss_of(*windows(train, torch.arange(batch) * 1000)))
     trainer.loop(step, bits_per_character, {"model": model}, {"optimizer": optimizer})
     started = time.perf_counter()
-    return _result(trainer, "validation_bpc", bits_per_character(), optimizer, model, counter.bytes, {}, started)
+    return _result(trainer, "validation_bpc", bits_per_character(), optimizer, model, saved, {}, started)
 
 
 def _gan_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResult:
@@ -319,8 +328,7 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResul
         opt_g.step()
         return loss_g.item()
 
-    with SavedBytesCounter(exclude_from=[generator, critic]) as counter:
-        critic(generator(torch.randn(batch, latent)))
+    saved = _saved_bytes([generator, critic], lambda: critic(generator(torch.randn(batch, latent))))
     modules = {"generator": generator, "critic": critic}
     trainer.loop(step, score, modules, {"generator": opt_g, "critic": opt_d})
     started = time.perf_counter()
@@ -329,7 +337,7 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResul
         noise = torch.randn(2000, latent, generator=torch.Generator().manual_seed(7))
         final = gan_score(classifier, generator(noise), test_images[:2000] * 2 - 1)
         samples = generator(fixed_noise)
-    result = _result(trainer, "frechet_distance", final["frechet"], opt_g, generator, counter.bytes,
+    result = _result(trainer, "frechet_distance", final["frechet"], opt_g, generator, saved,
                      {"class_entropy": final["class_entropy"]}, started)
     result.param_bytes += _tensor_bytes(critic.parameters())
     result.optimizer_bytes += _optimizer_bytes(opt_d)
