@@ -150,6 +150,15 @@ def _finish_forward(ctx: Any, rounder: Rounder, x, x_q, x_scale, y, weight, bias
     return y_q
 
 
+def _start_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Rounder, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The start of a weighted op's backward: its rounder, the incoming error rounded to
+    the error format, and the saved input and weight."""
+    rounder: Rounder = ctx.rounder
+    saved_x, weight = ctx.saved_tensors
+    g_q, _ = rounder.round(grad_output, rounder.recipe.error, "grad_output")
+    return rounder, g_q, saved_x, weight
+
+
 def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -166,10 +175,8 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
-        rounder: Rounder = ctx.rounder
+        rounder, g_q, saved_x, weight = _start_backward(ctx, grad_output)
         recipe = rounder.recipe
-        saved_x, weight = ctx.saved_tensors
-        g_q, _ = rounder.round(grad_output, recipe.error, "grad_output")
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x, _ = rounder.round(g_q @ weight.float(), recipe.error, "grad_input", owned=True)
@@ -232,10 +239,8 @@ class _Convolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
-        rounder: Rounder = ctx.rounder
+        rounder, g_q, saved_x, weight = _start_backward(ctx, grad_output)
         recipe = rounder.recipe
-        saved_x, weight = ctx.saved_tensors
-        g_q, _ = rounder.round(grad_output, recipe.error, "grad_output")
         x_q = _load_input(rounder, saved_x, ctx.raw_x, ctx.x_scale)
         has_bias = ctx.bias_dtype is not None
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
@@ -345,9 +350,9 @@ class _Attention(torch.autograd.Function):
     attention kernels do: the L x S probability matrix is never kept."""
 
     @staticmethod
-    def _probabilities(ctx: Any, q_q, k_q, mask, rounder: Rounder, scales: list):  # type: ignore[no-untyped-def]
+    def _probabilities(ctx: Any, products, mask, rounder: Rounder, scales: list):  # type: ignore[no-untyped-def]
         spec = rounder.recipe.activation
-        scores = _round_with(rounder, q_q @ k_q.transpose(-1, -2), spec, scales, 0) * ctx.factor
+        scores = _round_with(rounder, products, spec, scales, 0) * ctx.factor
         if mask is not None:
             scores = scores + mask
         probabilities = torch.softmax(scores, dim=-1)
@@ -360,10 +365,11 @@ class _Attention(torch.autograd.Function):
         k_q, k_scale = rounder.round(k, spec, "attention.k")
         v_q, v_scale = rounder.round(v, spec, "attention.v")
         ctx.factor = factor
+        products = q_q @ k_q.transpose(-1, -2)
         scales: list = [None, None]  # scores' and probabilities' scales, reused in backward
         if rounder.recipe.tensor_scaling is not None:
-            scales = [rounder._scale(q_q @ k_q.transpose(-1, -2), spec, "attention.scores"), None]
-        _, probabilities_q = _Attention._probabilities(ctx, q_q, k_q, mask, rounder, scales)
+            scales = [rounder._scale(products, spec, "attention.scores"), None]
+        _, probabilities_q = _Attention._probabilities(ctx, products, mask, rounder, scales)
         out, _ = rounder.round(probabilities_q @ v_q, spec, "attention.out", owned=True)
         saved = [_save_input(rounder, t, t_q, scale) for t, t_q, scale in ((q, q_q, q_scale), (k, k_q, k_scale), (v, v_q, v_scale))]
         ctx.raw = [raw for _, raw in saved]
@@ -377,7 +383,9 @@ class _Attention(torch.autograd.Function):
         recipe = rounder.recipe
         *saved, mask = ctx.saved_tensors
         q_q, k_q, v_q = (_load_input(rounder, t, raw, scale) for t, raw, scale in zip(saved, ctx.raw, ctx.input_scales))
-        probabilities, probabilities_q = _Attention._probabilities(ctx, q_q, k_q, mask, rounder, ctx.scales)
+        probabilities, probabilities_q = _Attention._probabilities(
+            ctx, q_q @ k_q.transpose(-1, -2), mask, rounder, ctx.scales
+        )
         g_q, _ = rounder.round(grad_output, recipe.error, "attention.grad")
         grad_v, _ = rounder.round(probabilities_q.transpose(-1, -2) @ g_q, recipe.error, "attention.grad_v", owned=True)
         grad_probabilities, _ = rounder.round(g_q @ v_q.transpose(-1, -2), recipe.error, "attention.grad_p", owned=True)

@@ -4,7 +4,7 @@ results and report rewritten after each run, resumable after an interruption."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -94,14 +95,9 @@ def _plot_samples(out: Path, runs: list[dict[str, Any]]) -> str:
         firsts.setdefault(run["recipe"], run)
     figure, axes = plt.subplots(1, len(firsts), figsize=(3.2 * len(firsts), 3.4), squeeze=False)
     for axis, (recipe, run) in zip(axes[0], firsts.items()):
-        samples = run["curves"]["samples"]
-        grid = [[samples[row * 8 + col] for col in range(8)] for row in range(8)]
-        image = [[0.0] * (8 * 28) for _ in range(8 * 28)]
-        for row in range(8):
-            for col in range(8):
-                for pixel, value in enumerate(grid[row][col]):
-                    image[row * 28 + pixel // 28][col * 28 + pixel % 28] = value
-        axis.imshow(image, cmap="gray", vmin=-1, vmax=1)
+        # 64 samples of 28x28 tiled into an 8x8 grid: (row, y, col, x) -> (row*28+y, col*28+x)
+        samples = np.asarray(run["curves"]["samples"], dtype=np.float32).reshape(8, 8, 28, 28)
+        axis.imshow(samples.transpose(0, 2, 1, 3).reshape(8 * 28, 8 * 28), cmap="gray", vmin=-1, vmax=1)
         axis.set_title(recipe)
         axis.axis("off")
     figure.tight_layout()
