@@ -54,6 +54,7 @@ def _load_or_train(path: Path, cache_dir: Path, data_dir: str | Path | None) -> 
 @torch.no_grad()
 def features_and_probabilities(classifier: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate-layer features (float64) and class probabilities of images in [-1, 1]."""
+    assert isinstance(classifier, nn.Sequential)
     body, head = classifier[:-1], classifier[-1]
     features, probabilities = [], []
     for start in range(0, len(images), 500):

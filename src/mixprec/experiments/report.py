@@ -90,7 +90,7 @@ def _plot_scales(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
 
 
 def _plot_samples(out: Path, runs: list[dict[str, Any]]) -> str:
-    firsts = {}
+    firsts: dict[str, dict[str, Any]] = {}
     for run in runs:
         firsts.setdefault(run["recipe"], run)
     figure, axes = plt.subplots(1, len(firsts), figsize=(3.2 * len(firsts), 3.4), squeeze=False)

@@ -296,10 +296,10 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResul
     test_images, _ = data.fashion("test")
     torch.manual_seed(trainer.seed)
     latent = 64
-    generator, critic = Generator(latent, width), Discriminator(width)
-    adam = {"lr": 2e-4, "betas": (0.5, 0.999)}
-    generator, opt_g = prepare(generator, torch.optim.Adam(generator.parameters(), **adam), recipe)
-    critic, opt_d = prepare(critic, torch.optim.Adam(critic.parameters(), **adam), recipe)
+    generator: nn.Module = Generator(latent, width)
+    critic: nn.Module = Discriminator(width)
+    generator, opt_g = prepare(generator, torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999)), recipe)
+    critic, opt_d = prepare(critic, torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.999)), recipe)
     batch = trainer.budget.batch
     fixed_noise = torch.randn(64, latent, generator=torch.Generator().manual_seed(99))
     classifier = data.classifier()
