@@ -17,6 +17,7 @@ from mixprec import ops
 from mixprec.ops import Rounder
 from mixprec.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe
+from mixprec.recurrent import lstm_recurrence
 
 __all__ = [
     "LowPrecisionModule",
@@ -127,8 +128,9 @@ class LowPrecisionEmbedding(LowPrecisionModule):
 
 class LowPrecisionLSTM(LowPrecisionModule):
     """``nn.LSTM`` (unidirectional, no projections) in low precision: per layer, one
-    GEMM over every time step for the input weights, and a low-precision linear per step
-    for the recurrent weights, whose gradient accumulates over the steps in FP32 and is
+    GEMM over every time step for the input weights, and the recurrence as one
+    operation (:func:`mixprec.recurrent.lstm_recurrence`): a low-precision product per
+    step with the recurrent weights, whose gradient is summed over the steps in FP32 and
     rounded once. Gates and cell state are point-wise FP32 operations."""
 
     def __init__(self, source: nn.LSTM, recipe: Recipe, generator: torch.Generator | None, make: ParamMaker):
@@ -159,16 +161,8 @@ class LowPrecisionLSTM(LowPrecisionModule):
             projected = ops.linear(sequence, w_ih, b_ih, self.rounder)
             w_hh32 = ops.weight_as_fp32(w_hh, self.rounder)
             b_hh32 = None if b_hh is None else ops.weight_as_fp32(b_hh, self.rounder)
-            h, c = state[0][layer], state[1][layer]
-            outputs = []
-            # unbind once: indexing step by step would cost a full-size zero gradient per step
-            for projected_step in projected.unbind(0):
-                gates = projected_step + ops.linear(h, w_hh32, b_hh32, self.rounder, weight_is_fp32=True)
-                i, f, g, o = gates.chunk(4, dim=-1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                outputs.append(h)
-            sequence = torch.stack(outputs)
+            sequence, h, c = lstm_recurrence(projected, state[0][layer], state[1][layer], w_hh32, b_hh32,
+                                             self.rounder)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 sequence = F.dropout(sequence, self.dropout)
             final_h.append(h)
