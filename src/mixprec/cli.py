@@ -233,12 +233,15 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
                       f"continue with `mixprec compare --resume {out}`[/yellow]")
         return 130
     table = Table(title="mixprec compare")
-    for column in ("model", "recipe", "metric", "mean", "spread", "MB", "step ms", "x fp32", "skipped"):
+    for column in ("model", "recipe", "metric", "mean", "spread", "vs fp32", "parity", "MB", "step ms", "x fp32",
+                   "skipped"):
         table.add_column(column, justify="left" if column in ("model", "recipe", "metric") else "right")
     for row in summary_rows(records):
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        verdict = {True: "yes", False: "[red]no[/red]", None: "-"}[row["meets_claim"]]
         table.add_row(row["model"], row["recipe"], row["metric"], f"{row['mean']:.4f}", f"{row['spread']:.4f}",
-                      f"{row['megabytes']:.1f}", f"{row['step_ms']:.0f}", ratio, f"{row['skipped']:.0f}")
+                      row["vs_fp32"], verdict, f"{row['megabytes']:.1f}", f"{row['step_ms']:.0f}", ratio,
+                      f"{row['skipped']:.0f}")
     console.print(table)
     console.print(f"report: {report}")
     return 0

@@ -29,38 +29,40 @@ MODELS = ("cnn", "lstm", "gan", "transformer")
 
 @dataclass(frozen=True)
 class Budget:
-    """How long one run trains: steps, batch size, evaluation interval, checkpoint interval."""
+    """One run's size: steps, batch, model width (channels, hidden size or model
+    dimension), sequence length for the language models, evaluation and checkpoint
+    intervals."""
 
     steps: int
     batch: int
+    width: int
     eval_every: int
+    sequence: int = 128
     checkpoint_every: int = 100
 
 
 BUDGETS: dict[str, dict[str, Budget]] = {
     "quick": {
-        "cnn": Budget(steps=469, batch=128, eval_every=50),  # one epoch
-        "lstm": Budget(steps=300, batch=32, eval_every=50),
-        "gan": Budget(steps=300, batch=128, eval_every=50),
-        "transformer": Budget(steps=200, batch=32, eval_every=50),
+        "cnn": Budget(steps=469, batch=128, width=24, eval_every=50),  # one epoch
+        "lstm": Budget(steps=300, batch=32, width=256, eval_every=50),
+        "gan": Budget(steps=300, batch=128, width=32, eval_every=50),
+        "transformer": Budget(steps=200, batch=32, width=256, eval_every=50),
     },
     "full": {
-        "cnn": Budget(steps=1407, batch=128, eval_every=100),  # three epochs
-        "lstm": Budget(steps=1000, batch=32, eval_every=100),
-        "gan": Budget(steps=1000, batch=128, eval_every=100),
-        "transformer": Budget(steps=800, batch=32, eval_every=100),
+        "cnn": Budget(steps=1407, batch=128, width=32, eval_every=100),  # three epochs
+        "lstm": Budget(steps=1000, batch=32, width=256, eval_every=100),
+        "gan": Budget(steps=1000, batch=128, width=32, eval_every=100),
+        "transformer": Budget(steps=800, batch=32, width=256, eval_every=100),
     },
     "test": {  # a few steps of everything, for the test suite
-        "cnn": Budget(steps=3, batch=16, eval_every=2, checkpoint_every=2),
-        "lstm": Budget(steps=3, batch=4, eval_every=2, checkpoint_every=2),
-        "gan": Budget(steps=3, batch=16, eval_every=2, checkpoint_every=2),
-        "transformer": Budget(steps=3, batch=4, eval_every=2, checkpoint_every=2),
+        "cnn": Budget(steps=3, batch=16, width=8, eval_every=2, checkpoint_every=2),
+        "lstm": Budget(steps=3, batch=4, width=32, eval_every=2, sequence=32, checkpoint_every=2),
+        "gan": Budget(steps=3, batch=16, width=8, eval_every=2, checkpoint_every=2),
+        "transformer": Budget(steps=3, batch=4, width=32, eval_every=2, sequence=32, checkpoint_every=2),
     },
 }
 """Steps per model and budget. ``quick`` keeps one FP32 run near a minute on 2 cores."""
 
-_SEQUENCE = 128
-_TEST_SMALL = {"cnn": 16, "lstm": 256, "transformer": 256}
 
 
 @dataclass
@@ -163,29 +165,27 @@ class _Trainer:
         self.start_step = 0
         self.sampler = torch.Generator().manual_seed(seed)
 
-    def resume(self, modules: dict[str, nn.Module], optimizers: dict[str, MixedPrecisionOptimizer]) -> None:
+    def resume(self, stateful: dict[str, Any]) -> None:
         if self.checkpoint is None or not self.checkpoint.exists():
             return
         state = torch.load(self.checkpoint, weights_only=False)
-        for key, module in modules.items():
-            module.load_state_dict(state["modules"][key])
-        for key, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][key])
+        for key, thing in stateful.items():
+            thing.load_state_dict(state["stateful"][key])
         self.sampler.set_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         self.curves, self.start_step = state["curves"], state["step"]
 
-    def save(self, step: int, modules: dict[str, nn.Module], optimizers: dict[str, MixedPrecisionOptimizer]) -> None:
+    def save(self, step: int, stateful: dict[str, Any]) -> None:
         _checkpoint(self.checkpoint, {
-            "modules": {k: m.state_dict() for k, m in modules.items()},
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "stateful": {key: thing.state_dict() for key, thing in stateful.items()},
             "sampler": self.sampler.get_state(), "torch_rng": torch.get_rng_state(),
             "curves": self.curves, "step": step,
         })
 
-    def loop(self, step_fn: Callable[[int], float], evaluate: Callable[[], float],
-             modules: dict[str, nn.Module], optimizers: dict[str, MixedPrecisionOptimizer]) -> None:
-        self.resume(modules, optimizers)
+    def loop(self, step_fn: Callable[[int], float], evaluate: Callable[[], float], stateful: dict[str, Any]) -> None:
+        """Run the remaining steps; ``stateful`` names what a checkpoint holds (modules,
+        optimizers, schedulers: anything with ``state_dict`` and ``load_state_dict``)."""
+        self.resume(stateful)
         for step in range(self.start_step, self.budget.steps):
             started = time.perf_counter()
             loss = step_fn(step)
@@ -194,7 +194,7 @@ class _Trainer:
             if (step + 1) % self.budget.eval_every == 0 or step + 1 == self.budget.steps:
                 self.curves["validation"].append([step + 1, evaluate()])
             if (step + 1) % self.budget.checkpoint_every == 0 and step + 1 < self.budget.steps:
-                self.save(step + 1, modules, optimizers)
+                self.save(step + 1, stateful)
             self.on_step(step + 1)
 
     def step_seconds(self) -> float:
@@ -202,16 +202,24 @@ class _Trainer:
         return statistics.median(times) if times else float("nan")
 
 
+def _one_cycle(optimizer: MixedPrecisionOptimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Warm up over the first quarter of the run, then anneal to near zero: the final
+    metric then reflects the run rather than the noise of its last few steps."""
+    peak = optimizer.optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer.optimizer, max_lr=peak, total_steps=steps, pct_start=0.25)
+
+
 def _scale_curve(optimizer: MixedPrecisionOptimizer) -> list[list[float]]:
     return [[step, scale] for step, scale, _ in optimizer.scaler.history]
 
 
-def _classifier_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResult:
+def _classifier_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
     images, labels = data.fashion("train")
     test_images, test_labels = data.fashion("test")
     torch.manual_seed(trainer.seed)
-    model = resnet_style_cnn(width=width)
+    model = resnet_style_cnn(width=trainer.budget.width, stem_stride=2)
     model, optimizer = prepare(model, torch.optim.Adam(model.parameters(), lr=2e-3), recipe)
+    schedule = _one_cycle(optimizer, trainer.budget.steps)
     batch = trainer.budget.batch
     epochs: dict[int, torch.Tensor] = {}
 
@@ -240,28 +248,31 @@ def _classifier_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> R
         optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
+        schedule.step()  # every step, skipped or not: the schedule follows the step count
         return loss.item()
 
     saved = _saved_bytes([model], lambda: F.cross_entropy(model(images[:batch] * 2 - 1), labels[:batch]))
-    trainer.loop(step, lambda: accuracy(2000), {"model": model}, {"optimizer": optimizer})
+    trainer.loop(step, lambda: accuracy(2000), {"model": model, "optimizer": optimizer, "schedule": schedule})
     started = time.perf_counter()
     final = accuracy(len(test_images))
     return _result(trainer, "test_accuracy", final, optimizer, model, saved, {}, started)
 
 
-def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str, width: int) -> RunResult:
+def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str) -> RunResult:
     corpus, train, validation = data.corpus()
     torch.manual_seed(trainer.seed)
     vocabulary = corpus.vocabulary_size
+    width, sequence = trainer.budget.width, trainer.budget.sequence
     model: nn.Module = (CharLSTM(vocabulary, hidden=width) if kind == "lstm"
-                        else CharGPT(vocabulary, width=width, context=_SEQUENCE))
+                        else CharGPT(vocabulary, width=width, context=sequence))
     model, optimizer = prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-3 if kind == "lstm" else 1e-3),
                                recipe)
+    schedule = _one_cycle(optimizer, trainer.budget.steps)
     batch = trainer.budget.batch
-    evaluation_offsets = torch.linspace(0, len(validation) - _SEQUENCE - 2, 16 * 8).long()
+    evaluation_offsets = torch.linspace(0, len(validation) - sequence - 2, 16 * 8).long()
 
     def windows(source: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = offsets[:, None] + torch.arange(_SEQUENCE + 1)
+        rows = offsets[:, None] + torch.arange(sequence + 1)
         tokens = source[rows]
         return tokens[:, :-1], tokens[:, 1:]
 
@@ -277,27 +288,28 @@ def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str, width: 
         return statistics.mean(losses) / math.log(2)
 
     def step(index: int) -> float:
-        offsets = torch.randint(0, len(train) - _SEQUENCE - 2, (batch,), generator=trainer.sampler)
+        offsets = torch.randint(0, len(train) - sequence - 2, (batch,), generator=trainer.sampler)
         loss = loss_of(*windows(train, offsets))
         optimizer.backward(loss)
         optimizer.clip_grad_norm_(1.0)
         optimizer.step()
         optimizer.zero_grad()
+        schedule.step()
         return loss.item()
 
     saved = _saved_bytes([model], lambda: loss_of(*windows(train, torch.arange(batch) * 1000)))
-    trainer.loop(step, bits_per_character, {"model": model}, {"optimizer": optimizer})
+    trainer.loop(step, bits_per_character, {"model": model, "optimizer": optimizer, "schedule": schedule})
     started = time.perf_counter()
     return _result(trainer, "validation_bpc", bits_per_character(), optimizer, model, saved, {}, started)
 
 
-def _gan_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResult:
+def _gan_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
     images, _ = data.fashion("train")
     test_images, _ = data.fashion("test")
     torch.manual_seed(trainer.seed)
     latent = 64
-    generator: nn.Module = Generator(latent, width)
-    critic: nn.Module = Discriminator(width)
+    generator: nn.Module = Generator(latent, trainer.budget.width)
+    critic: nn.Module = Discriminator(trainer.budget.width)
     generator, opt_g = prepare(generator, torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999)), recipe)
     critic, opt_d = prepare(critic, torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.999)), recipe)
     batch = trainer.budget.batch
@@ -329,8 +341,7 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str, width: int) -> RunResul
         return loss_g.item()
 
     saved = _saved_bytes([generator, critic], lambda: critic(generator(torch.randn(batch, latent))))
-    modules = {"generator": generator, "critic": critic}
-    trainer.loop(step, score, modules, {"generator": opt_g, "critic": opt_d})
+    trainer.loop(step, score, {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_d": opt_d})
     started = time.perf_counter()
     generator.eval()
     with torch.no_grad():
@@ -370,13 +381,12 @@ def run_one(model: str, recipe: str, seed: int, budget_name: str, data: Data,
         raise ValueError(f"unknown budget {budget_name!r}; choose from {', '.join(BUDGETS)}")
     budget = BUDGETS[budget_name][model]
     trainer = _Trainer(model, recipe, seed, budget, checkpoint, on_step)
-    small = budget_name == "test"
     if model == "cnn":
-        result = _classifier_run(trainer, data, recipe, width=8 if small else _TEST_SMALL["cnn"])
+        result = _classifier_run(trainer, data, recipe)
     elif model in ("lstm", "transformer"):
-        result = _language_run(trainer, data, recipe, model, width=32 if small else 256)
+        result = _language_run(trainer, data, recipe, model)
     else:
-        result = _gan_run(trainer, data, recipe, width=8 if small else 32)
+        result = _gan_run(trainer, data, recipe)
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()  # the run is complete: its result replaces the checkpoint
     return result
