@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mixprec import formats
@@ -44,6 +45,8 @@ class MixedPrecisionOptimizer:
         param_pairs: Sequence[tuple[nn.Parameter, nn.Parameter]],
         generator: torch.Generator | None = None,
         rounders: Sequence[Rounder] = (),
+        process_group: Any = None,
+        sync_overflow: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"MixedPrecisionOptimizer wraps a torch.optim.Optimizer, not {type(optimizer).__name__}")
@@ -67,6 +70,8 @@ class MixedPrecisionOptimizer:
         self._found_inf: torch.Tensor | None = None
         self._backward_pending = False
         self.last_step_skipped = False
+        self.process_group = process_group
+        self.sync_overflow = sync_overflow
 
     # ---- the step ----------------------------------------------------------------------
 
@@ -133,6 +138,10 @@ class MixedPrecisionOptimizer:
             raise ValueError("closures are not supported: call backward(loss) and then step()")
         grads = self._unscale()
         assert self._found_inf is not None
+        group = self._overflow_group()
+        if group is not None:
+            # overflow consensus: one rank's Inf/NaN skips the step on every rank
+            dist.all_reduce(self._found_inf, op=dist.ReduceOp.MAX, group=group)
         finite = not bool(self._found_inf.item())  # the step's one synchronisation
         self._grads, self._found_inf, self._backward_pending = None, None, False
         self.last_step_skipped = not finite
@@ -151,6 +160,22 @@ class MixedPrecisionOptimizer:
             for master, model in self.pairs:
                 model.copy_(round_weight(master, self.recipe, self.generator))
         return True
+
+    def _overflow_group(self) -> Any:
+        """The process group whose ranks must agree on skipping, or None (no sync)."""
+        if self.sync_overflow is False:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.sync_overflow:
+                raise ValueError(
+                    "sync_overflow=True needs torch.distributed: call torch.distributed.init_process_group "
+                    "first (or leave sync_overflow=None for single-process training)"
+                )
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if dist.get_world_size(group) <= 1 and not self.sync_overflow:
+            return None
+        return group
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the model's gradients (and any the wrapped optimizer holds)."""

@@ -1,0 +1,215 @@
+"""``mixprec train``: the Fashion-MNIST CNN trained by N processes with
+DistributedDataParallel, a mixprec recipe and a gradient-communication format.
+
+Every rank builds the float model, prepares it, wraps it in DDP (:func:`mixprec.distributed.wrap_ddp`)
+and trains on its slice of each global batch: the global batch is drawn from one
+permutation per epoch (from the seed alone), and rank r takes rows
+``[r B/N, (r+1) B/N)``, so the data seen per step does not depend on N. Rank 0 writes
+checkpoints (atomically); every rank loads them on resume. Launch it with
+``mixprec train --nproc N`` (spawns N processes on localhost) or with
+``torchrun --nproc-per-node N -m mixprec train ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec.distributed import resolve_comm_format, init_from_env, run_processes, wrap_ddp
+from mixprec.experiments.data import load_fashion_mnist
+from mixprec.experiments.models import resnet_style_cnn
+from mixprec.recipe import get_recipe
+from mixprec.training import prepare
+
+__all__ = ["DistributedTrainConfig", "train", "train_worker", "parameter_digest"]
+
+
+@dataclass(frozen=True)
+class DistributedTrainConfig:
+    """One distributed training run. ``checkpoint`` is a file rank 0 writes every
+    ``checkpoint_every`` steps (0: only at the end) and at the end; ``resume`` continues
+    from it (same recipe, comm, global batch and world size). ``stop_after`` ends the run
+    early (as an interruption would) while ``steps`` still names the planned length."""
+
+    model: str = "cnn"
+    recipe: str = "fp16"
+    comm: str = "fp32"
+    steps: int = 200
+    global_batch: int = 128
+    lr: float = 2e-3
+    width: int = 16
+    seed: int = 0
+    checkpoint: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    stop_after: int | None = None
+    data_dir: str | None = None
+    eval_examples: int = 2000
+    result_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model != "cnn":
+            raise ValueError(f"distributed training covers the Fashion-MNIST CNN (--model cnn), not {self.model!r}")
+        get_recipe(self.recipe)
+        resolve_comm_format(self.comm)
+        if self.steps < 1 or self.global_batch < 1 or self.width < 1 or self.checkpoint_every < 0:
+            raise ValueError("steps, global batch and width must be >= 1, checkpoint_every >= 0")
+        if self.resume and self.checkpoint is None:
+            raise ValueError("resume needs the checkpoint file to resume from (--checkpoint PATH)")
+
+    def check_world(self, world_size: int) -> None:
+        """Raise if the global batch cannot be split evenly over ``world_size`` ranks."""
+        if self.global_batch % world_size:
+            raise ValueError(
+                f"the global batch {self.global_batch} does not split over {world_size} processes; "
+                f"use a multiple of {world_size}"
+            )
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in order: equal digests mean bitwise-equal weights."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _all_equal(text: str) -> bool:
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, text)
+    return all(item == gathered[0] for item in gathered)
+
+
+def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)  # an interrupted write never leaves a torn checkpoint
+
+
+def train_worker(config: DistributedTrainConfig) -> None:
+    """The training loop one rank runs (the process group must be initialised: by
+    torchrun, :func:`train` or :func:`mixprec.distributed.run_processes`)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config.check_world(world)
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    images, labels = load_fashion_mnist("train", config.data_dir)
+    torch.manual_seed(config.seed)
+    model = resnet_style_cnn(width=config.width, stem_stride=2)
+    model, optimizer = prepare(model, torch.optim.Adam(model.parameters(), lr=config.lr), config.recipe)
+    ddp_model, comm = wrap_ddp(model, optimizer, config.comm)
+    start = 0
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    if config.resume and checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        expected = {k: getattr(config, k) for k in ("recipe", "comm", "global_batch", "seed", "width")}
+        found = {k: saved["config"][k] for k in expected}
+        if saved["world_size"] != world or found != expected:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written by {saved['world_size']} processes with {found}; "
+                f"this run has {world} processes and {expected}: resume with the same settings"
+            )
+        ddp_model.module.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start = saved["step"]
+    local = config.global_batch // world
+    orders: dict[int, torch.Tensor] = {}
+
+    def rows(step: int) -> torch.Tensor:
+        epoch, position = divmod(step * config.global_batch, len(images))
+        if epoch not in orders:  # one permutation per epoch, from the seed alone
+            orders.clear()
+            orders[epoch] = torch.randperm(len(images), generator=torch.Generator().manual_seed(
+                config.seed * 10007 + epoch))
+        batch = orders[epoch][position:position + config.global_batch]
+        return batch[rank * local:(rank + 1) * local]
+
+    def save(step: int) -> None:
+        if rank == 0 and checkpoint is not None:
+            _save_atomic(checkpoint, {
+                "step": step, "world_size": world, "config": dataclasses.asdict(config),
+                "model": ddp_model.module.state_dict(), "optimizer": optimizer.state_dict(),
+            })
+        dist.barrier()  # nobody resumes or exits before the file is complete
+
+    end = min(config.steps, config.stop_after if config.stop_after is not None else config.steps)
+    losses: list[float] = []
+    skipped = 0
+    started = time.perf_counter()
+    for step in range(start, end):
+        index = rows(step)
+        loss = F.cross_entropy(ddp_model(images[index] * 2 - 1), labels[index])
+        optimizer.backward(loss)
+        skipped += not optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < end:
+            save(step + 1)
+    seconds = time.perf_counter() - started
+    save(end)
+    mean_loss = torch.tensor([sum(losses[-10:]) / max(len(losses[-10:]), 1)])
+    dist.all_reduce(mean_loss)
+    agree = _all_equal(parameter_digest(ddp_model.module))
+    accuracy = float("nan")
+    if rank == 0:
+        test_images, test_labels = load_fashion_mnist("test", config.data_dir)
+        count = min(config.eval_examples, len(test_images))
+        ddp_model.module.eval()
+        with torch.no_grad():
+            logits = torch.cat([ddp_model.module(test_images[s:s + 500] * 2 - 1)
+                                for s in range(0, count, 500)])
+        accuracy = float((logits[:count].argmax(1) == test_labels[:count]).float().mean())
+        ddp_model.module.train()
+        steps_run = max(end - start, 1)
+        result = {
+            "config": dataclasses.asdict(config), "world_size": world, "first_step": start, "last_step": end,
+            "final_loss": float(mean_loss) / world, "test_accuracy": accuracy, "test_examples": count,
+            "skipped_steps": skipped, "loss_scale": optimizer.loss_scale, "step_ms": seconds / steps_run * 1e3,
+            "comm_payload_bytes_per_step": comm.payload_bytes / steps_run,
+            "comm_wire_bytes_per_step": comm.wire_bytes / steps_run,
+            "ranks_bitwise_equal": agree, "parameter_digest": parameter_digest(ddp_model.module),
+        }
+        if config.result_path:
+            Path(config.result_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(config.result_path).write_text(json.dumps(result, indent=2))
+    dist.barrier()
+
+
+def train(config: DistributedTrainConfig, nproc: int | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Run :func:`train_worker` on ``nproc`` processes and return rank 0's result. Under
+    torchrun (RANK and WORLD_SIZE set) this process is one of the ranks: ``nproc``, if
+    given, must equal WORLD_SIZE, and ranks other than 0 return an empty dict."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+        if nproc not in (None, world):
+            raise ValueError(f"launched by torchrun with WORLD_SIZE={world}, but --nproc {nproc}; drop --nproc")
+        config.check_world(world)
+        init_from_env()
+        with tempfile.TemporaryDirectory() as folder:
+            path = config.result_path or str(Path(folder) / "result.json")
+            try:
+                train_worker(dataclasses.replace(config, result_path=path))
+                return json.loads(Path(path).read_text()) if dist.get_rank() == 0 else {}
+            finally:
+                dist.destroy_process_group()
+    nproc = 1 if nproc is None else nproc
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"--nproc must be a positive number of processes, got {nproc!r}")
+    config.check_world(nproc)
+    with tempfile.TemporaryDirectory() as folder:
+        path = config.result_path or str(Path(folder) / "result.json")
+        run_processes(train_worker, nproc, (dataclasses.replace(config, result_path=path),), timeout_s=timeout_s)
+        return dict(json.loads(Path(path).read_text()))
