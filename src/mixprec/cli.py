@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted comparison")
     compare.add_argument("--data-dir", help="a folder with the Fashion-MNIST IDX files")
 
+    _add_analyze_parser(commands)
+
     bench = commands.add_parser("bench", help="benchmarks, as ratios to baselines in the same run")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     quant = benches.add_parser(
@@ -88,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--batch-scale", type=float, default=1.0,
                       help="multiply the batch sizes (128 images, 32 sequences) by this")
     return parser
+
+
+def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from mixprec.experiments.analyze_cli import add_analyze_arguments
+
+    add_analyze_arguments(commands.add_parser(
+        "analyze", help="train a model a few steps, observe its tensors' ranges, and write a report "
+        "(histograms, underflow and overflow, loss-scale and format advice)"))
 
 
 def _step_configs() -> tuple[str, ...]:
@@ -258,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _formats_command(console)
         if args.command == "compare":
             return _compare(args, console)
+        if args.command == "analyze":
+            from mixprec.experiments.analyze_cli import analyze_command
+
+            return analyze_command(args, console)
         if args.command == "bench" and args.bench == "quantize":
             return _bench_quantize(args, console)
         if args.command == "bench" and args.bench == "step":
