@@ -99,6 +99,20 @@ def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(partial, path)  # an interrupted write never leaves a torn checkpoint
 
 
+def _load_checkpoint(config: DistributedTrainConfig, world: int) -> dict[str, Any]:
+    """The checkpoint to resume from, checked against this run's settings."""
+    assert config.checkpoint is not None
+    saved: dict[str, Any] = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
+    expected = {k: getattr(config, k) for k in ("recipe", "comm", "global_batch", "seed", "width")}
+    found = {k: saved["config"][k] for k in expected}
+    if saved["world_size"] != world or found != expected:
+        raise ValueError(
+            f"checkpoint {config.checkpoint} was written by {saved['world_size']} processes with {found}; "
+            f"this run has {world} processes and {expected}: resume with the same settings"
+        )
+    return saved
+
+
 def train_worker(config: DistributedTrainConfig) -> None:
     """The training loop one rank runs (the process group must be initialised: by
     torchrun, :func:`train` or :func:`mixprec.distributed.run_processes`)."""
@@ -114,14 +128,7 @@ def train_worker(config: DistributedTrainConfig) -> None:
     start = 0
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     if config.resume and checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        expected = {k: getattr(config, k) for k in ("recipe", "comm", "global_batch", "seed", "width")}
-        found = {k: saved["config"][k] for k in expected}
-        if saved["world_size"] != world or found != expected:
-            raise ValueError(
-                f"checkpoint {checkpoint} was written by {saved['world_size']} processes with {found}; "
-                f"this run has {world} processes and {expected}: resume with the same settings"
-            )
+        saved = _load_checkpoint(config, world)
         ddp_model.module.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         start = saved["step"]
@@ -209,6 +216,8 @@ def train(config: DistributedTrainConfig, nproc: int | None = None, timeout_s: f
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc must be a positive number of processes, got {nproc!r}")
     config.check_world(nproc)
+    if config.resume and config.checkpoint is not None and Path(config.checkpoint).exists():
+        _load_checkpoint(config, nproc)  # a mismatch fails here, before any process starts
     with tempfile.TemporaryDirectory() as folder:
         path = config.result_path or str(Path(folder) / "result.json")
         run_processes(train_worker, nproc, (dataclasses.replace(config, result_path=path),), timeout_s=timeout_s)
