@@ -125,7 +125,8 @@ def _layers_figure(stats: ModelStats, cls: str, fmts: list[str], path: Path) -> 
     start, stop = low - LOG2_MIN, high - LOG2_MIN
     matrix = np.array([c.hist[start:stop] / c.nonzero for _, c in rows], dtype=float)
     matrix[matrix == 0] = np.nan
-    figure, ax = plt.subplots(figsize=(10, 1.9 + 0.28 * len(rows)))
+    height = max(3.6, 1.9 + 0.28 * len(rows))
+    figure, ax = plt.subplots(figsize=(10, height))
     image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest",
                       extent=(low, high, len(rows), 0),
                       norm=LogNorm(vmin=max(np.nanmin(matrix), 1e-8), vmax=1.0))
@@ -142,9 +143,9 @@ def _layers_figure(stats: ModelStats, cls: str, fmts: list[str], path: Path) -> 
     ax.set_yticks(np.arange(len(rows)) + 0.5, [f"{layer} ({types.get(layer, '?')})" for layer, _ in rows], fontsize=7)
     ax.set_xlabel("log2 |x| (unscaled)")
     ax.set_title(f"{_CLASS_TITLES[cls]} per layer: share of each layer's nonzero values per binade", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.5 / (1.2 + 0.28 * len(rows))), fontsize=7, ncol=3)
+    figure.legend(loc="lower center", fontsize=7, ncol=3, frameon=False)
     figure.colorbar(image, ax=ax, label="share")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.45 / height, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
