@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--data-dir", help="a folder with the Fashion-MNIST IDX files")
 
     _add_analyze_parser(commands)
+    _add_distributed_parsers(commands)
 
     bench = commands.add_parser("bench", help="benchmarks, as ratios to baselines in the same run")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -89,7 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated configurations (default: all)")
     step.add_argument("--batch-scale", type=float, default=1.0,
                       help="multiply the batch sizes (128 images, 32 sequences) by this")
+    from mixprec.distributed_cli import add_comm_bench_arguments
+
+    add_comm_bench_arguments(benches.add_parser(
+        "comm", help="DDP gradient communication: bytes per step and step time, 1 vs N processes, "
+        "fp32/fp16/bf16/e5m2"))
     return parser
+
+
+def _add_distributed_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from mixprec.distributed_cli import add_train_arguments
+
+    add_train_arguments(commands.add_parser(
+        "train", help="train the Fashion-MNIST CNN on N processes (DDP, gloo/nccl) with a recipe and a "
+        "gradient all-reduce format; also under torchrun --nproc-per-node N -m mixprec train"))
 
 
 def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -276,6 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_quantize(args, console)
         if args.command == "bench" and args.bench == "step":
             return _bench_step(args, console)
+        if args.command == "bench" and args.bench == "comm":
+            from mixprec.distributed_cli import comm_bench_command
+
+            return comm_bench_command(args, console)
+        if args.command == "train":
+            from mixprec.distributed_cli import train_command
+
+            return train_command(args, console)
     except (ValueError, TypeError) as error:
         console.print(f"[red]mixprec: {error}[/red]")
         return 2
