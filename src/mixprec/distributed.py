@@ -125,6 +125,10 @@ def _all_reduce_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures
     return work.get_future().then(unpack)  # type: ignore[no-any-return]
 
 
+# all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _e5m2_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     state.calls += 1
@@ -140,7 +144,7 @@ def _e5m2_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Futur
     codes = to_storage(values / scale, "e5m2").view(torch.uint8)  # round to nearest even
     gathered = torch.empty(state.world_size * codes.numel(), dtype=torch.uint8, device=codes.device)
     state._count(codes.numel(), "all_gather")
-    work = dist.all_gather_into_tensor(gathered, codes, group=state.process_group, async_op=True)
+    work = _all_gather_single(gathered, codes, group=state.process_group, async_op=True)
 
     def unpack(future: torch.futures.Future[Any]) -> torch.Tensor:
         ranks = from_storage(gathered.view(torch.float8_e5m2), "e5m2").reshape(state.world_size, -1)

@@ -105,6 +105,7 @@ def _load_checkpoint(config: DistributedTrainConfig, world: int) -> dict[str, An
     saved: dict[str, Any] = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
     expected = {k: getattr(config, k) for k in ("recipe", "comm", "global_batch", "seed", "width")}
     found = {k: saved["config"][k] for k in expected}
+    expected["comm"], found["comm"] = resolve_comm_format(config.comm), resolve_comm_format(found["comm"])
     if saved["world_size"] != world or found != expected:
         raise ValueError(
             f"checkpoint {config.checkpoint} was written by {saved['world_size']} processes with {found}; "
