@@ -17,6 +17,7 @@ from mixprec.recipe import RECIPES, Recipe, TensorFormat, TensorScaling, get_rec
 from mixprec.scaling import DynamicScaling, StaticScaling
 from mixprec.storage import from_storage, storage_dtype, to_storage
 from mixprec.training import prepare
+from mixprec import stats
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "prepare",
     "Rounding",
     "formats",
+    "stats",
     "from_storage",
     "kernel_backend",
     "quantize",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec import stats
+from mixprec.stats import LossScaleHistory, ModelStats
 from mixprec.experiments.data import load_fashion_mnist, load_kjv
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
 from mixprec.optim import MixedPrecisionOptimizer
@@ -77,9 +78,9 @@ class AnalyzeResult:
     loss-scale history."""
 
     report: Path
-    stats: stats.ModelStats
+    stats: ModelStats
     losses: tuple[float, ...]
-    histories: dict[str, stats.LossScaleHistory]
+    histories: dict[str, LossScaleHistory]
 
 
 @dataclass

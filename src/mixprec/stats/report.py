@@ -78,8 +78,11 @@ def _histogram_figure(total: TensorCounts, fmts: list[str], advice: dict[str, Lo
     import matplotlib.pyplot as plt
 
     shares = total.hist / max(total.nonzero, 1)
-    shifted = {name: advice[name].exponent for name in fmts
-               if advice.get(name) and advice[name].exponent and advice[name].flush_unscaled > 0}
+    shifted: dict[str, int] = {}
+    for name in fmts:
+        exponent = advice[name].exponent if name in advice else None
+        if exponent and advice[name].flush_unscaled > 0:
+            shifted[name] = exponent
     hists = [total.hist] + [np.roll(total.hist, k) for k in shifted.values()]
     low, high = _span(hists, fmts)
     figure, axes = plt.subplots(len(fmts), 1, figsize=(10, 2.1 * len(fmts) + 0.8), sharex=True, squeeze=False)
@@ -117,13 +120,16 @@ def _layers_figure(stats: ModelStats, cls: str, fmts: list[str], path: Path) -> 
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    rows = [(layer, stats.get(layer, cls)) for layer in stats.layers]
-    rows = [(layer, c) for layer, c in rows if c is not None and c.nonzero]
+    rows: list[tuple[str, TensorCounts]] = []
+    for layer in stats.layers:
+        counts = stats.get(layer, cls)
+        if counts is not None and counts.nonzero:
+            rows.append((layer, counts))
     if not rows:
         return False
     low, high = _span([c.hist for _, c in rows], fmts, pad=1)
     start, stop = low - LOG2_MIN, high - LOG2_MIN
-    matrix = np.array([c.hist[start:stop] / c.nonzero for _, c in rows], dtype=float)
+    matrix = np.array([c.hist[start:stop] / c.nonzero for _, c in rows], dtype=np.float64)
     matrix[matrix == 0] = np.nan
     height = max(3.6, 1.9 + 0.28 * len(rows))
     figure, ax = plt.subplots(figsize=(10, height))
@@ -165,8 +171,9 @@ def _sweep_figure(total: TensorCounts, fmts: list[str], advice: dict[str, LossSc
         over = [total.share(name, "overflow", 2.0**int(e)) for e in exps]
         ax.plot(exps, np.maximum(flush, 1e-9), color=colour, label=f"{name} flushed")
         ax.plot(exps, np.maximum(over, 1e-9), color=colour, ls="--", label=f"{name} overflow")
-        if advice[name].exponent is not None:
-            ax.axvline(advice[name].exponent, color=colour, ls=":", lw=1)
+        exponent = advice[name].exponent
+        if exponent is not None:
+            ax.axvline(exponent, color=colour, ls=":", lw=1)
     ax.set_yscale("log")
     ax.set_ylim(1e-7, 1.5)
     ax.set_xlabel("log2 of the loss scale S (dotted: recommended)")
@@ -249,9 +256,9 @@ def write_report(
     lines += ["", f"A format needs a loss scale when more than {tolerance:.2%} of the errors' nonzero values flush "
               "to zero unscaled.", ""]
     history = stats.extra.get("loss_scale_history", {})
-    for name, record in history.items():
-        lines.append(f"- loss scale of `{name}` during the run: final {record['final_scale']:g}, "
-                     f"{record['skipped_steps']} skipped steps" + (" (dynamic)" if record["dynamic"] else ""))
+    for name, curve in history.items():
+        lines.append(f"- loss scale of `{name}` during the run: final {curve['final_scale']:g}, "
+                     f"{curve['skipped_steps']} skipped steps" + (" (dynamic)" if curve["dynamic"] else ""))
     if history:
         lines.append("")
     if errors.samples:
