@@ -31,8 +31,10 @@ data:
 
 setup: $(STAMP) data
 
+# The main job: the CNN on Fashion-MNIST under fp32, fp16, bf16, fp8 and fp8-hybrid
+# (quick budget), a table on the terminal and a report with plots in runs/demo.
 demo: setup
-	$(VENV)/bin/mixprec bench quantize
+	$(VENV)/bin/mixprec compare --model cnn --budget quick --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q
@@ -44,4 +46,4 @@ exhaustive: setup
 	$(PY) benchmarks/exhaustive_rne.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis bench-results
+	rm -rf $(VENV) .pytest_cache .hypothesis bench-results runs

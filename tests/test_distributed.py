@@ -275,3 +275,17 @@ def test_bad_training_configuration_is_refused(changes: dict[str, Any]) -> None:
 def test_process_count_must_be_positive() -> None:
     with pytest.raises(ValueError, match="nproc must be a positive"):
         run_processes(copy.copy, 0)
+
+
+def test_prepare_refuses_a_model_already_wrapped_in_ddp() -> None:
+    from mixprec.distributed import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        float_model = _model()
+        wrapped = nn.parallel.DistributedDataParallel(float_model)
+        with pytest.raises(ValueError, match="before wrapping it in DistributedDataParallel"):
+            mixprec.prepare(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), "fp16")
+        assert all(p.dtype == torch.float32 for p in float_model.parameters())  # left as it was
+    finally:
+        dist.destroy_process_group()

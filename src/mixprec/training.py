@@ -34,6 +34,12 @@ def prepare(
         raise TypeError(f"prepare takes a torch.optim.Optimizer, not {type(optimizer).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare takes an nn.Module, not {type(model).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "prepare the model before wrapping it in DistributedDataParallel (DDP would keep "
+            "all-reducing the float parameters that prepare replaces): prepare, then "
+            "mixprec.distributed.wrap_ddp"
+        )
     if getattr(model, "_mixprec_recipe", None) is not None:
         raise ValueError(
             "this model was already prepared by mixprec; build the float model and its optimizer "

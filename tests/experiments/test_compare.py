@@ -91,3 +91,16 @@ def test_a_run_resumes_exactly_from_its_checkpoint(tmp_path, model):
     assert not checkpoint.exists()
     assert resumed.metric_value == straight.metric_value
     assert resumed.curves["train_loss"] == straight.curves["train_loss"]
+
+
+def test_resuming_a_folder_without_results_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no results.json"):
+        run_compare(resume=tmp_path)
+
+
+def test_a_fresh_comparison_discards_an_older_ones_checkpoints(tmp_path, monkeypatch):
+    stale = tmp_path / "checkpoints" / "cnn-fp32-seed0.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not a checkpoint")  # resuming it would fail loudly
+    records, _ = run_compare(ComparePlan(("cnn",), ("fp32",), budget="test", out=tmp_path))
+    assert len(records) == 1 and not stale.exists()

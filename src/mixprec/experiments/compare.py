@@ -4,6 +4,7 @@ results and report rewritten after each run, resumable after an interruption."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ class ComparePlan:
 
 
 def _load_plan(out: Path) -> ComparePlan:
+    if not (out / "results.json").exists():
+        raise ValueError(f"{out} holds no results.json, so there is no comparison to resume; "
+                         f"start one with `mixprec compare --out {out}`")
     settings = json.loads((out / "results.json").read_text())["settings"]
     return ComparePlan(tuple(settings["models"]), tuple(settings["recipes"]), settings["budget"],
                        settings["seeds"], out)
@@ -82,6 +86,8 @@ def run_compare(
     records: list[dict[str, Any]] = []
     if resume is not None:
         records = json.loads((resume / "results.json").read_text())["runs"]
+    elif (plan.out / "checkpoints").exists():
+        shutil.rmtree(plan.out / "checkpoints")  # a fresh comparison never resumes an older one's runs
     done = {(r["model"], r["recipe"], r["seed"]) for r in records}
     data = Data(plan.data_dir, Path.home() / ".cache" / "mixprec")
     settings = plan.settings()

@@ -20,6 +20,7 @@ from mixprec.experiments.gan_score import gan_score, load_classifier
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
 from mixprec.memory import SavedBytesCounter
 from mixprec.optim import MixedPrecisionOptimizer
+from mixprec.stats import loss_scale_history
 from mixprec.training import prepare
 
 __all__ = ["Budget", "BUDGETS", "MODELS", "RunResult", "Data", "run_one"]
@@ -29,39 +30,45 @@ MODELS = ("cnn", "lstm", "gan", "transformer")
 
 @dataclass(frozen=True)
 class Budget:
-    """One run's size: steps, batch, model width (channels, hidden size or model
-    dimension), sequence length for the language models, evaluation and checkpoint
-    intervals."""
+    """One run's size and schedule: steps, batch, model width (channels, hidden size or
+    model dimension), peak learning rate, layers and sequence length for the language
+    models, evaluation and checkpoint intervals."""
 
     steps: int
     batch: int
     width: int
+    lr: float
     eval_every: int
+    layers: int = 2
     sequence: int = 128
     checkpoint_every: int = 100
 
 
 BUDGETS: dict[str, dict[str, Budget]] = {
     "quick": {
-        "cnn": Budget(steps=469, batch=128, width=24, eval_every=50),  # one epoch
-        "lstm": Budget(steps=300, batch=32, width=256, eval_every=50),
-        "gan": Budget(steps=300, batch=128, width=32, eval_every=50),
-        "transformer": Budget(steps=200, batch=32, width=256, eval_every=50),
+        "cnn": Budget(steps=469, batch=128, width=24, lr=2e-3, eval_every=50),  # one epoch
+        "lstm": Budget(steps=300, batch=32, width=256, lr=4e-3, eval_every=50, sequence=64),
+        "gan": Budget(steps=300, batch=128, width=32, lr=2e-4, eval_every=50),
+        "transformer": Budget(steps=500, batch=32, width=128, lr=4e-3, eval_every=50, sequence=64),
     },
     "full": {
-        "cnn": Budget(steps=1407, batch=128, width=32, eval_every=100),  # three epochs
-        "lstm": Budget(steps=1000, batch=32, width=256, eval_every=100),
-        "gan": Budget(steps=1000, batch=128, width=32, eval_every=100),
-        "transformer": Budget(steps=800, batch=32, width=256, eval_every=100),
+        "cnn": Budget(steps=1407, batch=128, width=32, lr=2e-3, eval_every=100),  # three epochs
+        "lstm": Budget(steps=1000, batch=32, width=256, lr=2e-3, eval_every=100),
+        "gan": Budget(steps=1000, batch=128, width=32, lr=2e-4, eval_every=100),
+        "transformer": Budget(steps=800, batch=32, width=256, lr=1e-3, eval_every=100, layers=4),
     },
     "test": {  # a few steps of everything, for the test suite
-        "cnn": Budget(steps=3, batch=16, width=8, eval_every=2, checkpoint_every=2),
-        "lstm": Budget(steps=3, batch=4, width=32, eval_every=2, sequence=32, checkpoint_every=2),
-        "gan": Budget(steps=3, batch=16, width=8, eval_every=2, checkpoint_every=2),
-        "transformer": Budget(steps=3, batch=4, width=32, eval_every=2, sequence=32, checkpoint_every=2),
+        "cnn": Budget(steps=3, batch=16, width=8, lr=2e-3, eval_every=2, checkpoint_every=2),
+        "lstm": Budget(steps=3, batch=4, width=32, lr=2e-3, eval_every=2, sequence=32, checkpoint_every=2),
+        "gan": Budget(steps=3, batch=16, width=8, lr=2e-4, eval_every=2, checkpoint_every=2),
+        "transformer": Budget(steps=3, batch=4, width=32, lr=1e-3, eval_every=2, sequence=32, checkpoint_every=2),
     },
 }
-"""Steps per model and budget. ``quick`` keeps one FP32 run near a minute on 2 cores."""
+"""Sizes per model and budget, calibrated on a 2-core CPU: ``quick`` keeps one run near a
+minute (FP32 20-60 s, the emulated recipes 1.5-3x that) and the five main recipes of
+all four models near half an hour; ``full`` trains the sizes the papers' claims were
+calibrated at (three CNN epochs, a 4-layer d=256 GPT, 1000 LSTM steps of 128
+characters) for tighter parity, in about two hours for everything."""
 
 
 
@@ -209,16 +216,12 @@ def _one_cycle(optimizer: MixedPrecisionOptimizer, steps: int) -> torch.optim.lr
     return torch.optim.lr_scheduler.OneCycleLR(optimizer.optimizer, max_lr=peak, total_steps=steps, pct_start=0.25)
 
 
-def _scale_curve(optimizer: MixedPrecisionOptimizer) -> list[list[float]]:
-    return [[step, scale] for step, scale, _ in optimizer.scaler.history]
-
-
 def _classifier_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
     images, labels = data.fashion("train")
     test_images, test_labels = data.fashion("test")
     torch.manual_seed(trainer.seed)
     model = resnet_style_cnn(width=trainer.budget.width, stem_stride=2)
-    model, optimizer = prepare(model, torch.optim.Adam(model.parameters(), lr=2e-3), recipe)
+    model, optimizer = prepare(model, torch.optim.Adam(model.parameters(), lr=trainer.budget.lr), recipe)
     schedule = _one_cycle(optimizer, trainer.budget.steps)
     batch = trainer.budget.batch
     epochs: dict[int, torch.Tensor] = {}
@@ -262,11 +265,10 @@ def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str) -> RunR
     corpus, train, validation = data.corpus()
     torch.manual_seed(trainer.seed)
     vocabulary = corpus.vocabulary_size
-    width, sequence = trainer.budget.width, trainer.budget.sequence
-    model: nn.Module = (CharLSTM(vocabulary, hidden=width) if kind == "lstm"
-                        else CharGPT(vocabulary, width=width, context=sequence))
-    model, optimizer = prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-3 if kind == "lstm" else 1e-3),
-                               recipe)
+    width, sequence, layers = trainer.budget.width, trainer.budget.sequence, trainer.budget.layers
+    model: nn.Module = (CharLSTM(vocabulary, hidden=width, layers=layers) if kind == "lstm"
+                        else CharGPT(vocabulary, width=width, layers=layers, context=sequence))
+    model, optimizer = prepare(model, torch.optim.AdamW(model.parameters(), lr=trainer.budget.lr), recipe)
     schedule = _one_cycle(optimizer, trainer.budget.steps)
     batch = trainer.budget.batch
     evaluation_offsets = torch.linspace(0, len(validation) - sequence - 2, 16 * 8).long()
@@ -310,8 +312,9 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
     latent = 64
     generator: nn.Module = Generator(latent, trainer.budget.width)
     critic: nn.Module = Discriminator(trainer.budget.width)
-    generator, opt_g = prepare(generator, torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999)), recipe)
-    critic, opt_d = prepare(critic, torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.999)), recipe)
+    lr = trainer.budget.lr
+    generator, opt_g = prepare(generator, torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999)), recipe)
+    critic, opt_d = prepare(critic, torch.optim.Adam(critic.parameters(), lr=lr, betas=(0.5, 0.999)), recipe)
     batch = trainer.budget.batch
     fixed_noise = torch.randn(64, latent, generator=torch.Generator().manual_seed(99))
     classifier = data.classifier()
@@ -352,21 +355,25 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
                      {"class_entropy": final["class_entropy"]}, started)
     result.param_bytes += _tensor_bytes(critic.parameters())
     result.optimizer_bytes += _optimizer_bytes(opt_d)
-    result.skipped_steps += opt_d.scaler.state.skipped
+    critic_history = loss_scale_history(opt_d)
+    result.skipped_steps += critic_history.skipped_steps
     result.curves["samples"] = samples.reshape(64, 28 * 28).tolist()
-    result.curves["loss_scale_critic"] = _scale_curve(opt_d)
+    result.curves["loss_scale_critic"] = critic_history.as_record()["curve"]
+    result.curves["skipped_at_critic"] = list(critic_history.skipped_at)
     return result
 
 
 def _result(trainer: _Trainer, metric: str, value: float, optimizer: MixedPrecisionOptimizer, model: nn.Module,
             saved: int, extra: dict[str, float], evaluation_started: float) -> RunResult:
-    trainer.curves["loss_scale"] = _scale_curve(optimizer)
+    history = loss_scale_history(optimizer)
+    trainer.curves["loss_scale"] = history.as_record()["curve"]
+    trainer.curves["skipped_at"] = list(history.skipped_at)
     return RunResult(
         model=trainer.name, recipe=trainer.recipe, seed=trainer.seed, metric_name=metric, metric_value=value,
         steps=trainer.budget.steps, wall_seconds=sum(trainer.step_times) + time.perf_counter() - evaluation_started,
         step_seconds=trainer.step_seconds(), param_bytes=_tensor_bytes(model.parameters()),
         optimizer_bytes=_optimizer_bytes(optimizer), saved_bytes=saved,
-        skipped_steps=optimizer.scaler.state.skipped, final_loss_scale=optimizer.loss_scale,
+        skipped_steps=history.skipped_steps, final_loss_scale=history.final_scale,
         extra=extra, curves=trainer.curves,
     )
 

@@ -144,15 +144,16 @@ def _layers_figure(stats: ModelStats, cls: str, fmts: list[str], path: Path) -> 
         for x, style in ((math.log2(fmt.smallest_subnormal) - 1, ":"), (math.log2(fmt.smallest_normal), "--"),
                          (math.log2(fmt.largest), "-")):
             ax.axvline(x, color=colour, ls=style, lw=1.2)
-        ax.plot([], [], color=colour, label=f"{name}: flush | normal from | largest (: -- -)")
+        ax.plot([], [], color=colour, label=name)
+    for style, meaning in ((":", "flushes below"), ("--", "normal from"), ("-", "largest")):
+        ax.plot([], [], color="grey", ls=style, label=meaning)
     types = dict(zip(stats.layers, stats.layer_types))
     ax.set_yticks(np.arange(len(rows)) + 0.5, [f"{layer} ({types.get(layer, '?')})" for layer, _ in rows], fontsize=7)
     ax.set_xlabel("log2 |x| (unscaled)")
     ax.set_title(f"{_CLASS_TITLES[cls]} per layer: share of each layer's nonzero values per binade", fontsize=10)
-    figure.legend(loc="lower center", fontsize=7, ncol=3, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=7, ncol=6, frameon=False)
     figure.colorbar(image, ax=ax, label="share")
-    figure.tight_layout(rect=(0, 0.45 / height, 1, 1))
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return True
 
