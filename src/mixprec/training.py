@@ -3,6 +3,8 @@ and its optimizer into a mixed-precision pair."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -19,13 +21,16 @@ def prepare(
     optimizer: torch.optim.Optimizer,
     recipe: str | Recipe = "fp16",
     generator: torch.Generator | None = None,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> tuple[nn.Module, MixedPrecisionOptimizer]:
     """Convert ``model`` in place for ``recipe`` and wrap ``optimizer``, which must have
     been built over the model's float parameters: those become the master weights.
 
     ``generator`` drives every stochastic rounding (errors, gradients, the update); by
     default one is seeded from torch's global RNG, so ``torch.manual_seed`` makes a run
-    repeatable. The conversion summary is ``optimizer.summary``.
+    repeatable. ``module_filter_fn(module, name)`` returning False keeps that layer in
+    FP32 (as torchao's float8 conversion takes one: a language model's output layer is
+    commonly kept out of FP8). The conversion summary is ``optimizer.summary``.
     """
     recipe = get_recipe(recipe)
     if isinstance(optimizer, MixedPrecisionOptimizer):
@@ -49,7 +54,7 @@ def prepare(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         seed = int(torch.randint(0, 2**62, (1,)))
         generator = torch.Generator(device=device).manual_seed(seed)
-    summary: ConversionSummary = convert(model, recipe, generator)
+    summary: ConversionSummary = convert(model, recipe, generator, module_filter_fn)
     if not recipe.is_fp32 and not summary.converted:
         found = sorted({type(m).__name__ for m in model.modules()} - {type(model).__name__})
         raise ValueError(

@@ -96,11 +96,20 @@ def _plot_curves(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
 
 def _plot_scales(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
     figure, axis = plt.subplots(figsize=(7, 3.5))
-    for run in runs:
+    styles = ("-", "--", ":", "-.")
+    for index, run in enumerate(runs):
         curve = run["curves"].get("loss_scale") or []
-        if curve:
-            steps, scales = zip(*curve)
-            axis.step(steps, scales, where="post", label=f"{run['recipe']} (seed {run['seed']})")
+        if not curve:
+            continue
+        steps, scales = zip(*curve)
+        # line styles and widths apart, so that recipes on the same scale stay visible
+        line, = axis.step(steps, scales, where="post", linestyle=styles[index % len(styles)],
+                          linewidth=2.2 - 0.3 * (index % 4), label=f"{run['recipe']} (seed {run['seed']})")
+        skipped = set(run["curves"].get("skipped_at") or [])
+        marks = [(step, scale) for step, scale in curve if step in skipped]
+        if marks:
+            axis.plot(*zip(*marks), "x", color=line.get_color(), markersize=6)
+    axis.plot([], [], "kx", label="skipped step (Inf/NaN)")
     axis.set_yscale("log", base=2)
     axis.set(title=f"{model}: loss scale over steps", xlabel="step", ylabel="loss scale")
     axis.legend(fontsize=7)
@@ -153,6 +162,11 @@ def write_report(out: Path, records: list[dict[str, Any]], settings: dict[str, A
               "(lower is better) with the entropy of generated classes (ln 10 = 2.30 at most). Parity is the "
               "papers' claim at this scale: accuracy within 1.0 point of FP32, bits per character within 3%, "
               "the GAN score within FP32's spread over seeds (needs 2+ seeds).", ""]
+    kept = sorted({(r["model"], r["recipe"], ", ".join(r.get("fp32_layers") or [])) for r in records
+                   if r.get("fp32_layers")})
+    if kept:
+        lines += ["Layers kept in FP32 on purpose (besides the norms and softmax every recipe keeps): "
+                  + "; ".join(f"{model} under {recipe}: `{names}`" for model, recipe, names in kept) + ".", ""]
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_model[record["model"]].append(record)
