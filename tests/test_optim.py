@@ -283,3 +283,19 @@ def test_lstm_and_attention_models_train(recipe):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_module_filter_keeps_chosen_layers_fp32_and_they_still_train():
+    torch.manual_seed(0)
+    model = small_model()
+    head_before = model[6].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = mixprec.prepare(model, optimizer, "fp8", module_filter_fn=lambda module, name: name != "6")
+    assert type(model[6]) is nn.Linear and model[6].weight.dtype == torch.float32
+    assert type(model[0]) is not nn.Conv2d and model[0].weight.dtype == torch.float16
+    assert ("6", "Linear") in optimizer.summary.kept_fp32
+    x, y = teacher_data(64)
+    optimizer.backward(F.cross_entropy(model(x), y))
+    assert optimizer.step()
+    moved = model[6].weight.detach() - head_before
+    assert moved.abs().max() > 0 and torch.isfinite(moved).all()
