@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     compare.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted comparison")
     compare.add_argument("--data-dir", help="a folder with the Fashion-MNIST IDX files")
+    compare.add_argument("--lr", type=float, help="peak learning rate for every run (default: the budget's)")
 
     _add_analyze_parser(commands)
     _add_distributed_parsers(commands)
@@ -234,7 +235,7 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     if args.resume is None:
         models = MODELS if args.model == "all" else tuple(m.strip() for m in args.model.split(","))
         recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
-        plan = ComparePlan(models, recipes, args.budget, args.seeds, args.out, args.data_dir)
+        plan = ComparePlan(models, recipes, args.budget, args.seeds, args.out, args.data_dir, args.lr)
     progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=console)
 

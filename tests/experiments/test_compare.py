@@ -107,3 +107,15 @@ def test_a_fresh_comparison_discards_an_older_ones_checkpoints(tmp_path, monkeyp
     stale.write_bytes(b"not a checkpoint")  # resuming it would fail loudly
     records, _ = run_compare(ComparePlan(("cnn",), ("fp32",), budget="test", out=tmp_path))
     assert len(records) == 1 and not stale.exists()
+
+
+def test_a_learning_rate_override_is_used_recorded_and_checked(tmp_path):
+    with pytest.raises(ValueError, match="--lr must be a positive"):
+        ComparePlan(("cnn",), ("fp32",), budget="test", out=tmp_path, lr=0.0)
+    default, _ = run_compare(ComparePlan(("cnn",), ("fp32",), budget="test", out=tmp_path / "a"))
+    slow, report = run_compare(ComparePlan(("cnn",), ("fp32",), budget="test", out=tmp_path / "b", lr=1e-6))
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["settings"]["lr"] == 1e-6
+    assert "peak learning rate 1e-06" in report.read_text()
+    # the first step's loss is the same (same weights, same batch); later ones differ
+    assert default[0]["curves"]["train_loss"][0] == slow[0]["curves"]["train_loss"][0]
+    assert default[0]["curves"]["train_loss"][2] != slow[0]["curves"]["train_loss"][2]

@@ -29,6 +29,7 @@ class ComparePlan:
     seeds: int = 1
     out: Path = Path("runs/compare")
     data_dir: str | None = None
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         for model in self.models:
@@ -40,6 +41,8 @@ class ComparePlan:
             raise ValueError(f"unknown budget {self.budget!r}; choose from {', '.join(BUDGETS)}")
         if self.seeds < 1:
             raise ValueError("--seeds must be >= 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be a positive learning rate, not {self.lr}")
 
     def runs(self) -> list[tuple[str, str, int]]:
         """(model, recipe, seed) in order: FP32 first per model, the baseline of the ratios."""
@@ -49,7 +52,7 @@ class ComparePlan:
     def settings(self) -> dict[str, Any]:
         """The plan as recorded in results.json."""
         return {"models": list(self.models), "recipes": list(self.recipes), "budget": self.budget,
-                "seeds": self.seeds, "torch": torch.__version__, "threads": torch.get_num_threads()}
+                "seeds": self.seeds, "lr": self.lr, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def _load_plan(out: Path) -> ComparePlan:
@@ -58,7 +61,7 @@ def _load_plan(out: Path) -> ComparePlan:
                          f"start one with `mixprec compare --out {out}`")
     settings = json.loads((out / "results.json").read_text())["settings"]
     return ComparePlan(tuple(settings["models"]), tuple(settings["recipes"]), settings["budget"],
-                       settings["seeds"], out)
+                       settings["seeds"], out, lr=settings.get("lr"))
 
 
 def _with_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -99,7 +102,7 @@ def run_compare(
             steps = BUDGETS[plan.budget][model].steps
             on_step = on_run_start(model, recipe, seed, steps) if on_run_start else (lambda step: None)
             checkpoint = plan.out / "checkpoints" / f"{model}-{recipe}-seed{seed}.pt"
-            result = run_one(model, recipe, seed, plan.budget, data, checkpoint, on_step)
+            result = run_one(model, recipe, seed, plan.budget, data, checkpoint, on_step, lr=plan.lr)
             records.append(result.as_record())
             _with_ratios(records)
             write_results(plan.out, records, settings)

@@ -89,7 +89,7 @@ def _plot_curves(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
     left.legend(fontsize=7)
     figure.tight_layout()
     name = f"curves_{model}.png"
-    figure.savefig(out / name, dpi=110)
+    figure.savefig(out / name, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return name
 
@@ -115,7 +115,7 @@ def _plot_scales(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
     axis.legend(fontsize=7)
     figure.tight_layout()
     name = f"loss_scale_{model}.png"
-    figure.savefig(out / name, dpi=110)
+    figure.savefig(out / name, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return name
 
@@ -133,7 +133,7 @@ def _plot_samples(out: Path, runs: list[dict[str, Any]]) -> str:
         axis.axis("off")
     figure.tight_layout()
     name = "gan_samples.png"
-    figure.savefig(out / name, dpi=110)
+    figure.savefig(out / name, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return name
 
@@ -146,7 +146,8 @@ def write_report(out: Path, records: list[dict[str, Any]], settings: dict[str, A
     if partial:
         lines += ["**Partial report**: the comparison was interrupted; only finished runs are listed. "
                   "`mixprec compare --resume DIR` continues it.", ""]
-    lines += [f"Budget `{settings.get('budget')}`, seeds {settings.get('seeds')}, torch {settings.get('torch')}, "
+    learning_rate = f", peak learning rate {settings['lr']:g} for every run" if settings.get("lr") else ""
+    lines += [f"Budget `{settings.get('budget')}`{learning_rate}, seeds {settings.get('seeds')}, torch {settings.get('torch')}, "
               f"{settings.get('threads')} threads.", "",
               "| model | recipe | metric | mean | spread | vs fp32 | parity | MB (params + optimizer + saved) | "
               "step ms | x fp32 | skipped | final loss scale |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -3,6 +3,7 @@ order, initial weights and hyper-parameters, measure each run, checkpoint as it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -414,14 +415,18 @@ def _result(trainer: _Trainer, metric: str, value: float, optimizer: MixedPrecis
 
 
 def run_one(model: str, recipe: str, seed: int, budget_name: str, data: Data,
-            checkpoint: Path | None = None, on_step: Callable[[int], None] = lambda step: None) -> RunResult:
+            checkpoint: Path | None = None, on_step: Callable[[int], None] = lambda step: None,
+            lr: float | None = None) -> RunResult:
     """Train ``model`` under ``recipe`` with ``seed`` for the budget's steps (resuming
-    from ``checkpoint`` if it exists) and measure the run."""
+    from ``checkpoint`` if it exists) and measure the run; ``lr`` replaces the budget's
+    peak learning rate."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)} or 'all'")
     if budget_name not in BUDGETS:
         raise ValueError(f"unknown budget {budget_name!r}; choose from {', '.join(BUDGETS)}")
     budget = BUDGETS[budget_name][model]
+    if lr is not None:
+        budget = dataclasses.replace(budget, lr=lr)
     trainer = _Trainer(model, recipe, seed, budget, checkpoint, on_step)
     if model == "cnn":
         result = _classifier_run(trainer, data, recipe)
