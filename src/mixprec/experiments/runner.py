@@ -67,10 +67,11 @@ BUDGETS: dict[str, dict[str, Budget]] = {
     },
 }
 """Sizes per model and budget, calibrated on a 2-core CPU: ``quick`` keeps one run near a
-minute (FP32 20-60 s, the emulated recipes 1.5-3x that) and the five main recipes of
+minute (FP32 20-60 s, the emulated recipes 1.5-5x that) and the five main recipes of
 all four models near half an hour; ``full`` trains the sizes the papers' claims were
 calibrated at (three CNN epochs, a 4-layer d=256 GPT, 1000 LSTM steps of 128
-characters) for tighter parity, in about two hours for everything."""
+characters) for tighter parity: 17 minutes for the CNN (measured), two to two and a
+half hours for everything (estimated from step times)."""
 
 
 
