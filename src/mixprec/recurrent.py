@@ -52,7 +52,8 @@ class _LSTMRecurrence(torch.autograd.Function):
             torch.add(f * cells[t], i * g, out=cells[t + 1])
             h = torch.mul(o, torch.tanh(cells[t + 1]), out=outputs[t])
         ctx.rounder = rounder
-        ctx.scales = None if scales[0] is None else torch.stack(scales)
+        present = [scale for scale in scales if scale is not None]  # all or none: per-tensor scaling or not
+        ctx.scales = torch.stack(present) if present else None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(inputs, gates, cells, weight)
         return outputs, h.clone(), cells[steps].clone()

@@ -93,7 +93,7 @@ class RunResult:
     skipped_steps: int
     final_loss_scale: float
     extra: dict[str, float] = field(default_factory=dict)
-    curves: dict[str, list[list[float]]] = field(default_factory=dict)
+    curves: dict[str, list[Any]] = field(default_factory=dict)
     step_time_ratio: float | None = None
     fp32_layers: list[str] = field(default_factory=list)
 
@@ -171,7 +171,7 @@ class _Trainer:
                  on_step: Callable[[int], None]) -> None:
         self.name, self.recipe, self.seed, self.budget = name, recipe, seed, budget
         self.checkpoint, self.on_step = checkpoint, on_step
-        self.curves: dict[str, list[list[float]]] = {"train_loss": [], "validation": []}
+        self.curves: dict[str, list[Any]] = {"train_loss": [], "validation": []}
         self.step_times: list[float] = []
         self.start_step = 0
         self.kept_fp32: list[str] = []
