@@ -75,6 +75,14 @@ def write_results(out: Path, records: list[dict[str, Any]], settings: dict[str, 
     return path
 
 
+def _save(figure: Any, out: Path, name: str) -> str:
+    """Write a figure as ``out/name`` (trimmed to its contents), close it, return the name."""
+    figure.tight_layout()
+    figure.savefig(out / name, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return name
+
+
 def _plot_curves(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
@@ -87,11 +95,7 @@ def _plot_curves(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
     left.set(title=f"{model}: training loss", xlabel="step", ylabel="loss")
     right.set(title=f"{model}: {runs[0]['metric_name'].replace('_', ' ')} (validation)", xlabel="step")
     left.legend(fontsize=7)
-    figure.tight_layout()
-    name = f"curves_{model}.png"
-    figure.savefig(out / name, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return name
+    return _save(figure, out, f"curves_{model}.png")
 
 
 def _plot_scales(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
@@ -113,11 +117,7 @@ def _plot_scales(out: Path, model: str, runs: list[dict[str, Any]]) -> str:
     axis.set_yscale("log", base=2)
     axis.set(title=f"{model}: loss scale over steps", xlabel="step", ylabel="loss scale")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    name = f"loss_scale_{model}.png"
-    figure.savefig(out / name, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return name
+    return _save(figure, out, f"loss_scale_{model}.png")
 
 
 def _plot_samples(out: Path, runs: list[dict[str, Any]]) -> str:
@@ -131,11 +131,7 @@ def _plot_samples(out: Path, runs: list[dict[str, Any]]) -> str:
         axis.imshow(samples.transpose(0, 2, 1, 3).reshape(8 * 28, 8 * 28), cmap="gray", vmin=-1, vmax=1)
         axis.set_title(recipe)
         axis.axis("off")
-    figure.tight_layout()
-    name = "gan_samples.png"
-    figure.savefig(out / name, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return name
+    return _save(figure, out, "gan_samples.png")
 
 
 def write_report(out: Path, records: list[dict[str, Any]], settings: dict[str, Any], partial: bool = False) -> Path:
