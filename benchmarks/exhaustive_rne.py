@@ -1,4 +1,4 @@
-"""Sweep all 2**32 float32 bit patterns through mixprec.quantize's round-to-nearest-even
+"""Sweep all 2**32 float32 bit patterns through mixprec.core.quantize's round-to-nearest-even
 and count mismatches against torch's casts and ml_dtypes, per format (expected: 0).
 
     .venv/bin/python benchmarks/exhaustive_rne.py [--formats fp16,bf16,e5m2,e4m3] [--chunk-bits 24]
@@ -22,8 +22,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 import mixprec
-from mixprec import formats
-from mixprec.kernels import kernel_backend
+from mixprec.core import formats
+from mixprec.core.kernels import kernel_backend
 
 ML_TYPES = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "e5m2": ml_dtypes.float8_e5m2,
             "e4m3": ml_dtypes.float8_e4m3fn}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from mixprec.kernels import kernel_backend
+from mixprec.core.kernels import kernel_backend
 
 settings.register_profile(
     "mixprec",

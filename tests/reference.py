@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from mixprec.formats import FloatFormat
+from mixprec.core.formats import FloatFormat
 
 ML_DTYPES = {
     "bf16": ml_dtypes.bfloat16,

@@ -18,7 +18,7 @@ from torch import nn
 import mixprec
 from mixprec.distributed import COMM_FORMATS, comm_hook, resolve_comm_format, run_processes, wrap_ddp
 from mixprec.experiments.distributed_train import DistributedTrainConfig, train
-from mixprec.kernels import kernel_backend
+from mixprec.core.kernels import kernel_backend
 from mixprec.scaling import StaticScaling
 
 WORLD = 2

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixprec import formats, ops
+from mixprec import ops
+from mixprec.core import formats
 from mixprec.ops import Rounder
-from mixprec.quantize import quantize
+from mixprec.core.quantize import quantize
 from mixprec.recipe import Recipe, TensorFormat, get_recipe
 
 NEAREST_RECIPES = {

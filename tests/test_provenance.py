@@ -8,7 +8,8 @@ import gc
 import torch
 
 import mixprec
-from mixprec import formats, ops, provenance
+from mixprec import ops, provenance
+from mixprec.core import formats
 from mixprec.ops import Rounder
 from mixprec.provenance import is_on_grid, mark_on_grid
 

@@ -1,4 +1,4 @@
-"""mixprec.stats: exact counts on a constructed tensor, agreement with mixprec.quantize
+"""mixprec.stats: exact counts on a constructed tensor, agreement with mixprec.core.quantize
 (the independent reference) on random and adversarial inputs, the observer's hooks,
 loss-scaled against unscaled values, the report, the loss-scale history, bad input."""
 
@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mixprec
-from mixprec import formats, stats
+from mixprec import stats
+from mixprec.core import formats
 from mixprec.stats.counting import LOG2_MIN
 
 FORMATS = ("fp16", "bf16", "e5m2", "e4m3")

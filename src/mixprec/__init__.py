@@ -2,20 +2,20 @@
 accuracy, emulating each format bit for bit where the hardware lacks it.
 
 ``prepare(model, optimizer, recipe)`` converts a model and wraps its optimizer for one
-of the papers' recipes. The numeric core is importable from here too: formats (:mod:`mixprec.formats`), rounding
+of the papers' recipes. The numeric core is importable from here too: formats (:mod:`mixprec.core.formats`), rounding
 onto a format's grid (:func:`quantize`), per-tensor scales (:func:`scale_from_amax`),
 and packing into real low-precision storage (:func:`to_storage`, :func:`from_storage`).
 """
 
-from mixprec import formats
+from mixprec.core import formats
 from mixprec.convert import ConversionSummary, convert
-from mixprec.formats import FloatFormat
-from mixprec.kernels import kernel_backend
+from mixprec.core.formats import FloatFormat
+from mixprec.core.kernels import kernel_backend
 from mixprec.optim import MixedPrecisionOptimizer
-from mixprec.quantize import Rounding, quantize, scale_from_amax, tensor_scale
+from mixprec.core.quantize import Rounding, quantize, scale_from_amax, tensor_scale
 from mixprec.recipe import RECIPES, Recipe, TensorFormat, TensorScaling, get_recipe
 from mixprec.scaling import DynamicScaling, StaticScaling
-from mixprec.storage import from_storage, storage_dtype, to_storage
+from mixprec.core.storage import from_storage, storage_dtype, to_storage
 from mixprec.training import prepare
 from mixprec import stats
 

@@ -155,7 +155,7 @@ def _bench_step(args: argparse.Namespace, console: Console) -> int:
 
 
 def _formats_command(console: Console) -> int:
-    from mixprec import formats
+    from mixprec.core import formats
 
     table = Table(title="mixprec formats")
     for column in ("name", "exp", "man", "bias", "largest", "smallest normal", "smallest subnormal",
@@ -176,7 +176,7 @@ def _formats_command(console: Console) -> int:
 def _bench_quantize(args: argparse.Namespace, console: Console) -> int:
     from mixprec.bench.quantize_speed import range_shares, bench_input, run_quantize_bench
     from mixprec.bench.timing import thread_settings
-    from mixprec.kernels import current_backend
+    from mixprec.core.kernels import current_backend
 
     if args.numel < 1 or args.repeats < 1:
         console.print("[red]--numel and --repeats must be >= 1[/red]")

@@ -46,8 +46,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mixprec.optim import MixedPrecisionOptimizer
-from mixprec.quantize import scale_from_amax
-from mixprec.storage import from_storage, to_storage
+from mixprec.core.quantize import scale_from_amax
+from mixprec.core.storage import from_storage, to_storage
 
 __all__ = [
     "COMM_FORMATS",

@@ -15,7 +15,7 @@ from torch import nn
 
 from mixprec import ops
 from mixprec.ops import Rounder
-from mixprec.quantize import quantize, tensor_scale
+from mixprec.core.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe
 from mixprec.recurrent import lstm_recurrence
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from mixprec.provenance import is_on_grid, mark_on_grid
-from mixprec.quantize import quantize, tensor_scale
+from mixprec.core.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe
-from mixprec.storage import from_storage, to_storage
+from mixprec.core.storage import from_storage, to_storage
 
 __all__ = ["ActivationPacker", "SavedBytesCounter", "MIN_PACKED_NUMEL", "packer_active", "attach_packer"]
 

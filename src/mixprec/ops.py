@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from mixprec.memory import packer_active
 from mixprec.provenance import is_on_grid, mark_on_grid
-from mixprec.quantize import quantize, tensor_scale
+from mixprec.core.quantize import quantize, tensor_scale
 from mixprec.recipe import Recipe, TensorFormat
 from mixprec.scaling import AmaxHistory
-from mixprec.storage import from_storage, to_storage
+from mixprec.core.storage import from_storage, to_storage
 
 __all__ = [
     "Rounder",

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mixprec import formats
+from mixprec.core import formats
 from mixprec.layers import round_weight
 from mixprec.ops import Rounder
-from mixprec.quantize import quantize
+from mixprec.core.quantize import quantize
 from mixprec.recipe import Recipe
 from mixprec.scaling import LossScaler, make_loss_scaler
 

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from mixprec.formats import FloatFormat
+from mixprec.core.formats import FloatFormat
 
 __all__ = ["mark_on_grid", "is_on_grid"]
 

@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mixprec import formats
-from mixprec.formats import FloatFormat
-from mixprec.quantize import Rounding
+from mixprec.core import formats
+from mixprec.core.formats import FloatFormat
+from mixprec.core.quantize import Rounding
 from mixprec.scaling import DynamicScaling, StaticScaling
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mixprec.ops import Rounder
-from mixprec.storage import from_storage, storage_dtype
+from mixprec.core.storage import from_storage, storage_dtype
 
 __all__ = ["lstm_recurrence"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from mixprec import formats
-from mixprec.formats import FloatFormat
-from mixprec.quantize import scale_from_amax
+from mixprec.core import formats
+from mixprec.core.formats import FloatFormat
+from mixprec.core.quantize import scale_from_amax
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 

@@ -1,4 +1,4 @@
-"""``mixprec bench quantize``: throughput of :func:`mixprec.quantize` for every format and
+"""``mixprec bench quantize``: throughput of :func:`mixprec.core.quantize` for every format and
 rounding mode, allocating and into ``out=``, against a copy and an allocating
 element-wise op timed in the same run."""
 
@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mixprec import formats
+from mixprec.core import formats
 from mixprec.bench.timing import median_seconds
-from mixprec.quantize import Rounding, quantize
+from mixprec.core.quantize import Rounding, quantize
 
 __all__ = ["QuantizeRow", "bench_input", "run_quantize_bench", "DEFAULT_FORMATS"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mixprec import formats as formats_module
+from mixprec.core import formats as formats_module
 from mixprec.recipe import Recipe, get_recipe
 from mixprec.stats.counting import TensorCounts
 from mixprec.stats.observer import SCALED_CLASSES, ModelStats

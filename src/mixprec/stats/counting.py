@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mixprec import formats as formats_module
-from mixprec.formats import FloatFormat
+from mixprec.core import formats as formats_module
+from mixprec.core.formats import FloatFormat
 
 __all__ = [
     "LOG2_MIN",

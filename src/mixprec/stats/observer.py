@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mixprec import formats as formats_module
+from mixprec.core import formats as formats_module
 from mixprec.stats.counting import TensorCounts, count_tensor, thresholds
 
 __all__ = [

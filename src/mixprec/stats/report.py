@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mixprec import formats as formats_module
+from mixprec.core import formats as formats_module
 from mixprec.recipe import get_recipe
 from mixprec.stats.advice import (
     DEFAULT_MARGIN,
@@ -298,7 +298,7 @@ def write_report(
         if layer in table:
             lines.append(f"| {layer} | " + " | ".join(table[layer].get(c, "-") for c in TENSOR_CLASSES) + " |")
     lines += ["", "## Definitions", "",
-              "- Rounding is to nearest, ties to even, as `mixprec.quantize`: a nonzero value *flushes* when it "
+              "- Rounding is to nearest, ties to even, as `mixprec.core.quantize`: a nonzero value *flushes* when it "
               "rounds to 0, is *subnormal* when it rounds to a nonzero value below the smallest normal, and "
               "*overflows* when it rounds past the largest finite value (Inf, or the saturated largest value for "
               "e4m3). Shares are over nonzero values; zeros are counted apart.",

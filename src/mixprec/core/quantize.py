@@ -3,7 +3,7 @@ tensor's absolute maximum onto a format's range (:func:`scale_from_amax`).
 
 ``quantize`` returns float32 values that the target format represents exactly, so any
 float32 arithmetic downstream sees exactly what the low-precision hardware would hold.
-Packing those values into real 1- and 2-byte storage is :mod:`mixprec.storage`'s job.
+Packing those values into real 1- and 2-byte storage is :mod:`mixprec.core.storage`'s job.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Literal
 
 import torch
 
-from mixprec import formats
-from mixprec.formats import FloatFormat, Overflow
-from mixprec.kernels import round_to_format
+from mixprec.core import formats
+from mixprec.core.formats import FloatFormat, Overflow
+from mixprec.core.kernels import round_to_format
 
 __all__ = ["Rounding", "quantize", "scale_from_amax", "tensor_scale", "resolve_overflow"]
 

@@ -1,4 +1,4 @@
-"""mixprec.kernels: the eager and compiled paths agree bit for bit, the backend switch
+"""mixprec.core.kernels: the eager and compiled paths agree bit for bit, the backend switch
 is scoped, and a broken compiler falls back to eager with a warning."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mixprec
-from mixprec import kernels
-from mixprec.kernels import current_backend, kernel_backend
+from mixprec.core import kernels
+from mixprec.core.kernels import current_backend, kernel_backend
 from tests.reference import assert_same
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from mixprec import formats
-from mixprec.formats import FloatFormat
-from mixprec.quantize import quantize
+from mixprec.core import formats
+from mixprec.core.formats import FloatFormat
+from mixprec.core.quantize import quantize
 
 __all__ = ["storage_dtype", "to_storage", "from_storage"]
 
@@ -36,7 +36,7 @@ def storage_dtype(fmt: str | FloatFormat) -> torch.dtype:
 
 def to_storage(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
     """Pack ``x`` into ``fmt``'s storage dtype (:func:`storage_dtype`). Values already on
-    the grid (the output of :func:`mixprec.quantize`) are packed exactly; others are
+    the grid (the output of :func:`mixprec.core.quantize`) are packed exactly; others are
     rounded to nearest-even first, with the format's default overflow."""
     fmt = formats.get(fmt)
     dtype = storage_dtype(fmt)

@@ -1,4 +1,4 @@
-"""mixprec.formats: derived numbers against PAPERS.md's table and torch.finfo, custom
+"""mixprec.core.formats: derived numbers against PAPERS.md's table and torch.finfo, custom
 eXmY parsing, and the errors for formats mixprec cannot emulate."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import ml_dtypes
 import pytest
 import torch
 
-from mixprec import formats
-from mixprec.formats import FloatFormat, ieee_format
+from mixprec.core import formats
+from mixprec.core.formats import FloatFormat, ieee_format
 
 # (name, largest, smallest normal, smallest subnormal, has Inf) from PAPERS.md
 PAPER_TABLE = [

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mixprec
-from mixprec import formats
+from mixprec.core import formats
 from tests.reference import grid_neighbours, same_values
 
 DRAWS = 200_000  # >= 10**5 draws per value

@@ -1,4 +1,4 @@
-"""mixprec.quantize: round-to-nearest-even bit for bit against torch's casts, ml_dtypes
+"""mixprec.core.quantize: round-to-nearest-even bit for bit against torch's casts, ml_dtypes
 and a float64 reference; the saturate modes; scales; out=; and the errors."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mixprec
-from mixprec import formats
-from mixprec.formats import ieee_format
+from mixprec.core import formats
+from mixprec.core.formats import ieee_format
 from tests.reference import (
     assert_same,
     edge_values,

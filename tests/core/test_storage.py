@@ -1,4 +1,4 @@
-"""mixprec.storage: lossless packing into 1- and 2-byte storage and back, for the torch
+"""mixprec.core.storage: lossless packing into 1- and 2-byte storage and back, for the torch
 dtypes and for custom formats' own bit codes."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mixprec
-from mixprec import formats
-from mixprec.formats import ieee_format
+from mixprec.core import formats
+from mixprec.core.formats import ieee_format
 from tests.reference import assert_same
 
 

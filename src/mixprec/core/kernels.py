@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from mixprec.formats import FloatFormat, Overflow
+from mixprec.core.formats import FloatFormat, Overflow
 
 __all__ = ["Backend", "kernel_backend", "current_backend", "round_to_format", "COMPILE_MIN_NUMEL"]
 
