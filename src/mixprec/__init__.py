@@ -1,46 +1,63 @@
-"""mixprec: train PyTorch models in reduced precision (FP16, BF16, FP8) with FP32's
-accuracy, emulating each format bit for bit where the hardware lacks it.
+"""mixprec: train any PyTorch model in reduced precision (FP16, BF16, FP8) with FP32's
+accuracy, every matrix product emulated bit for bit where the hardware lacks the format.
 
-``prepare(model, optimizer, recipe)`` converts a model and wraps its optimizer for one
-of the papers' recipes. The numeric core is importable from here too: formats (:mod:`mixprec.core.formats`), rounding
-onto a format's grid (:func:`quantize`), per-tensor scales (:func:`scale_from_amax`),
-and packing into real low-precision storage (:func:`to_storage`, :func:`from_storage`).
+The loop is torch.amp's: ``mixprec.convert(model, recipe)``, the user's own optimizer,
+and ``mixprec.GradScaler(recipe)``; ``mixprec.prepare(model, optimizer, recipe)`` is the
+one-call shortcut. ``mixprec.coverage`` says which call ran in which format. The
+numeric core is importable from here too: formats (:mod:`mixprec.core.formats`),
+rounding onto a format's grid (:func:`quantize`), per-tensor scales
+(:func:`scale_from_amax`) and packing into real storage (:func:`to_storage`).
 """
 
 from mixprec.core import formats
-from mixprec.convert import ConversionSummary, convert
 from mixprec.core.formats import FloatFormat
 from mixprec.core.kernels import kernel_backend
-from mixprec.optim import MixedPrecisionOptimizer
 from mixprec.core.quantize import Rounding, quantize, scale_from_amax, tensor_scale
-from mixprec.recipe import RECIPES, Recipe, TensorFormat, TensorScaling, get_recipe
-from mixprec.scaling import DynamicScaling, StaticScaling
 from mixprec.core.storage import from_storage, storage_dtype, to_storage
-from mixprec.training import prepare
+from mixprec.recipe import (
+    ABLATIONS,
+    RECIPES,
+    Gemm,
+    KeepHighPrecision,
+    Operand,
+    Recipe,
+    TensorScaling,
+    get_recipe,
+)
+from mixprec.scaling import DynamicScaling, StaticScaling
+from mixprec.nn import UnsupportedOpError, convert
+from mixprec.nn.coverage import Coverage, coverage
+from mixprec.amp import GradScaler, MixedPrecisionOptimizer, prepare
 from mixprec import stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "ABLATIONS",
     "RECIPES",
-    "ConversionSummary",
+    "Coverage",
     "DynamicScaling",
     "FloatFormat",
+    "Gemm",
+    "GradScaler",
+    "KeepHighPrecision",
     "MixedPrecisionOptimizer",
+    "Operand",
     "Recipe",
-    "StaticScaling",
-    "TensorFormat",
-    "TensorScaling",
-    "convert",
-    "get_recipe",
-    "prepare",
     "Rounding",
+    "StaticScaling",
+    "TensorScaling",
+    "UnsupportedOpError",
+    "convert",
+    "coverage",
     "formats",
-    "stats",
     "from_storage",
+    "get_recipe",
     "kernel_backend",
+    "prepare",
     "quantize",
     "scale_from_amax",
+    "stats",
     "storage_dtype",
     "tensor_scale",
     "to_storage",

@@ -1,14 +1,28 @@
-"""Recipes: which format and rounding each class of tensor gets, which master copy and
-loss scaler the optimizer keeps. Frozen dataclasses and named recipes; no work here.
+"""Recipes: the format, rounding and scaling of every operand of every GEMM, the dtype
+of the other ops, the master weights and the loss scale. Frozen dataclasses and the
+named recipes; no work here.
 
-Tensor classes follow the papers: weights, activations (every GEMM input and output in
-the forward pass), errors (activation gradients, which carry the loss scale) and weight
-gradients.
+Each GEMM of a layer appears three times in training, and a recipe names each operand:
+
+=========  ===========  ======  ===========
+GEMM       left         right   result
+=========  ===========  ======  ===========
+forward    input        weight  output
+dgrad      grad_output  weight  grad_input
+wgrad      grad_output  input   grad_weight
+=========  ===========  ======  ===========
+
+A Parameter operand is a weight; any other operand is an activation (forward) or an
+error (backward). A product of two activations (attention's ``Q K^T`` and ``P V``) uses
+the input's format for both in the forward, and in the backward the error's format for
+the incoming gradient and the input's backward format (``wgrad.right``) for the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,60 +35,28 @@ from mixprec.core.quantize import Rounding
 from mixprec.scaling import DynamicScaling, StaticScaling
 
 __all__ = [
-    "TensorFormat",
     "TensorScaling",
+    "Operand",
+    "Gemm",
+    "KeepHighPrecision",
     "Recipe",
     "RECIPES",
     "ABLATIONS",
     "get_recipe",
-    "FP32_MODULES",
+    "COMPUTE_DTYPES",
 ]
 
-FP32_MODULES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.Softmax,
-    nn.LogSoftmax,
-)
-"""Module types kept in FP32 on purpose: their reductions (norm statistics, softmax)
-need FP32, as paper 1 prescribes. They are listed in convert's summary, not warned of."""
-
-
-@dataclass(frozen=True)
-class TensorFormat:
-    """How one class of tensors is rounded: a format and a rounding mode."""
-
-    format: str = "fp32"
-    rounding: Rounding = "nearest"
-
-    def __post_init__(self) -> None:
-        formats.get(self.format)  # a typo fails here, with the list of names
-        if self.rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be 'nearest' or 'stochastic', not {self.rounding!r}")
-
-    @property
-    def fmt(self) -> FloatFormat:
-        """The :class:`FloatFormat` named by ``format``."""
-        return formats.get(self.format)
-
-    @property
-    def is_fp32(self) -> bool:
-        """Whether this class stays in FP32 (nothing to round)."""
-        fmt = self.fmt
-        return fmt.exponent_bits == 8 and fmt.mantissa_bits == 23
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtypes non-GEMM ops may run in (real torch tensors, torch's own kernels)."""
 
 
 @dataclass(frozen=True)
 class TensorScaling:
-    """FP8 per-tensor scaling: each GEMM input, output and error is divided by a scale
-    that maps its amax onto the format's range (``margin`` binades of headroom),
-    ``"current"`` from this step's amax or ``"delayed"`` from the largest of the last
-    ``history`` steps' (Transformer Engine's default); powers of two keep it exact."""
+    """Per-tensor scaling of an FP8 operand: the tensor is divided by a scale that maps
+    its amax onto the format's range (``margin`` binades of headroom) before rounding,
+    ``"current"`` from this tensor's own amax or ``"delayed"`` from the largest of the
+    last ``history`` amaxes seen at the same call site (Transformer Engine's default);
+    power-of-two scales keep the scaling exact."""
 
     mode: Literal["delayed", "current"] = "delayed"
     history: int = 16
@@ -89,129 +71,217 @@ class TensorScaling:
 
 
 @dataclass(frozen=True)
+class Operand:
+    """How one GEMM operand (or result) is rounded: a format, a rounding mode and an
+    optional per-tensor scaling. ``Operand()`` is FP32: nothing is rounded."""
+
+    format: str = "fp32"
+    rounding: Rounding = "nearest"
+    scaling: TensorScaling | None = None
+
+    def __post_init__(self) -> None:
+        formats.get(self.format)  # a typo fails here, with the list of names
+        if self.rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', not {self.rounding!r}")
+        if self.scaling is not None and not isinstance(self.scaling, TensorScaling):
+            raise TypeError(f"scaling is None or a mixprec.TensorScaling, not {type(self.scaling).__name__}")
+
+    @property
+    def fmt(self) -> FloatFormat:
+        """The :class:`FloatFormat` named by ``format``."""
+        return formats.get(self.format)
+
+    @property
+    def is_fp32(self) -> bool:
+        """Whether this operand stays FP32 (nothing to round)."""
+        fmt = self.fmt
+        return fmt.exponent_bits == 8 and fmt.mantissa_bits == 23 and self.scaling is None
+
+    def describe(self) -> str:
+        """A short label: ``e4m3/delayed``, ``e5m2/SR``, ``bf16``."""
+        label = self.fmt.name
+        if self.rounding == "stochastic":
+            label += "/SR"
+        if self.scaling is not None:
+            label += f"/{self.scaling.mode}"
+        return label
+
+
+FP32 = Operand()
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """The three operands of one GEMM: ``left x right -> result``."""
+
+    left: Operand = FP32
+    right: Operand = FP32
+    result: Operand = FP32
+
+    @staticmethod
+    def uniform(fmt: str, rounding: Rounding = "nearest") -> Gemm:
+        """Every operand and the result in one format."""
+        operand = Operand(fmt, rounding)
+        return Gemm(operand, operand, operand)
+
+
+@dataclass(frozen=True)
+class KeepHighPrecision:
+    """Which modules a recipe keeps in high precision (FP32, all through: their GEMMs,
+    their other ops and what they save for backward).
+
+    ``module_types``: by type (subclasses included); ``names``: by qualified name,
+    shell-style patterns (``"lm_head"``, ``"*.norm"``); ``embeddings``: every
+    ``nn.Embedding``; ``output_head``: the model's output layer (Hugging Face's
+    ``get_output_embeddings()`` where the model has it, else the last ``nn.Linear`` in
+    module order); ``filter_fn(module, name)`` returning False keeps that module too
+    (torchao's ``module_filter_fn`` convention: True means convert)."""
+
+    module_types: tuple[type[nn.Module], ...] = ()
+    names: tuple[str, ...] = ()
+    embeddings: bool = False
+    output_head: bool = False
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+
+    def matches(self, module: nn.Module, name: str) -> str | None:
+        """Why ``module`` (qualified ``name``) is kept, or None if it is not."""
+        if self.module_types and isinstance(module, self.module_types):
+            return f"keep type {type(module).__name__}"
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names):
+            return "keep name"
+        if self.embeddings and isinstance(module, nn.Embedding):
+            return "embedding (recipe default)"
+        if self.filter_fn is not None and name and not self.filter_fn(module, name):
+            return "filter_fn"
+        return None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A complete mixed-precision recipe.
 
-    ``master`` is the format of the optimizer's master copy (fp32 or fp16);
-    ``update_rounding`` rounds the FP32-computed update into a low-precision master
-    (paper 2's stochastic update) and the master into the model's weights. ``loss_scale``
-    is None (no scaling), a number (static) or a :class:`DynamicScaling`.
+    ``forward``, ``dgrad`` and ``wgrad`` name each GEMM's operands (see the module
+    docstring). ``compute_dtype`` is the dtype of non-GEMM ops (``"bf16"``, ``"fp16"`` or
+    ``"fp32"``; norms, softmax and losses run in FP32 whatever it is, as torch.autocast
+    does). ``master`` is the dtype of the model's parameters, which are the master
+    weights (fp32; fp16 or bf16 for paper 2); ``update_rounding`` rounds an update
+    computed in FP32 back into a 16-bit master. ``loss_scale`` is None, a number
+    (static) or a :class:`~mixprec.scaling.DynamicScaling`. ``keep`` names the modules
+    kept in high precision.
     """
 
     name: str
-    weight: TensorFormat = TensorFormat()
-    activation: TensorFormat = TensorFormat()
-    error: TensorFormat = TensorFormat()
-    weight_grad: TensorFormat = TensorFormat()
+    forward: Gemm = Gemm()
+    dgrad: Gemm = Gemm()
+    wgrad: Gemm = Gemm()
+    compute_dtype: str = "fp32"
     master: str = "fp32"
     update_rounding: Rounding = "nearest"
     loss_scale: StaticScaling | DynamicScaling | float | None = None
-    tensor_scaling: TensorScaling | None = None
-    keep_fp32: tuple[type[nn.Module], ...] = field(default=FP32_MODULES)
+    keep: KeepHighPrecision = field(default_factory=KeepHighPrecision)
 
     def __post_init__(self) -> None:
         master = formats.get(self.master)
         if master.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"recipe {self.name!r}: master weights must be fp32, fp16 or bf16, not {self.master!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
-                f"recipe {self.name!r}: master weights must be fp32, fp16 or bf16, not {self.master!r}"
+                f"recipe {self.name!r}: compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                f"not {self.compute_dtype!r}"
             )
         if self.update_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"update_rounding must be 'nearest' or 'stochastic', not {self.update_rounding!r}")
+        for gemm in (self.forward, self.dgrad, self.wgrad):
+            if not isinstance(gemm, Gemm):
+                raise TypeError(f"recipe {self.name!r}: forward, dgrad and wgrad are mixprec.Gemm, not {gemm!r}")
 
     @property
     def is_fp32(self) -> bool:
-        """Whether the recipe changes nothing (every tensor class FP32, FP32 master)."""
-        return all(t.is_fp32 for t in (self.weight, self.activation, self.error, self.weight_grad)) and (
-            formats.get(self.master).mantissa_bits == 23
-        )
+        """Whether the recipe changes nothing (every operand FP32, FP32 compute and master)."""
+        operands = [op for g in (self.forward, self.dgrad, self.wgrad) for op in (g.left, g.right, g.result)]
+        return (all(op.is_fp32 for op in operands) and self.compute_dtype == "fp32"
+                and formats.get(self.master).mantissa_bits == 23)
 
     @property
-    def param_dtype(self) -> torch.dtype:
-        """The dtype the model's converted weights (and so their gradients) are held in:
-        the narrowest of float16, bfloat16 and float32 that holds both weight and
-        weight-gradient values exactly (bfloat16 under per-tensor scaling, for range).
-        FP8 values are held in 16 bits because torch cannot add float8 tensors, and
-        gradients of a weight used twice (RNNs, a GAN's two losses) must accumulate."""
-        kinds = (self.weight.fmt, self.weight_grad.fmt)
-        if all(_fits(fmt, formats.fp16) for fmt in kinds) and self.tensor_scaling is None:
-            return torch.float16
-        if all(_fits(fmt, formats.bf16) for fmt in kinds):
-            return torch.bfloat16
-        return torch.float32
+    def master_dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (the master weights) under this recipe."""
+        dtype = formats.get(self.master).torch_dtype
+        assert dtype is not None
+        return dtype
+
+    @property
+    def compute(self) -> torch.dtype:
+        """The torch dtype of non-GEMM ops."""
+        return COMPUTE_DTYPES[self.compute_dtype]
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether anything is rounded stochastically (the recipe needs a generator)."""
+        operands = [op for g in (self.forward, self.dgrad, self.wgrad) for op in (g.left, g.right, g.result)]
+        return self.update_rounding == "stochastic" or any(op.rounding == "stochastic" for op in operands)
 
     def replace(self, **changes: object) -> Recipe:
         """A copy with some fields changed (recipes are frozen)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _fits(inner: FloatFormat, outer: FloatFormat) -> bool:
-    """Whether every value of ``inner`` is a value of ``outer``."""
-    return (
-        inner.mantissa_bits <= outer.mantissa_bits
-        and inner.smallest_subnormal >= outer.smallest_subnormal
-        and inner.largest <= outer.largest
-        and inner.min_exponent >= outer.min_exponent - (outer.mantissa_bits - inner.mantissa_bits)
-    )
-
-
 _FP8_MIN_SCALE_SCHEDULE = ((0, 1.0), (2000, 2.0**4), (8000, 2.0**8))
+_FP8_KEEP = KeepHighPrecision(embeddings=True, output_head=True)
+
+
+def _paper2(error_rounding: Rounding = "stochastic") -> dict[str, Gemm]:
+    """E5M2 everywhere: weights and activations to nearest, errors and gradients as given."""
+    e5m2, err = Operand("e5m2"), Operand("e5m2", error_rounding)
+    return {"forward": Gemm(e5m2, e5m2, e5m2), "dgrad": Gemm(err, e5m2, err), "wgrad": Gemm(err, e5m2, err)}
+
+
+_DELAYED = TensorScaling("delayed", history=16)
+_E4M3 = Operand("e4m3", scaling=_DELAYED)
+_E4M3_WEIGHT = Operand("e4m3", scaling=TensorScaling("current"))
+_E5M2_GRAD = Operand("e5m2", scaling=_DELAYED)
+_BF16 = Operand("bf16")
 
 RECIPES: dict[str, Recipe] = {
     "fp32": Recipe("fp32"),
     "fp16": Recipe(
-        "fp16",
-        weight=TensorFormat("fp16"),
-        activation=TensorFormat("fp16"),
-        error=TensorFormat("fp16"),
-        weight_grad=TensorFormat("fp16"),
-        master="fp32",
-        loss_scale=DynamicScaling(),
+        "fp16", forward=Gemm.uniform("fp16"), dgrad=Gemm.uniform("fp16"), wgrad=Gemm.uniform("fp16"),
+        compute_dtype="fp16", loss_scale=DynamicScaling(),
     ),
     "bf16": Recipe(
-        "bf16",
-        weight=TensorFormat("bf16"),
-        activation=TensorFormat("bf16"),
-        error=TensorFormat("bf16"),
-        weight_grad=TensorFormat("bf16"),
-        master="fp32",
+        "bf16", forward=Gemm.uniform("bf16"), dgrad=Gemm.uniform("bf16"), wgrad=Gemm.uniform("bf16"),
+        compute_dtype="bf16",
     ),
     "fp8": Recipe(
-        "fp8",
-        weight=TensorFormat("e5m2"),
-        activation=TensorFormat("e5m2"),
-        error=TensorFormat("e5m2", "stochastic"),
-        weight_grad=TensorFormat("e5m2", "stochastic"),
-        master="fp16",
-        update_rounding="stochastic",
-        loss_scale=DynamicScaling(min_scale_schedule=_FP8_MIN_SCALE_SCHEDULE),
+        "fp8", **_paper2(), compute_dtype="fp16", master="fp16", update_rounding="stochastic",
+        loss_scale=DynamicScaling(min_scale_schedule=_FP8_MIN_SCALE_SCHEDULE), keep=_FP8_KEEP,
     ),
     "fp8-hybrid": Recipe(
         "fp8-hybrid",
-        weight=TensorFormat("e4m3"),
-        activation=TensorFormat("e4m3"),
-        error=TensorFormat("e5m2"),
-        weight_grad=TensorFormat("e5m2"),
-        master="fp32",
-        tensor_scaling=TensorScaling("delayed", history=16),
+        forward=Gemm(_E4M3, _E4M3_WEIGHT, _BF16),
+        dgrad=Gemm(_E5M2_GRAD, _E4M3_WEIGHT, _BF16),
+        wgrad=Gemm(_E5M2_GRAD, _E4M3, _BF16),
+        compute_dtype="bf16", keep=_FP8_KEEP,
     ),
 }
-"""The named recipes: ``fp32`` (the reference), ``fp16`` (paper 1), ``bf16``, ``fp8``
-(paper 2: E5M2 everywhere, FP16 master, enhanced loss scaling, stochastic rounding of
-errors, gradients and the update) and ``fp8-hybrid`` (E4M3 forward, E5M2 backward,
-delayed per-tensor scaling, FP32 master: Transformer Engine's default)."""
+"""The named recipes: ``fp32`` (the reference); ``fp16`` (paper 1: FP16 operands and
+results, FP32 masters, dynamic loss scaling); ``bf16``; ``fp8`` (paper 2: E5M2 for every
+operand and result, errors and gradients rounded stochastically, FP16 masters with a
+stochastically rounded update, enhanced loss scaling); ``fp8-hybrid`` (Transformer
+Engine's default: E4M3 inputs and weights, E5M2 gradients, per-tensor scaling
+(delayed for activations and gradients, current for weights), BF16 results). The FP8
+recipes keep embeddings and the output head in high precision, as FP8 practice does
+(``recipe.replace(keep=KeepHighPrecision())`` runs them in FP8 too)."""
 
 
 ABLATIONS: dict[str, Recipe] = {
     "fp16-noscale": RECIPES["fp16"].replace(name="fp16-noscale", loss_scale=None),
     "fp16-nomaster": RECIPES["fp16"].replace(name="fp16-nomaster", master="fp16", update_rounding="nearest"),
-    "fp8-rne": RECIPES["fp8"].replace(
-        name="fp8-rne", error=TensorFormat("e5m2"), weight_grad=TensorFormat("e5m2"), update_rounding="nearest"
-    ),
+    "fp8-rne": RECIPES["fp8"].replace(name="fp8-rne", **_paper2("nearest"), update_rounding="nearest"),
     "fp8-nominscale": RECIPES["fp8"].replace(name="fp8-nominscale", loss_scale=DynamicScaling()),
 }
 """Recipes that each drop one ingredient, to show why it is there: loss scaling
-(``fp16-noscale``), the FP32 master copy (``fp16-nomaster``: the update is applied and
-rounded in FP16), stochastic rounding (``fp8-rne``: round-to-nearest for errors,
+(``fp16-noscale``), the FP32 master copy (``fp16-nomaster``: FP16 parameters, the update
+rounded to nearest), stochastic rounding (``fp8-rne``: round-to-nearest for errors,
 gradients and the update), and the rising minimum loss scale (``fp8-nominscale``)."""
 
 

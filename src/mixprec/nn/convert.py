@@ -1,0 +1,174 @@
+"""``convert(model, recipe)``: make any ``nn.Module`` run under a recipe.
+
+Nothing in the model is replaced or copied. Its parameters stay its own and become
+the master weights (cast to the recipe's master dtype: FP32, or FP16 for paper 2);
+hooks enter :class:`~mixprec.nn.intercept.EmulationMode` around the model's forward
+and leave it on exit, errors included; modules the recipe keeps in high precision get
+FP32 inputs. The per-model state (generator, amax histories, rounded weights) lives on
+the model as ``model._mixprec`` and travels in ``model.state_dict()`` under the key
+``_mixprec_state``; a state dict without it (pretrained weights) loads as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec.nn.intercept import EmulationMode
+from mixprec.nn.state import EngineState
+from mixprec.recipe import Recipe, get_recipe
+
+__all__ = ["convert", "engine_state", "is_converted", "STATE_KEY"]
+
+STATE_KEY = "_mixprec_state"
+"""The state-dict key of a converted model's mixprec state."""
+
+
+def engine_state(model: nn.Module) -> EngineState:
+    """The :class:`EngineState` of a converted model (unwrapping DDP, FSDP and
+    ``torch.compile`` wrappers); a clear error for a model that was never converted."""
+    for candidate in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        state = getattr(candidate, "_mixprec", None)
+        if isinstance(state, EngineState):
+            return state
+    raise ValueError("this model was not converted: call mixprec.convert(model, recipe) first")
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether :func:`convert` ran on ``model`` (or the model a wrapper holds)."""
+    try:
+        engine_state(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (AttributeError, NotImplementedError):
+            head = None
+        if isinstance(head, nn.Module):
+            return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def _kept_modules(model: nn.Module, recipe: Recipe) -> dict[str, str]:
+    rules = recipe.keep
+    head = _output_head(model) if rules.output_head else None
+    kept: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if any(name.startswith(f"{outer}.") for outer in kept):
+            continue  # inside a kept module already
+        why = "output head (recipe default)" if module is head else rules.matches(module, name)
+        if why is not None:
+            kept[name] = why
+    return kept
+
+
+def _widen_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def widen(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+            return value.float()
+        return value
+
+    return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+
+
+def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator | None = None) -> nn.Module:
+    """Run every GEMM-family call of ``model``'s forward (and backward) under
+    ``recipe``; returns the same model. ``generator`` drives stochastic rounding (by
+    default one seeded from torch's global RNG, so ``torch.manual_seed`` makes a run
+    repeatable). Convert before wrapping in DDP/FSDP and before ``torch.compile``."""
+    recipe = get_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert takes an nn.Module, not {type(model).__name__}")
+    if is_converted(model):
+        raise ValueError("this model was already converted by mixprec; convert the original model once")
+    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        raise ValueError(
+            f"convert the model before wrapping it ({type(model).__name__}): mixprec.convert(model, recipe), "
+            "then DistributedDataParallel / fully_shard / torch.compile")
+    params = list(model.parameters())
+    if generator is None and recipe.stochastic:
+        device = params[0].device if params else torch.device("cpu")
+        seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in params:
+            if param.is_floating_point() and param.dtype != recipe.master_dtype:
+                param.data = param.data.to(recipe.master_dtype)
+    state = EngineState(recipe, generator, kept=_kept_modules(model, recipe))
+    model._mixprec = state  # type: ignore[assignment]
+    if recipe.is_fp32:
+        return model
+    _attach(model, state)
+    return model
+
+
+def _attach(model: nn.Module, state: EngineState) -> None:
+    mode = EmulationMode(state)
+    depth = [0]
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        if depth[0] == 0:
+            state.begin_forward(module.training)
+            mode.__enter__()
+        depth[0] += 1
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            mode.__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter, prepend=True)
+    model.register_forward_hook(leave, always_call=True)
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        kept = name in state.kept
+        module.register_forward_pre_hook(_push(state, name, kept), with_kwargs=True)
+        module.register_forward_hook(_pop(state, kept), always_call=True)
+    model.register_state_dict_post_hook(_save_state)
+    model.register_load_state_dict_pre_hook(_load_state)
+
+
+def _push(state: EngineState, name: str, kept: bool) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state.module_stack.append(name)
+        if kept:
+            state.high_precision += 1
+            return _widen_inputs(args, kwargs)
+        return None
+    return hook
+
+
+def _pop(state: EngineState, kept: bool) -> Any:
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if state.module_stack:
+            state.module_stack.pop()
+        if kept:
+            state.high_precision -= 1
+    return hook
+
+
+def _save_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    state = getattr(module, "_mixprec", None)
+    if isinstance(state, EngineState):
+        state_dict[prefix + STATE_KEY] = state.state_dict()
+
+
+def _load_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    saved = state_dict.pop(prefix + STATE_KEY, None)
+    state = getattr(module, "_mixprec", None)
+    if saved is not None and isinstance(state, EngineState):
+        state.load_state_dict(saved)
+    if isinstance(state, EngineState):
+        state.clear_weights()

@@ -1,0 +1,421 @@
+"""The emulated GEMM family as autograd functions: matrix products (linear, addmm, mm,
+bmm, matmul), convolutions and embedding, and attention and the LSTM/GRU recurrences
+built from them.
+
+Every product follows one rule: each operand is rounded to its format (per the recipe's
+forward, dgrad or wgrad GEMM, by its role: a Parameter is a weight), the exact products
+are accumulated in FP32, and the result is rounded once to the result's format. The
+FP32 kernels give exactly that up to the order of the FP32 summation: values of every
+format mixprec emulates, and their pairwise products, are exact in FP32. What an op
+saves for backward is its rounded operands in their real storage (1 byte for FP8, 2
+for FP16/BF16), never the FP32 input.
+
+State lives in the :class:`~mixprec.nn.state.EngineState` the call passes in (the
+model's) and in the autograd context; these functions hold none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mixprec.nn.state import CallRecord, EngineState, Quantized, quantize_operand, result_dtype
+from mixprec.recipe import Operand
+
+__all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "lstm", "gru"]
+
+
+def _is_weight(t: torch.Tensor | None) -> bool:
+    return isinstance(t, torch.nn.Parameter)
+
+
+@dataclass
+class _Call:
+    """One call's context: the model's engine state and the call site's name."""
+
+    state: EngineState
+    site: str
+
+
+def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str) -> Quantized:
+    recipe = call.state.recipe
+    operand = recipe.forward.right if weight else recipe.forward.left
+    if weight:
+        return call.state.weight(x, operand, f"{call.site}.{key}")
+    return quantize_operand(x, operand, call.state, f"{call.site}.{key}")
+
+
+def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantized, key: str) -> Quantized:
+    """What backward needs of an operand: the copy in its backward format (dgrad's
+    weight operand, or wgrad's input), made now from the high-precision tensor where it
+    differs from the forward's, else the forward's own rounded copy."""
+    recipe = call.state.recipe
+    operand = recipe.dgrad.right if weight else recipe.wgrad.right
+    if operand == forward.operand:
+        return forward.drop_values()
+    if weight:
+        return call.state.weight(x, operand, f"{call.site}.{key}.backward").drop_values()
+    return quantize_operand(x, operand, call.state, f"{call.site}.{key}.backward").drop_values()
+
+
+def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]) -> list[Quantized]:
+    """The incoming error rounded once per distinct format it is needed in: dgrad's
+    left operand for activation gradients, wgrad's for weight gradients."""
+    recipe = call.state.recipe
+    done: dict[Operand, Quantized] = {}
+    out = []
+    for weight in for_weight:
+        operand = recipe.wgrad.left if weight else recipe.dgrad.left
+        if operand not in done:
+            done[operand] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output")
+        out.append(done[operand])
+    return out
+
+
+def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh FP32 result rounded once to its format, in its holding dtype (or ``dtype``)."""
+    rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True).values()
+    return rounded.to(dtype or result_dtype(operand, call.state.recipe.compute))
+
+
+def _grad_result(call: _Call, y: torch.Tensor, weight: bool, dtype: torch.dtype) -> torch.Tensor:
+    recipe = call.state.recipe
+    operand = recipe.wgrad.result if weight else recipe.dgrad.result
+    return _finish(call, y, operand, "grad_weight" if weight else "grad_input", dtype)
+
+
+class _NoAutocast:
+    """Run the op's own FP32 kernels whatever autocast the caller has on."""
+
+    def __enter__(self) -> None:
+        self.contexts = [torch.autocast(device_type=d, enabled=False) for d in ("cpu", "cuda")
+                         if d == "cpu" or torch.cuda.is_available()]
+        for context in self.contexts:
+            context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for context in reversed(self.contexts):
+            context.__exit__(*exc)
+
+
+# ---- matrix products ------------------------------------------------------------------
+
+
+def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A broadcast gradient summed back to its operand's shape."""
+    return t if t.shape == shape else t.sum_to_size(shape)
+
+
+class _Gemm(torch.autograd.Function):
+    """``a @ op(b) + bias`` with torch.matmul's broadcasting; ``op`` transposes the
+    last two dimensions of b when ``transpose_b`` (F.linear's weight)."""
+
+    @staticmethod
+    def forward(ctx: Any, a, b, bias, call: _Call, transpose_b: bool):  # type: ignore[override]
+        weights = (_is_weight(a), _is_weight(b))
+        qa = _forward_operand(call, a, weights[0], "a")
+        qb = _forward_operand(call, b, weights[1], "b")
+        with _NoAutocast():
+            right = qb.values()
+            right = right.transpose(-1, -2) if transpose_b else right
+            y = torch.matmul(qa.values(), right)
+            if bias is not None:
+                y.add_(bias.float())
+        out = _finish(call, y, call.state.recipe.forward.result, "output")
+        ctx.call, ctx.transpose_b, ctx.weights = call, transpose_b, weights
+        ctx.shapes = (a.shape, b.shape)
+        ctx.dtypes = (a.dtype, b.dtype, None if bias is None else bias.dtype)
+        ctx.saved_a = _backward_copy(call, a, weights[0], qa, "a") if ctx.needs_input_grad[1] else None
+        ctx.saved_b = _backward_copy(call, b, weights[1], qb, "b") if ctx.needs_input_grad[0] else None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        call: _Call = ctx.call
+        need_a, need_b, need_bias = ctx.needs_input_grad[:3]
+        grad_a = grad_b = grad_bias = None
+        wanted = [w for w, need in zip(ctx.weights, (need_a, need_b)) if need]
+        if need_bias:
+            wanted.append(True)
+        rounded = iter(_grad_operands(call, grad_output, tuple(wanted)))
+        with _NoAutocast():
+            if need_a:
+                g = next(rounded).values()
+                right = ctx.saved_b.values()
+                right = right if ctx.transpose_b else right.transpose(-1, -2)
+                grad_a = _grad_result(call, _reduce_to(torch.matmul(g, right), ctx.shapes[0]), ctx.weights[0],
+                                      ctx.dtypes[0])
+            if need_b:
+                g = next(rounded).values()
+                left = ctx.saved_a.values()
+                if len(ctx.shapes[1]) == 2 and left.dim() > 2:  # a weight under batched inputs: one GEMM
+                    product = left.reshape(-1, left.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+                else:
+                    product = torch.matmul(left.transpose(-1, -2), g)
+                product = _reduce_to(product.transpose(-1, -2) if ctx.transpose_b else product, ctx.shapes[1])
+                grad_b = _grad_result(call, product.contiguous(), ctx.weights[1], ctx.dtypes[1])
+            if need_bias:
+                g = next(rounded).values()
+                grad_bias = _grad_result(call, g.reshape(-1, g.shape[-1]).sum(0), True, ctx.dtypes[2])
+        return grad_a, grad_b, grad_bias, None, None
+
+
+def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+         transpose_b: bool = False, op: str = "matmul", site: str | None = None) -> torch.Tensor:
+    """``a @ b`` (``a @ b.mT`` when ``transpose_b``) plus ``bias``, under the state's
+    recipe, with torch.matmul's broadcasting (1-D operands included)."""
+    squeeze = []
+    if a.dim() == 1:
+        a, squeeze = a.unsqueeze(0), squeeze + [-2]
+    if b.dim() == 1:
+        b = b.unsqueeze(0 if transpose_b else -1)
+        squeeze.append(-1)
+    call = _Call(state, site or state.site(op))
+    if state.log is not None:
+        m, k = a.shape[-2], a.shape[-1]
+        n = b.shape[-2] if transpose_b else b.shape[-1]
+        batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+        _log(state, call.site, op, 2.0 * batch * m * n * k, (a, b), a.requires_grad, b.requires_grad)
+    out = _Gemm.apply(a, b, bias, call, transpose_b)
+    for dim in squeeze:
+        out = out.squeeze(dim)
+    return out
+
+
+def _log(state: EngineState, site: str, op: str, flops: float, operands: tuple[torch.Tensor, ...],
+         grad_left: bool, grad_right: bool) -> None:
+    """Record a call for the coverage report: forward FLOPs plus those of the backward
+    GEMMs that will run, and each operand's format."""
+    recipe = state.recipe
+    roles = ["weight" if _is_weight(t) else "input" for t in operands]
+    forward = {f"forward.{'left' if i == 0 else 'right'} ({role})":
+               (recipe.forward.right if role == "weight" else recipe.forward.left).describe()
+               for i, role in enumerate(roles)}
+    forward["forward.result"] = recipe.forward.result.describe()
+    if grad_left or grad_right:
+        forward["dgrad.left"] = recipe.dgrad.left.describe()
+        forward["wgrad.left"] = recipe.wgrad.left.describe()
+    total = flops * (1 + int(grad_left) + int(grad_right))
+    assert state.log is not None
+    state.log.append(CallRecord(site, op, total, forward, emulated=True))
+
+
+# ---- convolution ------------------------------------------------------------------------
+
+
+class _Convolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, call: _Call, geometry: tuple):  # type: ignore[override]
+        qx = _forward_operand(call, x, False, "input")
+        qw = _forward_operand(call, weight, _is_weight(weight), "weight")
+        with _NoAutocast():
+            y = torch.ops.aten.convolution(qx.values(), qw.values(), None if bias is None else bias.float(),
+                                           *geometry)
+        out = _finish(call, y, call.state.recipe.forward.result, "output")
+        ctx.call, ctx.geometry, ctx.weight_role = call, geometry, _is_weight(weight)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.weight_shape, ctx.input_shape = weight.shape, tuple(x.shape)
+        ctx.saved_x = _backward_copy(call, x, False, qx, "input") if ctx.needs_input_grad[1] else None
+        ctx.saved_w = _backward_copy(call, weight, ctx.weight_role, qw, "weight")
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        call: _Call = ctx.call
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
+        shape = ctx.weight_shape
+        out_channels = shape[1] * groups if transposed else shape[0]
+        g_data, g_weight = _grad_operands(call, grad_output, (False, ctx.weight_role))
+        w = ctx.saved_w.values()
+        grad_x = grad_w = grad_b = None
+        with _NoAutocast():
+            if need_x:
+                # the input gradient needs only the input's shape: pass an empty stand-in
+                x_shape = w.new_zeros(()).expand(ctx.input_shape)
+                grad_x, _, _ = torch.ops.aten.convolution_backward(
+                    g_data.values(), x_shape, w, None, stride, padding, dilation, transposed, output_padding,
+                    groups, [True, False, False])
+                grad_x = _grad_result(call, grad_x, False, ctx.dtypes[0])
+            if need_w or need_b:
+                x = ctx.saved_x.values() if ctx.saved_x is not None else None
+                g = g_weight.values()
+                if need_w:
+                    _, grad_w, _ = torch.ops.aten.convolution_backward(
+                        g, x, w, None, stride, padding, dilation, transposed, output_padding, groups,
+                        [False, True, False])
+                    grad_w = _grad_result(call, grad_w, ctx.weight_role, ctx.dtypes[1])
+                if need_b:
+                    dims = [0] + list(range(2, g.dim()))
+                    grad_b = _grad_result(call, g.sum(dims), True, ctx.dtypes[2])
+        return grad_x, grad_w, grad_b, None, None
+
+
+def convolution(state: EngineState, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
+                output_padding: list[int], groups: int, op: str = "conv") -> torch.Tensor:
+    """aten's convolution (transposed too) under the recipe."""
+    geometry = (list(stride), list(padding), list(dilation), transposed, list(output_padding), groups)
+    call = _Call(state, state.site(op))
+    if state.log is not None:
+        with torch.no_grad(), _NoAutocast():
+            probe = torch.ops.aten.convolution(torch.zeros(x.shape, device="meta"),
+                                               torch.zeros(weight.shape, device="meta"), None, *geometry)
+        spatial = math.prod(probe.shape[2:]) if not transposed else math.prod(x.shape[2:])
+        per_output = math.prod(weight.shape[1:]) if not transposed else math.prod(weight.shape[1:])
+        channels = probe.shape[1] if not transposed else x.shape[1]
+        flops = 2.0 * x.shape[0] * spatial * channels * per_output
+        _log(state, call.site, op, flops, (x, weight), x.requires_grad, weight.requires_grad)
+    return _Convolution.apply(x, weight, bias, call, geometry)
+
+
+# ---- embedding --------------------------------------------------------------------------
+
+
+class _Embedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, indices, weight, call: _Call, padding_idx: int | None):  # type: ignore[override]
+        qw = _forward_operand(call, weight, True, "weight")
+        with _NoAutocast():
+            y = F.embedding(indices, qw.values(), padding_idx)
+        ctx.call, ctx.padding_idx, ctx.shape, ctx.dtype = call, padding_idx, weight.shape, weight.dtype
+        ctx.save_for_backward(indices)
+        return _finish(call, y, call.state.recipe.forward.result, "output")
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        call: _Call = ctx.call
+        (indices,) = ctx.saved_tensors
+        (g,) = _grad_operands(call, grad_output, (True,))
+        values = g.values()
+        grad_w = torch.zeros(ctx.shape, dtype=torch.float32, device=values.device)
+        grad_w.index_add_(0, indices.reshape(-1), values.reshape(-1, ctx.shape[1]))
+        if ctx.padding_idx is not None:
+            grad_w[ctx.padding_idx] = 0
+        return None, _grad_result(call, grad_w, True, ctx.dtype), None, None
+
+
+def embedding(state: EngineState, indices: torch.Tensor, weight: torch.Tensor,
+              padding_idx: int | None = None) -> torch.Tensor:
+    """Rows of the rounded weight (a one-hot GEMM); the weight gradient is summed in
+    FP32 from the rounded errors and rounded once."""
+    call = _Call(state, state.site("embedding"))
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    if state.log is not None:
+        # as a one-hot GEMM: the FLOPs a dense product would take are not spent; count the rows
+        state.log.append(CallRecord(call.site, "embedding", 0.0, {
+            "forward.right (weight)": state.recipe.forward.right.describe(),
+            "forward.result": state.recipe.forward.result.describe()}, emulated=True))
+    return _Embedding.apply(indices, weight, call, padding_idx)
+
+
+# ---- attention --------------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(
+    state: EngineState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+    scale: float | None = None, enable_gqa: bool = False,
+) -> torch.Tensor:
+    """torch's scaled_dot_product_attention (masks, causal, dropout, grouped-query
+    heads) with both products emulated: ``S = Q K^T`` and ``O = P V`` are GEMMs of the
+    recipe (Q, K, V and P rounded as inputs, results rounded), the scaling, mask and
+    softmax in FP32 (the softmax rule of paper 1 and of torch.autocast)."""
+    length, source = query.shape[-2], key.shape[-2]
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeat, dim=-3)
+        value = value.repeat_interleave(repeat, dim=-3)
+    factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = gemm(state, query, key, transpose_b=True, op="sdpa.qk").float() * factor
+    if is_causal:
+        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    probabilities = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probabilities = F.dropout(probabilities, p=dropout_p, training=True)
+    return gemm(state, probabilities, value, op="sdpa.pv")
+
+
+# ---- recurrences ------------------------------------------------------------------------
+
+
+def _layer_weights(weights: list[torch.Tensor], layer: int, has_bias: bool) -> tuple[Any, ...]:
+    per_layer = 4 if has_bias else 2
+    chunk = weights[layer * per_layer:(layer + 1) * per_layer]
+    return tuple(chunk) if has_bias else (chunk[0], chunk[1], None, None)
+
+
+def _recurrence(state: EngineState, kind: str, x: torch.Tensor, hx: tuple[torch.Tensor, ...],
+                weights: list[torch.Tensor], has_bias: bool, num_layers: int, dropout: float, training: bool,
+                bidirectional: bool, batch_first: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    if bidirectional:
+        raise NotImplementedError(
+            f"mixprec emulates unidirectional nn.{kind.upper()} only; keep this module in high precision "
+            "with KeepHighPrecision(module_types=(nn.LSTM, nn.GRU)) or names=[...]")
+    if len(weights) != num_layers * (4 if has_bias else 2):
+        raise NotImplementedError(f"mixprec does not emulate nn.{kind.upper()} with proj_size; keep it in "
+                                  "high precision (KeepHighPrecision)")
+    sequence = x.transpose(0, 1) if batch_first else x
+    finals: list[list[torch.Tensor]] = [[] for _ in hx]
+    compute = result_dtype(state.recipe.forward.result, state.recipe.compute)
+    module = state.module_stack[-1] if state.module_stack else ""
+    for layer in range(num_layers):
+        w_ih, w_hh, b_ih, b_hh = _layer_weights(weights, layer, has_bias)
+        projected = gemm(state, sequence, w_ih, b_ih, transpose_b=True, op=f"{kind}{layer}.ih").float()
+        h = hx[0][layer]
+        c = hx[1][layer] if kind == "lstm" else None
+        outputs = []
+        site = f"{module}:{kind}{layer}.hh"
+        for step in range(sequence.shape[0]):
+            recurrent = gemm(state, h, w_hh, b_hh, transpose_b=True, op=f"{kind}.hh", site=site).float()
+            if kind == "lstm":
+                i, f, g, o = (projected[step] + recurrent).chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = (torch.sigmoid(o) * torch.tanh(c)).to(compute)
+            else:
+                xr, xz, xn = projected[step].chunk(3, dim=-1)
+                hr, hz, hn = recurrent.chunk(3, dim=-1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                n = torch.tanh(xn + r * hn)
+                h = ((1 - z) * n + z * h.float()).to(compute)
+            outputs.append(h)
+        sequence = torch.stack(outputs)
+        if dropout and training and layer < num_layers - 1:
+            sequence = F.dropout(sequence, dropout)
+        finals[0].append(h)
+        if c is not None:
+            finals[1].append(c)
+    output = sequence.transpose(0, 1) if batch_first else sequence
+    return output, tuple(torch.stack(f).to(hx[0].dtype) for f in finals if f)
+
+
+def lstm(state: EngineState, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor],
+         has_bias: bool, num_layers: int, dropout: float, training: bool, bidirectional: bool,
+         batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.lstm`` (what nn.LSTM runs) with each layer's input projection one GEMM
+    over all time steps and the recurrent product one GEMM per step, both under the
+    recipe; the gates and cell state are point-wise FP32 (as fused RNN kernels keep
+    them), the hidden state is held in the recipe's result dtype."""
+    output, (h, c) = _recurrence(state, "lstm", x, hx, weights, has_bias, num_layers, dropout, training,
+                                 bidirectional, batch_first)
+    return output, h, c
+
+
+def gru(state: EngineState, x: torch.Tensor, hx: torch.Tensor, weights: list[torch.Tensor], has_bias: bool,
+        num_layers: int, dropout: float, training: bool, bidirectional: bool,
+        batch_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.gru`` (what nn.GRU runs), emulated as :func:`lstm` is."""
+    output, (h,) = _recurrence(state, "gru", x, (hx,), weights, has_bias, num_layers, dropout, training,
+                               bidirectional, batch_first)
+    return output, h
