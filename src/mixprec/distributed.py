@@ -1,10 +1,11 @@
 """Multi-process training on PyTorch's own engine: ``torch.distributed`` and
 ``DistributedDataParallel`` (DDP), with gradient all-reduce in reduced precision.
 
-The order is: build the float model and its torch optimizer, :func:`mixprec.prepare`
-them, then wrap the *converted* model in DDP (:func:`wrap_ddp` does it, and registers a
-communication hook). DDP hooks the parameters it finds at construction, and ``prepare``
-replaces the converted layers' parameters, so DDP must come second.
+The order is: build the model and its torch optimizer, :func:`mixprec.prepare` them (or
+``mixprec.convert`` the model), then wrap the *converted* model in DDP (:func:`wrap_ddp`
+does it, and registers a communication hook). The model's parameters are the master
+weights, so DDP broadcasts rank 0's masters at construction; ``convert`` may change
+their dtype (FP16 masters), so DDP must come second.
 
 Communication hooks (``ddp_model.register_comm_hook(state, hook)``) reduce each gradient
 bucket in one of:
@@ -12,8 +13,8 @@ bucket in one of:
 - ``fp32``: cast to float32, all-reduce (sum), divide by the world size: the baseline,
   4 bytes per gradient element whatever the parameter dtype.
 - ``fp16`` / ``bf16``: divide by the world size in float32, cast to 16 bits, all-reduce,
-  cast back: 2 bytes per element. The hook runs inside ``optimizer.backward``, so the
-  gradients still carry the loss scale (the optimizer unscales them in ``step()``): small
+  cast back: 2 bytes per element. The hook runs inside the backward, so the
+  gradients still carry the loss scale (the GradScaler unscales them afterwards): small
   FP16 gradients do not underflow on the wire, as they do not in the backward pass.
 - ``e5m2`` (alias ``fp8``): one per-bucket scale agreed by all ranks (all-reduce MAX of
   the bucket's amax, 4 bytes, rounded up to a power of two so scaling is exact), the
@@ -45,7 +46,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mixprec.optim import MixedPrecisionOptimizer
+from mixprec.amp import MixedPrecisionOptimizer
+from mixprec.nn.convert import engine_state, is_converted
 from mixprec.core.quantize import scale_from_amax
 from mixprec.core.storage import from_storage, to_storage
 
@@ -174,17 +176,19 @@ def comm_hook(
     return state, (_e5m2_hook if name == "e5m2" else _all_reduce_hook)
 
 
-def sync_from_rank0(optimizer: MixedPrecisionOptimizer, process_group: Any = None) -> None:
-    """Broadcast the optimizer's master weights and stochastic-rounding generator from
-    rank 0, so every rank starts from the same masters whatever its seed (DDP itself
-    broadcasts only the model's parameters and buffers). Call before training."""
-    with torch.no_grad():
-        for master, _ in optimizer.pairs:
-            dist.broadcast(master.data, src=_global_rank0(process_group), group=process_group)
-    if optimizer.generator is not None:
-        generator_state = optimizer.generator.get_state()
-        dist.broadcast(generator_state, src=_global_rank0(process_group), group=process_group)
-        optimizer.generator.set_state(generator_state)
+def sync_from_rank0(model: nn.Module, optimizer: MixedPrecisionOptimizer | None = None,
+                    process_group: Any = None) -> None:
+    """Broadcast rank 0's stochastic-rounding generators (the model's, and the
+    optimizer's update rounding), so every rank rounds alike whatever its seed. DDP
+    itself broadcasts the parameters (the masters) and buffers. Call before training."""
+    generators = [engine_state(model).generator]
+    if optimizer is not None:
+        generators.append(optimizer.scaler.generator)
+    for generator in generators:
+        if generator is not None:
+            generator_state = generator.get_state()
+            dist.broadcast(generator_state, src=_global_rank0(process_group), group=process_group)
+            generator.set_state(generator_state)
 
 
 def _global_rank0(process_group: Any) -> int:
@@ -213,16 +217,16 @@ def wrap_ddp(
     if isinstance(model, DistributedDataParallel):
         raise ValueError(
             "this model is already wrapped in DistributedDataParallel; the order is prepare(model, ...) "
-            "on the float model, then wrap_ddp on the converted model"
+            "on the plain model, then wrap_ddp on the converted model"
         )
     if not isinstance(optimizer, MixedPrecisionOptimizer):
         raise TypeError(
             f"wrap_ddp takes the MixedPrecisionOptimizer that mixprec.prepare returned, not {type(optimizer).__name__}"
         )
-    if getattr(model, "_mixprec_recipe", None) is None:
+    if not is_converted(model):
         raise ValueError("call mixprec.prepare(model, optimizer, recipe) first, then wrap the converted model")
-    sync_from_rank0(optimizer, process_group)
-    optimizer.process_group = process_group
+    sync_from_rank0(model, optimizer, process_group)
+    optimizer.scaler.process_group = process_group
     ddp_model = DistributedDataParallel(model, process_group=process_group, **ddp_kwargs)
     state, hook = comm_hook(name, process_group)
     ddp_model.register_comm_hook(state, hook)

@@ -133,8 +133,8 @@ class KeepHighPrecision:
     ``module_types``: by type (subclasses included); ``names``: by qualified name,
     shell-style patterns (``"lm_head"``, ``"*.norm"``); ``embeddings``: every
     ``nn.Embedding``; ``output_head``: the model's output layer (Hugging Face's
-    ``get_output_embeddings()`` where the model has it, else the last ``nn.Linear`` in
-    module order); ``filter_fn(module, name)`` returning False keeps that module too
+    ``get_output_embeddings()`` where the model has it, else the last linear or
+    convolution in module order); ``filter_fn(module, name)`` returning False keeps that module too
     (torchao's ``module_filter_fn`` convention: True means convert)."""
 
     module_types: tuple[type[nn.Module], ...] = ()

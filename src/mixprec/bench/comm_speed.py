@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from mixprec.distributed import COMM_FORMATS, resolve_comm_format, run_processes, wrap_ddp
 from mixprec.experiments.models import resnet_style_cnn
 from mixprec.recipe import get_recipe
-from mixprec.training import prepare
+from mixprec.amp import prepare
 
 __all__ = ["CommRow", "CommBenchConfig", "run_comm_bench", "COUNTS_NOTE"]
 
@@ -92,7 +92,7 @@ def _bench_worker(config: CommBenchConfig, out: str) -> None:
         ddp_model, optimizer, _ = runs[comm]
         dist.barrier()  # every rank starts the step together
         start = time.perf_counter()
-        optimizer.backward(F.cross_entropy(ddp_model(x), y))
+        optimizer.backward(F.cross_entropy(ddp_model(x).float(), y))
         optimizer.step()
         optimizer.zero_grad()
         return time.perf_counter() - start

@@ -16,9 +16,10 @@ from torch import nn
 
 from mixprec.bench.timing import median_seconds
 from mixprec.experiments.models import TransformerBlock, resnet_style_cnn
-from mixprec.memory import SavedBytesCounter
+from mixprec.stats.memory import SavedBytesCounter
 from mixprec.recipe import RECIPES
-from mixprec.training import prepare
+from mixprec.amp import prepare
+from mixprec.nn.convert import engine_state
 
 __all__ = ["StepRow", "run_step_bench", "CONFIGS", "transformer_block"]
 
@@ -75,9 +76,8 @@ def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _optimizer_bytes(optimizer: torch.optim.Optimizer, masters: Sequence[torch.Tensor]) -> int:
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return _tensor_bytes(state) + _tensor_bytes(masters)
+def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _tensor_bytes([v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
 
 
 class _Run:
@@ -116,10 +116,10 @@ class _Run:
         with SavedBytesCounter(exclude_from=[self.model]) as counter:
             loss = self.loss()
         del loss
-        masters = [master for master, _ in self.wrapped.pairs] if self.wrapped is not None else []
+        rounded = [e[3].storage for e in engine_state(self.model).weights.values()] if self.wrapped else []
         return {
-            "param_bytes": _tensor_bytes(list(self.model.parameters())),
-            "optimizer_bytes": _optimizer_bytes(self.optimizer, masters),
+            "param_bytes": _tensor_bytes(list(self.model.parameters())) + _tensor_bytes(rounded),
+            "optimizer_bytes": _optimizer_bytes(self.optimizer),
             "saved_bytes": counter.bytes,
         }
 

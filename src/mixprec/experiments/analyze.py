@@ -20,7 +20,7 @@ from mixprec.experiments.data import load_fashion_mnist, load_kjv
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
 from mixprec.optim import MixedPrecisionOptimizer
 from mixprec.recipe import get_recipe
-from mixprec.training import prepare
+from mixprec.amp import prepare
 
 __all__ = ["MODELS", "AnalyzePlan", "AnalyzeResult", "run_analyze"]
 
@@ -99,7 +99,7 @@ def _cnn(plan: AnalyzePlan, sampler: torch.Generator) -> _Session:
 
     def step(index: int) -> float:
         rows = torch.randint(0, len(images), (batch,), generator=sampler)
-        loss = F.cross_entropy(model(images[rows] * 2 - 1), labels[rows])
+        loss = F.cross_entropy(model(images[rows] * 2 - 1).float(), labels[rows])
         optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -122,7 +122,7 @@ def _language(plan: AnalyzePlan, sampler: torch.Generator) -> _Session:
         offsets = torch.randint(0, len(train) - sequence - 2, (batch,), generator=sampler)
         tokens = train[offsets[:, None] + torch.arange(sequence + 1)]
         logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, vocabulary), tokens[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, vocabulary), tokens[:, 1:].reshape(-1))
         optimizer.backward(loss)
         optimizer.clip_grad_norm_(1.0)
         optimizer.step()
@@ -151,18 +151,17 @@ def _gan(plan: AnalyzePlan, sampler: torch.Generator) -> _Session:
         ones, zeros = torch.ones(batch), torch.zeros(batch)
         current[0] = opt_d
         opt_d.zero_grad()
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(real), ones))
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(fake.detach()), zeros))
+        opt_d.backward(F.binary_cross_entropy_with_logits(critic(real).float(), ones))
+        opt_d.backward(F.binary_cross_entropy_with_logits(critic(fake.detach()).float(), zeros))
         opt_d.step()
         current[0] = opt_g
         opt_g.zero_grad()
-        loss_g = F.binary_cross_entropy_with_logits(critic(fake), ones)
+        loss_g = F.binary_cross_entropy_with_logits(critic(fake).float(), ones)
         opt_g.backward(loss_g)
         opt_g.step()
         return loss_g.item()
 
     observed = nn.ModuleDict({"generator": generator, "critic": critic})
-    observed._mixprec_recipe = get_recipe(plan.recipe)  # type: ignore[assignment]
     return _Session(observed, step, {"generator": opt_g, "critic": opt_d}, lambda: current[0].loss_scale)
 
 

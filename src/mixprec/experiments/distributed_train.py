@@ -31,7 +31,7 @@ from mixprec.distributed import resolve_comm_format, init_from_env, run_processe
 from mixprec.experiments.data import load_fashion_mnist
 from mixprec.experiments.models import resnet_style_cnn
 from mixprec.recipe import get_recipe
-from mixprec.training import prepare
+from mixprec.amp import prepare
 
 __all__ = ["DistributedTrainConfig", "train", "train_worker", "parameter_digest"]
 
@@ -159,7 +159,7 @@ def train_worker(config: DistributedTrainConfig) -> None:
     started = time.perf_counter()
     for step in range(start, end):
         index = rows(step)
-        loss = F.cross_entropy(ddp_model(images[index] * 2 - 1), labels[index])
+        loss = F.cross_entropy(ddp_model(images[index] * 2 - 1).float(), labels[index])
         optimizer.backward(loss)
         skipped += not optimizer.step()
         optimizer.zero_grad()

@@ -19,13 +19,12 @@ from torch import nn
 from mixprec.experiments.data import CharCorpus, load_fashion_mnist, load_kjv
 from mixprec.experiments.gan_score import gan_score, load_classifier
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
-from mixprec.memory import SavedBytesCounter
-from mixprec.optim import MixedPrecisionOptimizer
-from mixprec.recipe import get_recipe
+from mixprec.stats.memory import SavedBytesCounter
+from mixprec.amp import MixedPrecisionOptimizer, prepare
+from mixprec.nn.convert import engine_state
 from mixprec.stats import loss_scale_history
-from mixprec.training import prepare
 
-__all__ = ["BUDGETS", "MODELS", "Budget", "Data", "RunResult", "kept_fp32", "output_layer", "run_one"]
+__all__ = ["BUDGETS", "MODELS", "Budget", "Data", "RunResult", "run_one"]
 
 MODELS = ("cnn", "lstm", "gan", "transformer")
 
@@ -139,9 +138,15 @@ def _tensor_bytes(tensors: Any) -> int:
 
 
 def _optimizer_bytes(optimizer: MixedPrecisionOptimizer) -> int:
-    state = [v for s in optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    masters = [master for master, _ in optimizer.pairs]
-    return _tensor_bytes(state) + _tensor_bytes(masters)
+    """The optimizer's state (the masters are the model's parameters, counted there)."""
+    return _tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """The model's parameters (the masters) and the weight operands rounded from them
+    for this step, in their real storage."""
+    rounded = [entry[3].storage for entry in engine_state(model).weights.values()]
+    return _tensor_bytes(model.parameters()) + _tensor_bytes(rounded)
 
 
 def _saved_bytes(modules: list[nn.Module], forward: Callable[[], object]) -> int:
@@ -214,41 +219,21 @@ class _Trainer:
         return statistics.median(times) if times else float("nan")
 
 
-_WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
-
-
-def output_layer(model: nn.Module) -> str | None:
-    """The name of ``model``'s last linear or convolution layer in definition order: the
-    layer whose output is the model's own (logits, or a generator's images)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, _WEIGHTED_LAYERS)]
-    return names[-1] if names else None
-
-
-def kept_fp32(model: nn.Module, recipe: str) -> set[str]:
-    """Layers a run keeps in FP32 on purpose: under the FP8 recipes, each model's output
-    layer, as FP8 practice does (torchao's module filter, Transformer Engine's choice of
-    layers; the papers' successors keep the first and last layers in higher precision).
-    Rounded to 2 mantissa bits, logits and generated pixels cost the quick LSTM 4.5% in
-    bits per character (2.6% with the layer in FP32) and the GAN 2.4 in Frechet distance
-    (0.5); the CNN's 10 logits were unaffected either way."""
-    if get_recipe(recipe).activation.fmt.total_bits > 8:
-        return set()
-    name = output_layer(model)
-    return {name} if name is not None else set()
-
-
 def _prepare(trainer: _Trainer, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: str,
              role: str = "") -> tuple[nn.Module, MixedPrecisionOptimizer]:
-    kept = kept_fp32(model, recipe)
+    """Convert and wrap for the run; the modules the recipe keeps in high precision (the
+    FP8 recipes' embeddings and output layer) are recorded with the run."""
+    model, wrapped = prepare(model, optimizer, recipe)
+    kept = engine_state(model).kept
     trainer.kept_fp32 += [f"{role}.{name}" if role else name for name in sorted(kept)]
-    return prepare(model, optimizer, recipe, module_filter_fn=lambda module, name: name not in kept)
+    return model, wrapped
 
 
 def _one_cycle(optimizer: MixedPrecisionOptimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Warm up over the first quarter of the run, then anneal to near zero: the final
     metric then reflects the run rather than the noise of its last few steps."""
-    peak = optimizer.optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer.optimizer, max_lr=peak, total_steps=steps, pct_start=0.25)
+    peak = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=0.25)
 
 
 def _classifier_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
@@ -282,7 +267,7 @@ def _classifier_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
     def step(index: int) -> float:
         epoch, position = divmod(index * batch, len(images))
         rows = epoch_order(epoch)[position:position + batch]
-        loss = F.cross_entropy(model(images[rows] * 2 - 1), labels[rows])
+        loss = F.cross_entropy(model(images[rows] * 2 - 1).float(), labels[rows])
         optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -315,7 +300,7 @@ def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str) -> RunR
 
     def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = model(inputs)
-        return F.cross_entropy(logits.reshape(-1, vocabulary), targets.reshape(-1))
+        return F.cross_entropy(logits.float().reshape(-1, vocabulary), targets.reshape(-1))
 
     def bits_per_character() -> float:
         model.eval()
@@ -371,11 +356,11 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
         fake = generator(noise)
         ones, zeros = torch.ones(batch), torch.zeros(batch)
         opt_d.zero_grad()
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(real), ones))
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(fake.detach()), zeros))
+        opt_d.backward(F.binary_cross_entropy_with_logits(critic(real).float(), ones))
+        opt_d.backward(F.binary_cross_entropy_with_logits(critic(fake.detach()).float(), zeros))
         opt_d.step()
         opt_g.zero_grad()
-        loss_g = F.binary_cross_entropy_with_logits(critic(fake), ones)
+        loss_g = F.binary_cross_entropy_with_logits(critic(fake).float(), ones)
         opt_g.backward(loss_g)
         opt_g.step()
         return loss_g.item()
@@ -390,7 +375,7 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
         samples = generator(fixed_noise)
     result = _result(trainer, "frechet_distance", final["frechet"], opt_g, generator, saved,
                      {"class_entropy": final["class_entropy"]}, started)
-    result.param_bytes += _tensor_bytes(critic.parameters())
+    result.param_bytes += _weight_bytes(critic)
     result.optimizer_bytes += _optimizer_bytes(opt_d)
     critic_history = loss_scale_history(opt_d)
     result.skipped_steps += critic_history.skipped_steps
@@ -408,7 +393,7 @@ def _result(trainer: _Trainer, metric: str, value: float, optimizer: MixedPrecis
     return RunResult(
         model=trainer.name, recipe=trainer.recipe, seed=trainer.seed, metric_name=metric, metric_value=value,
         steps=trainer.budget.steps, wall_seconds=sum(trainer.step_times) + time.perf_counter() - evaluation_started,
-        step_seconds=trainer.step_seconds(), param_bytes=_tensor_bytes(model.parameters()),
+        step_seconds=trainer.step_seconds(), param_bytes=_weight_bytes(model),
         optimizer_bytes=_optimizer_bytes(optimizer), saved_bytes=saved,
         skipped_steps=history.skipped_steps, final_loss_scale=history.final_scale,
         extra=extra, curves=trainer.curves, fp32_layers=trainer.kept_fp32,

@@ -45,7 +45,12 @@ def is_converted(model: nn.Module) -> bool:
     return True
 
 
+_WEIGHTED_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
 def _output_head(model: nn.Module) -> nn.Module | None:
+    """The layer whose output is the model's own: Hugging Face's output embeddings, or
+    the last linear or convolution in definition order (logits, a generator's images)."""
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
@@ -54,8 +59,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
             head = None
         if isinstance(head, nn.Module):
             return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+    layers = [m for m in model.modules() if isinstance(m, _WEIGHTED_LAYERS)]
+    return layers[-1] if layers else None
 
 
 def _kept_modules(model: nn.Module, recipe: Recipe) -> dict[str, str]:

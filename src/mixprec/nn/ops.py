@@ -62,6 +62,22 @@ def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantize
     return quantize_operand(x, operand, call.state, f"{call.site}.{key}.backward").drop_values()
 
 
+def _save(ctx: Any, *operands: Quantized | None) -> None:
+    """Save rounded operands through autograd (so saved-tensor hooks see their real
+    storage); None for an operand backward will not need."""
+    tensors: list[torch.Tensor | None] = []
+    for q in operands:
+        tensors += [None, None] if q is None else [q.storage, q.scale]
+    ctx.operand_specs = [None if q is None else q.operand for q in operands]
+    ctx.save_for_backward(*tensors)
+
+
+def _load(ctx: Any) -> list[Quantized | None]:
+    saved = ctx.saved_tensors
+    return [None if spec is None else Quantized(saved[2 * i], saved[2 * i + 1], spec)
+            for i, spec in enumerate(ctx.operand_specs)]
+
+
 def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]) -> list[Quantized]:
     """The incoming error rounded once per distinct format it is needed in: dgrad's
     left operand for activation gradients, wgrad's for weight gradients."""
@@ -129,8 +145,8 @@ class _Gemm(torch.autograd.Function):
         ctx.call, ctx.transpose_b, ctx.weights = call, transpose_b, weights
         ctx.shapes = (a.shape, b.shape)
         ctx.dtypes = (a.dtype, b.dtype, None if bias is None else bias.dtype)
-        ctx.saved_a = _backward_copy(call, a, weights[0], qa, "a") if ctx.needs_input_grad[1] else None
-        ctx.saved_b = _backward_copy(call, b, weights[1], qb, "b") if ctx.needs_input_grad[0] else None
+        _save(ctx, _backward_copy(call, a, weights[0], qa, "a") if ctx.needs_input_grad[1] else None,
+              _backward_copy(call, b, weights[1], qb, "b") if ctx.needs_input_grad[0] else None)
         return out
 
     @staticmethod
@@ -142,16 +158,17 @@ class _Gemm(torch.autograd.Function):
         if need_bias:
             wanted.append(True)
         rounded = iter(_grad_operands(call, grad_output, tuple(wanted)))
+        saved_a, saved_b = _load(ctx)
         with _NoAutocast():
             if need_a:
                 g = next(rounded).values()
-                right = ctx.saved_b.values()
+                right = saved_b.values()
                 right = right if ctx.transpose_b else right.transpose(-1, -2)
                 grad_a = _grad_result(call, _reduce_to(torch.matmul(g, right), ctx.shapes[0]), ctx.weights[0],
                                       ctx.dtypes[0])
             if need_b:
                 g = next(rounded).values()
-                left = ctx.saved_a.values()
+                left = saved_a.values()
                 if len(ctx.shapes[1]) == 2 and left.dim() > 2:  # a weight under batched inputs: one GEMM
                     product = left.reshape(-1, left.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
                 else:
@@ -219,8 +236,8 @@ class _Convolution(torch.autograd.Function):
         ctx.call, ctx.geometry, ctx.weight_role = call, geometry, _is_weight(weight)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.weight_shape, ctx.input_shape = weight.shape, tuple(x.shape)
-        ctx.saved_x = _backward_copy(call, x, False, qx, "input") if ctx.needs_input_grad[1] else None
-        ctx.saved_w = _backward_copy(call, weight, ctx.weight_role, qw, "weight")
+        _save(ctx, _backward_copy(call, x, False, qx, "input") if ctx.needs_input_grad[1] else None,
+              _backward_copy(call, weight, ctx.weight_role, qw, "weight"))
         return out
 
     @staticmethod
@@ -231,7 +248,8 @@ class _Convolution(torch.autograd.Function):
         shape = ctx.weight_shape
         out_channels = shape[1] * groups if transposed else shape[0]
         g_data, g_weight = _grad_operands(call, grad_output, (False, ctx.weight_role))
-        w = ctx.saved_w.values()
+        saved_x, saved_w = _load(ctx)
+        w = saved_w.values()
         grad_x = grad_w = grad_b = None
         with _NoAutocast():
             if need_x:
@@ -242,7 +260,7 @@ class _Convolution(torch.autograd.Function):
                     groups, [True, False, False])
                 grad_x = _grad_result(call, grad_x, False, ctx.dtypes[0])
             if need_w or need_b:
-                x = ctx.saved_x.values() if ctx.saved_x is not None else None
+                x = saved_x.values() if saved_x is not None else None
                 g = g_weight.values()
                 if need_w:
                     _, grad_w, _ = torch.ops.aten.convolution_backward(

@@ -114,9 +114,9 @@ def recipe_verdict(
     errors, for per-tensor scaling (each tensor is scaled onto the format's range), or
     when the unscaled errors fit."""
     recipe = get_recipe(recipe)
-    fmt = recipe.error.fmt
+    fmt = recipe.dgrad.left.fmt
     has = _describe_scaling(recipe)
-    if recipe.tensor_scaling is not None:
+    if recipe.dgrad.left.scaling is not None:
         return RecipeVerdict(recipe.name, False, f"no: per-tensor scaling maps each tensor's amax onto {fmt.name}'s "
                              f"range, so a loss scale adds nothing ({has})")
     if fmt.mantissa_bits == 23 and fmt.exponent_bits == 8:

@@ -44,7 +44,8 @@ def loss_scale_history(optimizer: Any) -> LossScaleHistory:
     """The loss-scale history of a :class:`mixprec.MixedPrecisionOptimizer` (or of its
     :class:`mixprec.scaling.LossScaler`): every update's scale and skip flag, the number
     of skipped steps, and the current scale. Reads host values only (no synchronisation)."""
-    scaler = optimizer if isinstance(optimizer, LossScaler) else getattr(optimizer, "scaler", None)
+    scaler = optimizer if isinstance(optimizer, LossScaler) else getattr(optimizer, "scaler", optimizer)
+    scaler = getattr(scaler, "loss_scaler", scaler)  # a mixprec.GradScaler holds its LossScaler
     if not isinstance(scaler, LossScaler):
         raise TypeError(
             "loss_scale_history takes a mixprec.MixedPrecisionOptimizer (from mixprec.prepare) or a "

@@ -286,7 +286,7 @@ class Observer:
     def summary(self) -> ModelStats:
         """What was recorded so far, as an immutable :class:`ModelStats`."""
         sampled = self.steps_sampled + (1 if self.sampling and self._sampled_this_step else 0)
-        recipe = getattr(self.model, "_mixprec_recipe", None)
+        recipe = next((m._mixprec.recipe for m in self.model.modules() if hasattr(m, "_mixprec")), None)
         recorded = {layer for layer, _ in self.counts}
         return ModelStats(
             layers=tuple(name for name in self.modules if name in recorded),

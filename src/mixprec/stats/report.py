@@ -214,7 +214,7 @@ def write_report(
     recipe_name = recipe or stats.recipe
     verdict = recipe_verdict(stats, recipe_name, tolerance, margin) if recipe_name else None
     if primary_format is None:
-        error_fmt = get_recipe(recipe_name).error.fmt.name if recipe_name else "fp16"
+        error_fmt = get_recipe(recipe_name).dgrad.left.fmt.name if recipe_name else "fp16"
         primary_format = error_fmt if error_fmt in fmts else ("fp16" if "fp16" in fmts else fmts[0])
     primary_format = formats_module.get(primary_format).name
     advice = {name: recommend_loss_scale(stats, name, margin) for name in fmts}
