@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mixprec import stats
 from mixprec.experiments.models import CharLSTM, resnet_style_cnn
-from mixprec.training import prepare
+from mixprec.amp import prepare
 
 
 def _cnn():  # type: ignore[no-untyped-def]

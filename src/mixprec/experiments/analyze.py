@@ -18,7 +18,7 @@ from mixprec import stats
 from mixprec.stats import LossScaleHistory, ModelStats
 from mixprec.experiments.data import load_fashion_mnist, load_kjv
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
-from mixprec.optim import MixedPrecisionOptimizer
+from mixprec.amp import MixedPrecisionOptimizer
 from mixprec.recipe import get_recipe
 from mixprec.amp import prepare
 

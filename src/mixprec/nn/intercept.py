@@ -23,6 +23,7 @@ Inside a module the recipe keeps in high precision, GEMMs run in FP32 on FP32 in
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from typing import Any
 
 import torch
@@ -145,6 +146,70 @@ def _gru(state: EngineState, *args: Any) -> Any:
     return ops.gru(state, x, hx, list(weights), has_bias, layers, dropout, training, bidirectional, batch_first)
 
 
+def _multi_head_attention(state: EngineState, query, key, value, embed_dim_to_check, num_heads, in_proj_weight,  # type: ignore[no-untyped-def]
+                          in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
+                          training=True, key_padding_mask=None, need_weights=True, attn_mask=None,
+                          use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None,
+                          static_k=None, static_v=None, average_attn_weights=True, is_causal=False):
+    """F.multi_head_attention_forward (what nn.MultiheadAttention and the torch
+    Transformer layers run) with its projections and both attention products emulated.
+    torch runs this Python function with the mode off, so it is rebuilt here from the
+    emulated ops."""
+    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
+        raise UnsupportedOpError("mixprec does not emulate nn.MultiheadAttention with add_bias_kv, add_zero_attn "
+                                 "or static keys; keep the module in high precision (KeepHighPrecision)")
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+    length, batch, embed = query.shape
+    source = key.shape[0]
+    head = embed // num_heads
+    if not use_separate_proj_weight and query is key and key is value:
+        q, k, v = ops.gemm(state, query, in_proj_weight, in_proj_bias, transpose_b=True, op="mha.in_proj").chunk(3, -1)
+    else:
+        weights = (q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight else \
+            in_proj_weight.chunk(3)
+        biases = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        q, k, v = (ops.gemm(state, x, w, b, transpose_b=True, op="mha.in_proj", weight_operand=True)
+                   for x, w, b in zip((query, key, value), weights, biases))
+
+    def heads(t: torch.Tensor, rows: int) -> torch.Tensor:  # (rows, N, E) -> (N, H, rows, head)
+        return t.reshape(rows, batch * num_heads, head).transpose(0, 1).reshape(batch, num_heads, rows, head)
+
+    q, k, v = heads(q, length), heads(k, source), heads(v, source)
+    mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                             target_type=torch.float32, check_other=False)
+    if mask is not None:
+        mask = mask.reshape(batch, num_heads, length, source) if mask.dim() == 3 else mask
+    if key_padding_mask is not None:
+        padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None,
+                                    other_name="", target_type=torch.float32)
+        padding = padding.reshape(batch, 1, 1, source)
+        mask = padding if mask is None else mask + padding
+    causal = is_causal and mask is None
+    dropout = dropout_p if training else 0.0
+    if need_weights:
+        scores = ops.gemm(state, q, k, transpose_b=True, op="sdpa.qk").float() / math.sqrt(head)
+        if causal:
+            scores = scores.masked_fill(~torch.ones(length, source, dtype=torch.bool).tril(), float("-inf"))
+        if mask is not None:
+            scores = scores + mask
+        probabilities = torch.softmax(scores, dim=-1)
+        dropped = F.dropout(probabilities, dropout) if dropout > 0 else probabilities
+        attention = ops.gemm(state, dropped, v, op="sdpa.pv")
+    else:
+        attention = ops.scaled_dot_product_attention(state, q, k, v, mask, dropout, causal)
+    attention = attention.permute(2, 0, 1, 3).reshape(length * batch, embed)
+    out = ops.gemm(state, attention, out_proj_weight, out_proj_bias, transpose_b=True, op="mha.out_proj")
+    out = out.reshape(length, batch, embed)
+    weights_out = None
+    if need_weights:
+        weights_out = probabilities.mean(1) if average_attn_weights else probabilities
+        weights_out = weights_out.squeeze(0) if unbatched else weights_out
+    return (out.squeeze(1) if unbatched else out), weights_out
+
+
 def _refuse(name: str) -> Callable[..., Any]:
     def handler(state: EngineState, *args: Any, **kwargs: Any) -> Any:
         raise UnsupportedOpError(
@@ -176,6 +241,7 @@ GEMM_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.conv_transpose3d: _conv_transpose(3),
     F.embedding: _embedding,
     F.scaled_dot_product_attention: _sdpa,
+    F.multi_head_attention_forward: _multi_head_attention,
     torch.lstm: _lstm,
     torch.gru: _gru,
 }

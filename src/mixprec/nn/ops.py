@@ -30,7 +30,7 @@ __all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "
 
 
 def _is_weight(t: torch.Tensor | None) -> bool:
-    return isinstance(t, torch.nn.Parameter)
+    return isinstance(t, torch.nn.Parameter) or getattr(t, "_mixprec_weight", False)
 
 
 @dataclass
@@ -182,9 +182,15 @@ class _Gemm(torch.autograd.Function):
 
 
 def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-         transpose_b: bool = False, op: str = "matmul", site: str | None = None) -> torch.Tensor:
+         transpose_b: bool = False, op: str = "matmul", site: str | None = None,
+         weight_operand: bool = False) -> torch.Tensor:
     """``a @ b`` (``a @ b.mT`` when ``transpose_b``) plus ``bias``, under the state's
-    recipe, with torch.matmul's broadcasting (1-D operands included)."""
+    recipe, with torch.matmul's broadcasting (1-D operands included).
+    ``weight_operand`` marks ``b`` as a weight though it is not a Parameter itself (a
+    slice of one, as MultiheadAttention's packed projection)."""
+    if weight_operand and not isinstance(b, torch.nn.Parameter):
+        b = b.view_as(b)
+        b._mixprec_weight = True  # type: ignore[attr-defined]
     squeeze = []
     if a.dim() == 1:
         a, squeeze = a.unsqueeze(0), squeeze + [-2]
