@@ -1,75 +1,61 @@
-"""mixprec.recipe: the named recipes say what the papers say, and bad recipes fail."""
+"""Recipes: per-operand formats, the named recipes' meaning, and bad input."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
-from mixprec.recipe import RECIPES, Recipe, TensorFormat, get_recipe
-from mixprec.scaling import DynamicScaling
+import mixprec
+from mixprec.recipe import ABLATIONS, RECIPES, Gemm, Operand, Recipe, TensorScaling, get_recipe
 
 
-def test_fp16_is_paper_one():
-    recipe = get_recipe("fp16")
-    assert {recipe.weight.format, recipe.activation.format, recipe.error.format,
-            recipe.weight_grad.format} == {"fp16"}
-    assert recipe.master == "fp32"
-    assert recipe.loss_scale == DynamicScaling()  # torch.amp's defaults
-    assert recipe.loss_scale.init_scale == 2.0**16 and recipe.loss_scale.growth_interval == 2000
-    assert recipe.param_dtype == torch.float16
+def test_named_recipes_keep_their_meaning() -> None:
+    fp16, bf16, fp8, hybrid = (RECIPES[n] for n in ("fp16", "bf16", "fp8", "fp8-hybrid"))
+    assert fp16.forward == fp16.dgrad == fp16.wgrad == Gemm.uniform("fp16")
+    assert fp16.master_dtype == torch.float32 and fp16.compute == torch.float16 and fp16.loss_scale is not None
+    assert bf16.forward.result.format == "bf16" and bf16.loss_scale is None
+    # paper 2: E5M2 everywhere, errors and gradients stochastic, FP16 master, SR update
+    assert {op.format for g in (fp8.forward, fp8.dgrad, fp8.wgrad) for op in (g.left, g.right, g.result)} == {"e5m2"}
+    assert fp8.dgrad.left.rounding == fp8.wgrad.result.rounding == "stochastic"
+    assert fp8.forward.left.rounding == "nearest"
+    assert fp8.master_dtype == torch.float16 and fp8.update_rounding == "stochastic"
+    # Transformer Engine's default: E4M3 input and weight, E5M2 gradients, BF16 results, scaled
+    assert hybrid.forward.left.format == hybrid.forward.right.format == "e4m3"
+    assert hybrid.dgrad.left.format == hybrid.wgrad.left.format == "e5m2"
+    assert hybrid.forward.result.format == hybrid.dgrad.result.format == "bf16"
+    assert hybrid.forward.left.scaling == TensorScaling("delayed", history=16)
+    assert fp8.keep.embeddings and fp8.keep.output_head and not fp16.keep.embeddings
+    assert RECIPES["fp32"].is_fp32 and not fp16.is_fp32
 
 
-def test_fp8_is_paper_two():
-    recipe = get_recipe("fp8")
-    assert recipe.weight.format == recipe.activation.format == "e5m2"
-    assert recipe.error.rounding == recipe.weight_grad.rounding == recipe.update_rounding == "stochastic"
-    assert recipe.activation.rounding == "nearest"
-    assert recipe.master == "fp16"
-    assert recipe.loss_scale.min_scale_schedule  # enhanced loss scaling
-    assert recipe.param_dtype == torch.float16  # holds every e5m2 value exactly
+def test_ablations_drop_one_ingredient_each() -> None:
+    assert ABLATIONS["fp16-noscale"].loss_scale is None
+    assert ABLATIONS["fp16-nomaster"].master_dtype == torch.float16
+    assert ABLATIONS["fp8-rne"].dgrad.left.rounding == "nearest" and ABLATIONS["fp8-rne"].update_rounding == "nearest"
+    assert ABLATIONS["fp8-nominscale"].loss_scale.min_scale_schedule == ()
 
 
-def test_hybrid_and_bf16():
-    hybrid = get_recipe("fp8-hybrid")
-    assert (hybrid.weight.format, hybrid.error.format) == ("e4m3", "e5m2")
-    assert hybrid.tensor_scaling is not None and hybrid.param_dtype == torch.bfloat16
-    bf16 = get_recipe("bf16")
-    assert bf16.loss_scale is None and bf16.param_dtype == torch.bfloat16
-    assert get_recipe("fp32").is_fp32 and not bf16.is_fp32
-
-
-def test_recipes_are_frozen_and_varied_by_replace():
-    recipe = get_recipe("fp16")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        recipe.master = "fp16"  # type: ignore[misc]
-    variant = recipe.replace(name="fp16-static", loss_scale=128.0)
-    assert variant.loss_scale == 128.0 and RECIPES["fp16"].loss_scale == DynamicScaling()
-
-
-def test_misspelt_recipe_lists_the_names():
-    with pytest.raises(ValueError, match="fp32, fp16, bf16, fp8, fp8-hybrid"):
-        get_recipe("fp61")
-
-
-def test_bad_fields():
+def test_lookup_and_bad_input() -> None:
+    assert get_recipe(" FP16 ") is RECIPES["fp16"]
+    assert get_recipe(RECIPES["bf16"]) is RECIPES["bf16"]
+    with pytest.raises(ValueError, match="unknown recipe 'fp9'.*named recipes: fp32, fp16"):
+        get_recipe("fp9")
+    with pytest.raises(TypeError, match="a recipe is a name"):
+        get_recipe(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown format"):
-        TensorFormat("e9m9x")
-    with pytest.raises(ValueError, match="rounding"):
-        TensorFormat("fp16", "up")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="master weights"):
-        Recipe("x", master="e5m2")
+        Operand("e4m3x")
+    with pytest.raises(ValueError, match="rounding must be"):
+        Operand("fp16", "truncate")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="master weights must be"):
+        Recipe("bad", master="e5m2")
+    with pytest.raises(ValueError, match="compute_dtype must be"):
+        Recipe("bad", compute_dtype="e4m3")
+    with pytest.raises(ValueError, match="scaling mode"):
+        TensorScaling("sometimes")  # type: ignore[arg-type]
 
 
-def test_ablations_drop_one_ingredient_each():
-    from mixprec.recipe import ABLATIONS
-
-    assert get_recipe("fp16-noscale").loss_scale is None
-    nomaster = get_recipe("fp16-nomaster")
-    assert nomaster.master == "fp16" and nomaster.update_rounding == "nearest"
-    rne = get_recipe("fp8-rne")
-    assert (rne.error.rounding, rne.weight_grad.rounding, rne.update_rounding) == ("nearest",) * 3
-    assert get_recipe("fp8-nominscale").loss_scale.min_scale_schedule == ()
-    for name, recipe in ABLATIONS.items():
-        assert recipe.name == name
+def test_a_custom_recipe_runs() -> None:
+    recipe = Recipe("e3m4-inputs", forward=Gemm(Operand("e3m4"), Operand("bf16"), Operand("bf16")),
+                    compute_dtype="bf16")
+    model = mixprec.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), recipe)
+    assert model(torch.randn(2, 4)).dtype == torch.bfloat16

@@ -271,7 +271,7 @@ def test_loss_scale_history_counts_skipped_steps() -> None:
     model = Net()
     model, optimizer = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp16")
     for inject in (False, True, False):
-        loss = model(torch.randn(2, 6)).mean() * (math.inf if inject else 1e-3)
+        loss = model(torch.randn(2, 6)).float().mean() * (math.inf if inject else 1e-3)
         optimizer.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
