@@ -3,13 +3,17 @@ accuracy, emulating each format bit for bit where the hardware lacks it.
 
 ``prepare(model, optimizer, recipe)`` converts a model and wraps its optimizer for one
 of the papers' recipes. The numeric core is importable from here too: formats (:mod:`mixprec.core.formats`), rounding
-onto a format's grid (:func:`quantize`), per-tensor scales (:func:`scale_from_amax`),
+onto a format's grid (:func:`quantize`; block-scaled MX, NVFP4 and FP8-block formats
+too, :class:`BlockFormat`, :mod:`mixprec.core.formats.blocks`), per-tensor scales (:func:`scale_from_amax`),
 and packing into real low-precision storage (:func:`to_storage`, :func:`from_storage`).
 """
 
 from mixprec.core import formats
 from mixprec.convert import ConversionSummary, convert
-from mixprec.core.formats import FloatFormat
+from mixprec.core.formats import BlockFormat, FloatFormat
+from mixprec.core.formats import blocks
+from mixprec.core import block_quantize
+from mixprec.core.block_quantize import quantize_blocks
 from mixprec.core.kernels import kernel_backend
 from mixprec.optim import MixedPrecisionOptimizer
 from mixprec.core.quantize import Rounding, quantize, scale_from_amax, tensor_scale
@@ -26,6 +30,9 @@ __all__ = [
     "ConversionSummary",
     "DynamicScaling",
     "FloatFormat",
+    "BlockFormat",
+    "blocks",
+    "quantize_blocks",
     "MixedPrecisionOptimizer",
     "Recipe",
     "StaticScaling",
