@@ -14,6 +14,7 @@ from mixprec.core.formats import BlockFormat, FloatFormat
 from mixprec.core.formats import blocks
 from mixprec.core import block_quantize
 from mixprec.core.block_quantize import quantize_blocks
+from mixprec.core.hadamard import hadamard_transform, inverse_hadamard_transform
 from mixprec.core.kernels import kernel_backend
 from mixprec.optim import MixedPrecisionOptimizer
 from mixprec.core.quantize import Rounding, quantize, scale_from_amax, tensor_scale
@@ -33,6 +34,8 @@ __all__ = [
     "BlockFormat",
     "blocks",
     "quantize_blocks",
+    "hadamard_transform",
+    "inverse_hadamard_transform",
     "MixedPrecisionOptimizer",
     "Recipe",
     "StaticScaling",
