@@ -27,7 +27,7 @@ def test_matrix_is_orthonormal_and_symmetric(n):
         h32 = hadamard_matrix(n)
         assert torch.equal(h32 @ h32.t(), torch.eye(n))
     assert torch.equal(h, h.t())
-    assert (h.abs() == n**-0.5).all()
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5), rtol=1e-15)
 
 
 def test_transform_matches_float64_and_keeps_norms():
