@@ -1,7 +1,7 @@
 """Sweep all 2**32 float32 bit patterns through mixprec.core.quantize's round-to-nearest-even
 and count mismatches against torch's casts and ml_dtypes, per format (expected: 0).
 
-    .venv/bin/python benchmarks/exhaustive_rne.py [--formats fp16,bf16,e5m2,e4m3] [--chunk-bits 24]
+    .venv/bin/python benchmarks/exhaustive_rne.py [--formats fp16,bf16,e5m2,e4m3,e2m1fn,...] [--chunk-bits 24]
 
 torch's casts are compared in the formats' default overflow mode, ml_dtypes in the
 matching mode (e4m3 with saturate=False, since ml_dtypes' e4m3fn gives NaN on overflow).
@@ -26,7 +26,14 @@ from mixprec.core import formats
 from mixprec.core.kernels import kernel_backend
 
 ML_TYPES = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "e5m2": ml_dtypes.float8_e5m2,
-            "e4m3": ml_dtypes.float8_e4m3fn}
+            "e4m3": ml_dtypes.float8_e4m3fn, "e2m1fn": ml_dtypes.float4_e2m1fn,
+            "e2m3fn": ml_dtypes.float6_e2m3fn, "e3m2fn": ml_dtypes.float6_e3m2fn,
+            "e8m0fnu": ml_dtypes.float8_e8m0fnu}
+# torch has no cast for these (or one that differs from ml_dtypes: e8m0fnu maps 0 and
+# negatives to codes); they are compared with ml_dtypes only. ml_dtypes turns NaN into -0
+# for formats without NaN, where mixprec keeps NaN: NaN inputs are left out for those.
+NO_TORCH_CAST = ("e2m1fn", "e2m3fn", "e3m2fn", "e8m0fnu")
+NO_NAN = ("e2m1fn", "e2m3fn", "e3m2fn")
 
 
 def mismatches(got: torch.Tensor, want: torch.Tensor) -> int:
@@ -37,7 +44,7 @@ def mismatches(got: torch.Tensor, want: torch.Tensor) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--formats", default="fp16,bf16,e5m2,e4m3")
+    parser.add_argument("--formats", default="fp16,bf16,e5m2,e4m3,e2m1fn,e2m3fn,e3m2fn,e8m0fnu")
     parser.add_argument("--chunk-bits", type=int, default=24, help="log2 of the patterns per chunk")
     parser.add_argument("--limit-chunks", type=int, default=None, help="stop after this many chunks")
     parser.add_argument("--backend", default="auto", choices=["auto", "eager", "compiled"])
@@ -65,10 +72,15 @@ def main() -> int:
                 tick = time.perf_counter()
                 ours = mixprec.quantize(x, fmt)
                 seconds[name] += time.perf_counter() - tick
-                counts[(name, "torch")] += mismatches(ours, x.to(fmt.torch_dtype).float())
+                if name not in NO_TORCH_CAST:
+                    counts[(name, "torch")] += mismatches(ours, x.to(fmt.torch_dtype).float())
                 ours_ml = mixprec.quantize(x, fmt, saturate=False) if name == "e4m3" else ours
                 with np.errstate(over="ignore", invalid="ignore"):  # overflow is the point
                     reference = torch.from_numpy(x_np.astype(ML_TYPES[name]).astype(np.float32))
+                if name in NO_NAN:
+                    keep = ~torch.isnan(x)
+                    counts[(name, "ml_dtypes")] += int((~torch.isnan(ours[~keep])).sum())
+                    ours_ml, reference = ours_ml[keep], reference[keep]
                 counts[(name, "ml_dtypes")] += mismatches(ours_ml, reference)
             progress.advance(task)
     covered = chunks * chunk
@@ -76,7 +88,8 @@ def main() -> int:
     for column in ("format", "mismatches vs torch", "mismatches vs ml_dtypes", "quantize seconds"):
         table.add_column(column, justify="left" if column == "format" else "right")
     for name in names:
-        table.add_row(name, f"{counts[(name, 'torch')]:,}", f"{counts[(name, 'ml_dtypes')]:,}",
+        torch_count = "n/a" if name in NO_TORCH_CAST else f"{counts[(name, 'torch')]:,}"
+        table.add_row(name, torch_count, f"{counts[(name, 'ml_dtypes')]:,}",
                       f"{seconds[name]:.1f}")
     console.print(table)
     console.print(f"total run time {time.perf_counter() - start:.0f} s")

@@ -6,11 +6,14 @@ and ``mixprec.GradScaler(recipe)``; ``mixprec.prepare(model, optimizer, recipe)`
 one-call shortcut. ``mixprec.coverage`` says which call ran in which format. The
 numeric core is importable from here too: formats (:mod:`mixprec.core.formats`),
 rounding onto a format's grid (:func:`quantize`), per-tensor scales
-(:func:`scale_from_amax`) and packing into real storage (:func:`to_storage`).
+(:func:`scale_from_amax`) and packing into real storage (:func:`to_storage`); block-scaled
+MX, NVFP4 and FP8-block formats too (:class:`BlockFormat`, :mod:`mixprec.core.formats.blocks`).
 """
 
 from mixprec.core import formats
-from mixprec.core.formats import FloatFormat
+from mixprec.core.formats import BlockFormat, FloatFormat, blocks
+from mixprec.core.block_quantize import quantize_blocks
+from mixprec.core.hadamard import hadamard_transform, inverse_hadamard_transform
 from mixprec.core.kernels import kernel_backend
 from mixprec.core.quantize import Rounding, quantize, scale_from_amax, tensor_scale
 from mixprec.core.storage import from_storage, storage_dtype, to_storage
@@ -41,6 +44,11 @@ __all__ = [
     "Gemm",
     "GradScaler",
     "KeepHighPrecision",
+    "BlockFormat",
+    "blocks",
+    "quantize_blocks",
+    "hadamard_transform",
+    "inverse_hadamard_transform",
     "MixedPrecisionOptimizer",
     "Operand",
     "Recipe",

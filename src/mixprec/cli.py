@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--repeats", type=int, default=7, help="timed calls per row; the median counts")
     quant.add_argument(
-        "--formats", default="fp16,bf16,e5m2,e4m3", help="comma-separated formats (default: %(default)s)"
+        "--formats", default="fp16,bf16,e5m2,e4m3,mxfp8_e4m3,mxfp4_e2m1,nvfp4,fp8_block128",
+        help="comma-separated scalar or block formats (default: %(default)s)"
     )
     quant.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
@@ -202,16 +203,16 @@ def _bench_quantize(args: argparse.Namespace, console: Console) -> int:
     table.add_row("baseline", "y.copy_(x)", "yes", f"{baselines['copy']:.2f}", "1.00", "", "", "")
     table.add_row("baseline", "x * 1.0", "no", f"{baselines['alloc']:.2f}", "", "1.00", "", "")
     for row in rows:
-        below_normal, overflow = range_shares(sample, row.format)
+        shares = range_shares(sample, row.format)
+        below_normal, overflow = ("n/a", "n/a") if shares is None else (f"{shares[0]:.1%}", f"{shares[1]:.1%}")
         table.add_row(
             row.format, row.rounding, "yes" if row.out else "no", f"{row.gbps:.2f}",
-            f"{row.ratio_to_copy:.2f}", f"{row.ratio_to_alloc:.2f}",
-            f"{below_normal:.1%}", f"{overflow:.1%}",
+            f"{row.ratio_to_copy:.2f}", f"{row.ratio_to_alloc:.2f}", below_normal, overflow,
         )
     console.print(table)
     console.print("GB/s counts 4 bytes read + 4 written per element; 'below normal' and 'overflow' "
                   "are the input's shares under the format's smallest normal (subnormal or flushed) "
-                  "and beyond its largest value.")
+                  "and beyond its largest value (n/a for block formats, whose scales move the range).")
     if args.json:
         records = [row.as_record() for row in rows]
         records += [

@@ -83,3 +83,62 @@ def test_format_without_nan_refuses_nan():
     assert mixprec.from_storage(packed, fmt).tolist() == [0.5, 6.0, 6.0, -0.5]
     with pytest.raises(ValueError, match="no NaN"):
         mixprec.to_storage(torch.tensor([float("nan")]), fmt)
+
+
+# ---- block formats ------------------------------------------------------------------------
+
+BLOCK_BYTES = {  # bytes per 1024 elements: codes + scales (+ 4 for NVFP4's tensor scale)
+    "mxfp8_e4m3": 1024 + 32, "mxfp8_e5m2": 1024 + 32, "mxfp6_e3m2": 768 + 32,
+    "mxfp6_e2m3": 768 + 32, "mxfp4_e2m1": 512 + 32, "nvfp4": 512 + 64 + 4,
+    "fp8_block128": 1024 + 8 * 4,
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_BYTES))
+def test_block_round_trip_is_quantize_and_bytes_are_counted(name):
+    x = torch.randn(4, 256) * 10.0 ** torch.randint(-4, 4, (4, 1))
+    x[0, 3] = float("nan")
+    x[1, 200] = float("inf")
+    x[2, :128] = 0.0
+    packed = mixprec.to_storage(x, name)
+    assert packed.nbytes == BLOCK_BYTES[name]
+    assert_same(mixprec.from_storage(packed, name), mixprec.quantize(x, name), x, f"{name} round trip")
+
+
+def test_mxfp4_bytes_are_n_over_2_plus_n_over_32():
+    n = 4096
+    packed = mixprec.to_storage(torch.randn(n), "mxfp4_e2m1")
+    assert packed.nbytes == n // 2 + n // 32
+    assert packed.codes.dtype == torch.uint8 and packed.scales.dtype == torch.float8_e8m0fnu
+
+
+def test_fp4_and_fp6_packing_order():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0] * 8)  # amax 4: scale 2**(2 - emax 2) = 1 for both
+    fp4 = mixprec.to_storage(x, "mxfp4_e2m1")
+    assert fp4.codes[:2].tolist() == [0x2 | 0x4 << 4, 0x5 | 0x6 << 4]  # first element low nibble
+    assert fp4.scales.view(torch.uint8).flatten().tolist() == [127]
+    fp6 = mixprec.to_storage(x, "mxfp6_e2m3")
+    group = 0x08 | 0x10 << 6 | 0x14 << 12 | 0x18 << 18  # e2m3 codes of 1, 2, 3, 4
+    assert fp6.codes[:3].tolist() == [group & 0xFF, group >> 8 & 0xFF, group >> 16]
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "nvfp4_16x16", "fp8_block128x128"])
+def test_block_storage_along_another_axis_and_tiles(name):
+    x = torch.randn(256, 128)
+    axis = -2 if "x" in name.split("_")[-1] else 0
+    packed = mixprec.to_storage(x, name, axis=axis)
+    assert_same(mixprec.from_storage(packed, name), mixprec.quantize(x, name, axis=axis), x, name)
+
+
+def test_block_storage_misuse():
+    packed = mixprec.to_storage(torch.randn(64), "mxfp4_e2m1")
+    with pytest.raises(ValueError, match=r"packed as mxfp4_e2m1.*pass format 'mxfp4_e2m1'"):
+        mixprec.from_storage(packed, "mxfp8_e4m3")
+    with pytest.raises(TypeError, match="stored as PackedBlocks"):
+        mixprec.from_storage(torch.zeros(64, dtype=torch.uint8), "mxfp4_e2m1")
+    with pytest.raises(ValueError, match="is a block format"):
+        mixprec.storage_dtype("mxfp4_e2m1")
+    with pytest.raises(ValueError, match="scalar formats pack element-wise"):
+        mixprec.to_storage(torch.randn(64), "e4m3", axis=0)
+    with pytest.raises(ValueError, match="not a multiple of the block extent 32"):
+        mixprec.to_storage(torch.randn(40), "mxfp4_e2m1")

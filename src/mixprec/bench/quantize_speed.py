@@ -1,5 +1,5 @@
-"""``mixprec bench quantize``: throughput of :func:`mixprec.core.quantize` for every format and
-rounding mode, allocating and into ``out=``, against a copy and an allocating
+"""``mixprec bench quantize``: throughput of :func:`mixprec.core.quantize` for every format
+(block-scaled ones along the last axis too) and rounding mode, allocating and into ``out=``, against a copy and an allocating
 element-wise op timed in the same run."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mixprec.core.quantize import Rounding, quantize
 
 __all__ = ["QuantizeRow", "bench_input", "run_quantize_bench", "DEFAULT_FORMATS"]
 
-DEFAULT_FORMATS = ("fp16", "bf16", "e5m2", "e4m3")
+DEFAULT_FORMATS = ("fp16", "bf16", "e5m2", "e4m3", "mxfp8_e4m3", "mxfp4_e2m1", "nvfp4", "fp8_block128")
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,12 @@ def bench_input(numel: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
     return (torch.exp2(exponent) * sign).to(device)
 
 
-def range_shares(x: torch.Tensor, fmt_name: str) -> tuple[float, float]:
+def range_shares(x: torch.Tensor, fmt_name: str) -> tuple[float, float] | None:
     """Share of ``x`` under ``fmt``'s smallest normal (subnormal or flushed to zero), and
-    share beyond its largest value."""
-    fmt = formats.get(fmt_name)
+    share beyond its largest value; None for block formats, whose scales move the range."""
+    fmt = formats.resolve(fmt_name)
+    if isinstance(fmt, formats.BlockFormat):
+        return None
     magnitude = x.abs()
     below_normal = ((magnitude < fmt.smallest_normal) & (magnitude > 0)).float().mean().item()
     overflow = (magnitude > fmt.largest).float().mean().item()
@@ -80,13 +82,17 @@ def run_quantize_bench(
     alloc_gbps = gbps(lambda: x * 1.0)
     rows = []
     for name in format_names:
-        fmt = formats.get(name)
+        fmt = formats.resolve(name)
         for rounding in roundings:
             for into_out in (False, True):
                 notify(f"{fmt.name} {rounding} {'out=' if into_out else 'alloc'}")
-                target = out if into_out else None
+                source, target = x, out if into_out else None
+                if isinstance(fmt, formats.BlockFormat) and len(fmt.block_shape) == 2:
+                    # 2-D tiles need a matrix: rows of 4096 (a multiple of every tile width)
+                    source = x.view(-1, 4096)
+                    target = None if target is None else target.view(-1, 4096)
                 rate = gbps(
-                    lambda: quantize(x, fmt, rounding, generator=generator, out=target)  # noqa: B023
+                    lambda: quantize(source, fmt, rounding, generator=generator, out=target)  # noqa: B023
                 )
                 rows.append(
                     QuantizeRow(

@@ -115,8 +115,19 @@ def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch
     subnormal_below = min_exp_biased if min_exp_biased > 1 else 0
     max_bits = _f32_bits(fmt.largest)
     overflow_bits = {"inf": _F32_INF_BITS, "saturate": max_bits, "nan": _F32_QNAN_BITS}[overflow]
+    if min_exp_biased >= 1:
+        f32_subnormal_drop = shift + max(subnormal_below - 1, 0)  # what the exponent clamp gives
+    else:
+        # A format reaching below float32's normals (E8M0's 2**-127): float32's subnormal
+        # range is its lowest binade, with spacing 2**min_exponent.
+        f32_subnormal_drop = shift + min_exp_biased - 1
+    # No zero: results never go below the smallest value. Unsigned: inputs whose int32
+    # pattern is below this are invalid (negatives; zero too where there is no zero).
+    min_bits = 0 if fmt.has_zero else _f32_bits(fmt.smallest_subnormal)
+    invalid_below = _INT32_MIN if fmt.signed else (0 if fmt.has_zero else 1)
     params = torch.tensor(
-        [shift, max_bits, overflow_bits, subnormal_below, _f32_bits(fmt.smallest_subnormal)],
+        [shift, max_bits, overflow_bits, subnormal_below, _f32_bits(fmt.smallest_subnormal),
+         f32_subnormal_drop, min_bits, invalid_below],
         dtype=torch.int32,
         device=device,
     )
@@ -157,8 +168,12 @@ def _round_bits(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None) -> t
     Once the spacing outgrows the value (``s >= 24``: x is below the smallest subnormal)
     the result is 0 or the smallest subnormal: up past the midpoint for nearest, with
     probability ``significand * 2**-s`` for stochastic.
+
+    Formats with no zero (E8M0) clamp results up to their smallest value; unsigned
+    formats give NaN for negative inputs (and for zero where there is no zero).
     """
     shift, max_bits, overflow_bits, subnormal_below, step_bits = p[0], p[1], p[2], p[3], p[4]
+    f32_subnormal_drop, min_bits, invalid_below = p[5], p[6], p[7]
     bits = x.view(torch.int32)
     magnitude = bits & _ABS_MASK
     sign = bits & _INT32_MIN
@@ -166,6 +181,7 @@ def _round_bits(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None) -> t
     # The significand with its implicit bit (none for float32 subnormals, exponent 0).
     significand = magnitude - ((exponent - 1) << 23)
     drop = shift + torch.clamp(subnormal_below - exponent, min=0)
+    drop = torch.where(magnitude < (1 << 23), f32_subnormal_drop, drop)
 
     if key is None:
         drop = torch.clamp(drop, max=25)  # from 25 on everything rounds to zero
@@ -189,8 +205,10 @@ def _round_bits(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None) -> t
     tiny = torch.where(tiny_up, step_bits, 0)
     result = torch.where(drop >= 24, tiny, rounded)
     result = torch.where(result > max_bits, overflow_bits, result)
+    result = torch.maximum(result, min_bits)
     result = torch.where(magnitude > _F32_INF_BITS, magnitude, result)  # NaN stays NaN
-    return (result | sign).view(torch.float32)
+    result = torch.where(bits < invalid_below, _F32_QNAN_BITS, result | sign)
+    return result.view(torch.float32)
 
 
 def _scaled(

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from mixprec.core import formats
-from mixprec.core.formats import FloatFormat, Overflow
+from mixprec.core.formats import BlockFormat, FloatFormat, Overflow
 from mixprec.core.kernels import round_to_format
 
 __all__ = ["Rounding", "quantize", "scale_from_amax", "tensor_scale", "resolve_overflow"]
@@ -105,15 +105,23 @@ def _draw_key(generator: torch.Generator | None, device: torch.device) -> torch.
 
 def quantize(
     x: torch.Tensor,
-    fmt: str | FloatFormat,
+    fmt: str | FloatFormat | BlockFormat,
     rounding: Rounding = "nearest",
     scale: float | torch.Tensor | None = None,
     saturate: bool | None = None,
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
+    axis: int = -1,
 ) -> torch.Tensor:
     """Round ``x`` onto the grid of ``fmt`` and return the result as float32 (same shape,
     same device). Not differentiable: it returns a tensor with no autograd history.
+
+    ``fmt`` may be a block format (``"mxfp8_e4m3"``, ``"mxfp4_e2m1"``, ``"nvfp4"``,
+    ``"fp8_block128"``, a :class:`BlockFormat`): then blocks run along ``axis`` (or tile
+    the last two dimensions), each block gets its own scale, and the result is the
+    dequantized values; see :func:`mixprec.core.block_quantize.quantize_blocks`. Block
+    formats choose their scales themselves, so ``scale`` and ``saturate`` are refused
+    with them; ``axis`` only matters for block formats (scalar rounding is element-wise).
 
     Round to nearest even agrees bit for bit with torch's casts (``x.to(dtype).float()``)
     for every float32 input, subnormals, ties, overflow, Inf, NaN and -0 included. Values
@@ -141,7 +149,10 @@ def quantize(
     new allocation (it may be x itself).
     """
     x = _check_tensor(x)
-    fmt = formats.get(fmt)
+    resolved = formats.resolve(fmt)
+    if isinstance(resolved, BlockFormat):
+        return _quantize_block_format(x, resolved, rounding, scale, saturate, generator, out, axis)
+    fmt = resolved
     if rounding not in _ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; use 'nearest' or 'stochastic'")
     overflow = resolve_overflow(fmt, saturate)
@@ -168,6 +179,32 @@ def quantize(
             result = result * scale_t
         return out.copy_(result) if out is not None else result
     return round_to_format(x32, fmt, overflow, key=key, scale=scale_t, out=out)
+
+
+def _quantize_block_format(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    rounding: Rounding,
+    scale: float | torch.Tensor | None,
+    saturate: bool | None,
+    generator: torch.Generator | None,
+    out: torch.Tensor | None,
+    axis: int,
+) -> torch.Tensor:
+    if scale is not None:
+        raise ValueError(
+            f"scale= is a per-tensor scale for scalar formats, but {fmt.name} is a block format "
+            f"that picks one scale per block (rule {fmt.scale_rule!r}); drop scale=, or "
+            f"quantize to its element format {fmt.element.name!r} with scale="
+        )
+    if saturate is not None:
+        raise ValueError(
+            f"saturate= applies to scalar formats; block format {fmt.name} always clamps "
+            "elements to the element format's largest value (the OCP MX rule); drop saturate="
+        )
+    from mixprec.core.block_quantize import quantize_blocks  # block_quantize imports this module
+
+    return quantize_blocks(x, fmt, rounding, axis=axis, generator=generator, out=out)
 
 
 def scale_from_amax(

@@ -1,11 +1,13 @@
 """Real low-precision storage: pack values on a format's grid into 1- or 2-byte tensors
 and back, losslessly.
 
-Formats torch has a dtype for (fp16, bf16, e5m2, e4m3) are stored in that dtype, so
-the bytes are the ones hardware reads. Custom formats are stored as their own bit codes
-(sign, exponent, mantissa, as the format lays them out) in the smallest integer type
-that holds them: ``uint8`` up to 8 bits, ``int16`` up to 16; wider custom formats are
+Formats torch has a dtype for (fp16, bf16, e5m2, e4m3, e8m0fnu) are stored in that
+dtype, so the bytes are the ones hardware reads. Custom formats are stored as their own
+bit codes (sign, exponent, mantissa, as the format lays them out) in the smallest integer
+type that holds them: ``uint8`` up to 8 bits, ``int16`` up to 16; wider custom formats are
 kept as float32 values, since a code of 17 to 31 bits saves nothing over float32.
+
+Block formats pack into a :class:`PackedBlocks` (see :mod:`mixprec.core.block_storage`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,22 @@ from __future__ import annotations
 import torch
 
 from mixprec.core import formats
-from mixprec.core.formats import FloatFormat
+from mixprec.core.block_storage import PackedBlocks
+from mixprec.core.formats import BlockFormat, FloatFormat
 from mixprec.core.quantize import quantize
 
-__all__ = ["storage_dtype", "to_storage", "from_storage"]
+__all__ = ["storage_dtype", "to_storage", "from_storage", "PackedBlocks"]
+
+# torch's casts round exactly as quantize does for these; others (e8m0fnu: torch maps 0
+# and negatives onto codes, ml_dtypes and mixprec give NaN) are quantized first.
+_TORCH_CAST_ROUNDS_AS_QUANTIZE = ("fp16", "bf16", "e5m2", "e4m3")
 
 _F32_INF_BITS = 0x7F800000
 _F32_QNAN_BITS = 0x7FC00000
 
 
 def storage_dtype(fmt: str | FloatFormat) -> torch.dtype:
-    """The dtype :func:`to_storage` packs ``fmt`` into."""
+    """The dtype :func:`to_storage` packs scalar format ``fmt`` into."""
     fmt = formats.get(fmt)
     if fmt.torch_dtype is not None:
         return fmt.torch_dtype
@@ -34,11 +41,23 @@ def storage_dtype(fmt: str | FloatFormat) -> torch.dtype:
     return torch.float32
 
 
-def to_storage(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
+def to_storage(x: torch.Tensor, fmt: str | FloatFormat | BlockFormat, *, axis: int = -1
+               ) -> torch.Tensor | PackedBlocks:
     """Pack ``x`` into ``fmt``'s storage dtype (:func:`storage_dtype`). Values already on
     the grid (the output of :func:`mixprec.core.quantize`) are packed exactly; others are
-    rounded to nearest-even first, with the format's default overflow."""
-    fmt = formats.get(fmt)
+    rounded to nearest-even first, with the format's default overflow.
+
+    For a block format, ``x`` is the high-precision tensor: it is quantized (blocks along
+    ``axis``) and packed into a :class:`PackedBlocks` of element codes and scales, which
+    :func:`from_storage` turns back into exactly ``quantize(x, fmt, axis=axis)``."""
+    resolved = formats.resolve(fmt)
+    if isinstance(resolved, BlockFormat):
+        from mixprec.core.block_storage import pack_blocks
+
+        return pack_blocks(x, resolved, axis=axis)
+    if axis != -1:
+        raise ValueError("axis= places the blocks of block formats; scalar formats pack element-wise, drop axis=")
+    fmt = resolved
     dtype = storage_dtype(fmt)
     if fmt.torch_dtype is not None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -47,6 +66,8 @@ def to_storage(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
             return x
         if x.dtype == torch.float64:
             raise TypeError("to_storage takes float32, float16 or bfloat16; call x.float() first")
+        if fmt.name not in _TORCH_CAST_ROUNDS_AS_QUANTIZE:
+            x = quantize(x, fmt)
         # torch's cast rounds to nearest-even with the format's default overflow, the
         # same as quantize(x, fmt), so grid values pass through unchanged.
         return x.to(fmt.torch_dtype)
@@ -56,9 +77,15 @@ def to_storage(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
     return _encode(on_grid, fmt, dtype)
 
 
-def from_storage(packed: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
-    """Unpack what :func:`to_storage` made into float32 values on ``fmt``'s grid."""
-    fmt = formats.get(fmt)
+def from_storage(packed: torch.Tensor | PackedBlocks, fmt: str | FloatFormat | BlockFormat) -> torch.Tensor:
+    """Unpack what :func:`to_storage` made into float32 values on ``fmt``'s grid (for a
+    block format: the dequantized values, in the original shape)."""
+    resolved = formats.resolve(fmt)
+    if isinstance(resolved, BlockFormat) or isinstance(packed, PackedBlocks):
+        from mixprec.core.block_storage import unpack_blocks
+
+        return unpack_blocks(packed, resolved)
+    fmt = resolved
     dtype = storage_dtype(fmt)
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"from_storage takes a torch.Tensor, not {type(packed).__name__}")

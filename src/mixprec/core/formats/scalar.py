@@ -1,4 +1,4 @@
-"""Floating-point formats: what a format is, and the named ones mixprec knows.
+"""Scalar floating-point formats: what a format is, and the named ones mixprec knows.
 
 A :class:`FloatFormat` describes a binary floating-point format by its exponent and
 mantissa widths, its bias, and how it spends its top exponent (infinities, NaNs, or
@@ -23,6 +23,10 @@ __all__ = [
     "fp16",
     "e5m2",
     "e4m3",
+    "e2m1fn",
+    "e2m3fn",
+    "e3m2fn",
+    "e8m0fnu",
     "NAMED_FORMATS",
     "get",
     "ieee_format",
@@ -52,6 +56,11 @@ class FloatFormat:
     ``overflow`` is the default result of rounding a value past the largest finite one
     (what torch's own cast does for the formats torch has). ``torch_dtype`` is the
     torch storage dtype that holds exactly this format's values, where torch has one.
+
+    ``signed=False`` drops the sign bit: negative inputs round to NaN. ``has_zero=False``
+    (exponent-only formats, ``mantissa_bits=0``, unsigned) spends the all-zeros code on
+    ``2**-bias`` instead of zero: zero rounds to NaN and values below the smallest one
+    round up to it. Together they describe OCP's E8M0 scale format (:data:`e8m0fnu`).
     """
 
     name: str
@@ -62,6 +71,8 @@ class FloatFormat:
     nan_encoding: NanEncoding = "ieee"
     overflow: Overflow = "inf"
     torch_dtype: torch.dtype | None = None
+    signed: bool = True
+    has_zero: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.exponent_bits <= 8:
@@ -99,16 +110,23 @@ class FloatFormat:
                 f"format {self.name!r} has no NaN, so overflow cannot give NaN; "
                 "use overflow='saturate'"
             )
-        min_exponent = 1 - self.bias
+        if not self.has_zero and (self.mantissa_bits != 0 or self.signed or self.has_infinities):
+            raise ValueError(
+                f"format {self.name!r}: has_zero=False is for unsigned exponent-only scale "
+                "formats (like E8M0); use mantissa_bits=0, signed=False, has_infinities=False"
+            )
+        min_exponent = self.min_exponent
         fits = (
-            min_exponent >= -126
-            and (min_exponent == -126 or min_exponent - self.mantissa_bits >= -126)
+            (min_exponent >= -126 or (not self.has_zero and min_exponent == -127))
+            and (min_exponent <= -126 or min_exponent - self.mantissa_bits >= -126)
             and self.largest <= torch.finfo(torch.float32).max
         )
         if not fits:
             # The rounding kernel builds subnormal results as float32 normals, so a
             # format's subnormals must be float32 normals unless its normal range starts
-            # exactly where float32's does (then float32's own subnormals line up).
+            # exactly where float32's does (then float32's own subnormals line up). An
+            # exponent-only format with no zero may reach 2**-127 (E8M0): the kernel
+            # rounds float32's subnormals onto 2**-127 and 2**-126 with its own spacing.
             raise ValueError(
                 f"format {self.name!r}: bias={self.bias} puts values outside what mixprec "
                 "emulates: the smallest normal must be >= 2**-126, its subnormals float32 "
@@ -124,13 +142,14 @@ class FloatFormat:
 
     @property
     def total_bits(self) -> int:
-        """Bits of one encoded value: sign, exponent and mantissa."""
-        return 1 + self.exponent_bits + self.mantissa_bits
+        """Bits of one encoded value: sign (if signed), exponent and mantissa."""
+        return int(self.signed) + self.exponent_bits + self.mantissa_bits
 
     @property
     def min_exponent(self) -> int:
-        """Unbiased exponent of the smallest normal value (also the subnormals' scale)."""
-        return 1 - self.bias
+        """Unbiased exponent of the smallest normal value (also the subnormals' scale);
+        ``-bias`` for formats with no zero, whose all-zeros code is ``2**-bias``."""
+        return 1 - self.bias if self.has_zero else -self.bias
 
     def _max_biased_exponent(self) -> int:
         top = 2**self.exponent_bits - 1
@@ -228,8 +247,51 @@ e4m3 = FloatFormat(
 """FP8 E4M3 in the E4M3FN convention (OCP FP8): no infinities, one NaN code per sign,
 largest 448; out-of-range values saturate to +-448 by default, as torch's cast does."""
 
-NAMED_FORMATS: dict[str, FloatFormat] = {f.name: f for f in (fp32, bf16, fp16, e5m2, e4m3)}
-"""The formats mixprec names, by their one vocabulary: fp32, bf16, fp16, e5m2, e4m3."""
+
+def _ocp_element(exponent_bits: int, mantissa_bits: int) -> FloatFormat:
+    """An OCP MX element format ("fn": finite, no NaN): IEEE-style bias, the top
+    exponent holds finite values, no Inf, no NaN, saturating."""
+    return FloatFormat(
+        name=f"e{exponent_bits}m{mantissa_bits}fn",
+        exponent_bits=exponent_bits,
+        mantissa_bits=mantissa_bits,
+        bias=2 ** (exponent_bits - 1) - 1,
+        has_infinities=False,
+        nan_encoding="none",
+        overflow="saturate",
+    )
+
+
+e2m1fn = _ocp_element(2, 1)
+"""FP4 E2M1 (OCP MX, ml_dtypes' ``float4_e2m1fn``): values 0, 0.5, 1, 1.5, 2, 3, 4, 6; no
+Inf or NaN, saturating. NaN inputs stay NaN in the float32 result (there is no code for
+them: :func:`mixprec.to_storage` refuses them)."""
+e2m3fn = _ocp_element(2, 3)
+"""FP6 E2M3 (OCP MX, ``float6_e2m3fn``): largest 7.5, smallest subnormal 2**-3; no Inf/NaN."""
+e3m2fn = _ocp_element(3, 2)
+"""FP6 E3M2 (OCP MX, ``float6_e3m2fn``): largest 28, smallest subnormal 2**-4; no Inf/NaN."""
+e8m0fnu = FloatFormat(
+    name="e8m0fnu",
+    exponent_bits=8,
+    mantissa_bits=0,
+    bias=127,
+    has_infinities=False,
+    nan_encoding="all_ones",
+    overflow="nan",
+    torch_dtype=torch.float8_e8m0fnu,
+    signed=False,
+    has_zero=False,
+)
+"""OCP MX's scale format E8M0 (``float8_e8m0fnu``): unsigned powers of two 2**-127 to
+2**127, code 0xFF is NaN, no zero. As ml_dtypes: ties round up (to the even multiple of
+the binade's spacing), zero, negatives, Inf and overflow give NaN, values below 2**-127
+round up to it. (``"e8m0"`` stays the signed IEEE-style eXmY format.)"""
+
+NAMED_FORMATS: dict[str, FloatFormat] = {
+    f.name: f for f in (fp32, bf16, fp16, e5m2, e4m3, e2m1fn, e2m3fn, e3m2fn, e8m0fnu)
+}
+"""The formats mixprec names, by their one vocabulary: fp32, bf16, fp16, e5m2, e4m3, and
+OCP's element and scale formats e2m1fn, e2m3fn, e3m2fn, e8m0fnu."""
 
 _ALIASES: dict[str, FloatFormat] = {
     "float32": fp32,
@@ -240,6 +302,10 @@ _ALIASES: dict[str, FloatFormat] = {
     "e4m3fn": e4m3,
     "float8_e5m2": e5m2,
     "float8_e4m3fn": e4m3,
+    "float4_e2m1fn": e2m1fn,
+    "float6_e2m3fn": e2m3fn,
+    "float6_e3m2fn": e3m2fn,
+    "float8_e8m0fnu": e8m0fnu,
 }
 
 
@@ -252,6 +318,16 @@ def get(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
     """
     if isinstance(fmt, FloatFormat):
         return fmt
+    from mixprec.core.formats import blocks  # a late import: blocks builds on this module
+
+    if isinstance(fmt, blocks.BlockFormat) or (
+        isinstance(fmt, str) and fmt.strip().lower() in blocks.NAMED_BLOCK_FORMATS
+    ):
+        raise ValueError(
+            f"{str(fmt)!r} is a block format (per-block scales), but a scalar format is needed "
+            "here; pass a scalar element format such as 'e4m3' or 'e2m1fn', or call a function "
+            "that takes block formats (mixprec.quantize, to_storage, formats.resolve)"
+        )
     if isinstance(fmt, torch.dtype):
         for known in NAMED_FORMATS.values():
             if known.torch_dtype == fmt:

@@ -1,0 +1,246 @@
+"""Quantize to a block-scaled format: each block of elements shares one scale chosen from
+the block's absolute maximum (:class:`~mixprec.core.formats.blocks.BlockFormat`).
+
+:func:`quantize_blocks` returns the dequantized float32 values (``element * scale``), the
+numbers a GEMM on MX/NVFP4 hardware multiplies; :func:`block_parts` returns the element
+values and scales themselves, which :mod:`mixprec.core.storage` packs into bytes. Both
+run the same arithmetic, so a stored tensor reads back exactly as ``quantize`` gives it.
+
+Special values follow OCP MX v1.0: a block holding a NaN or an Inf gets a NaN scale and
+reads back all NaN; an all-zero block reads back as zeros (its E8M0 scale is 2**-127, the
+smallest, as the floor rule gives). A dimension that is not a multiple of the block size
+is refused, not padded: hardware GEMMs and torchao need whole blocks, and a silently
+padded tensor would change what is stored. Pad with zeros yourself (zeros change no
+block's scale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mixprec.core import block_kernels
+from mixprec.core.formats.blocks import BlockFormat
+from mixprec.core.kernels import _params, _run
+from mixprec.core.quantize import Rounding, _check_tensor, _draw_key
+
+__all__ = ["BlockParts", "quantize_blocks", "block_parts", "blocked_view"]
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """The pieces of a block-quantized tensor: ``elements`` (float32 values on the element
+    grid, in the blocked layout ``(groups, rows, h, cols)``), ``scales`` (float32 block
+    scales, shape ``(groups, 1, h, 1)``), ``tensor_scale`` (NVFP4's FP32 scale, else None),
+    and how to undo the layout: ``moved_shape`` (x with the block axis last) and ``axis``."""
+
+    elements: torch.Tensor
+    scales: torch.Tensor
+    tensor_scale: torch.Tensor | None
+    moved_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    axis: int
+
+    def dequantize(self) -> torch.Tensor:
+        """``element * scale`` (NVFP4: ``element * (tensor_scale * scale)``) in x's shape."""
+        full = self.scales if self.tensor_scale is None else self.tensor_scale * self.scales
+        return restore_layout((self.elements * full).reshape(self.moved_shape), self.axis, len(self.shape))
+
+
+def _normalise_axis(fmt: BlockFormat, axis: int, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, not {type(axis).__name__}")
+    needed = len(fmt.block_shape)
+    if ndim < needed:
+        raise ValueError(
+            f"block format {fmt.name} has {needed}-D blocks {fmt.block_shape}, but x has {ndim} "
+            f"dimension{'s' if ndim != 1 else ''}; reshape x to at least {needed}-D"
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a tensor with {ndim} dimensions")
+    axis %= ndim
+    if needed == 2 and axis < ndim - 2:
+        raise ValueError(
+            f"block format {fmt.name} tiles the last two dimensions; axis must be -1 (tile "
+            f"{fmt.block_shape} as rows x cols) or -2 (transposed), not {axis - ndim}"
+        )
+    return axis
+
+
+def blocked_view(
+    x: torch.Tensor, fmt: BlockFormat, axis: int
+) -> tuple[torch.Tensor, tuple[int, int, int], tuple[int, ...], int]:
+    """x as contiguous float32 with the block axis last, its blocked dims ``(rows, h,
+    cols)``, that moved shape, and the normalised axis. Raises ValueError where a
+    dimension is not a multiple of the block's extent along it."""
+    axis = _normalise_axis(fmt, axis, x.dim())
+    ndim = x.dim()
+    moved = x.movedim(axis, -1) if axis != ndim - 1 else x
+    moved = moved.detach()
+    moved = moved.contiguous() if moved.dtype == torch.float32 else moved.float().contiguous()
+    extents = fmt.block_shape
+    named = ("last", "second-to-last")
+    for offset, extent in enumerate(reversed(extents)):
+        size = moved.shape[-1 - offset]
+        if size % extent:
+            original_dim = axis if offset == 0 else (ndim - 2 if axis == ndim - 1 else ndim - 1)
+            raise ValueError(
+                f"block format {fmt.name}: dimension {original_dim} of x (shape {tuple(x.shape)}, "
+                f"the {named[offset]} of the blocked layout) has {size} elements, not a multiple "
+                f"of the block extent {extent}. mixprec refuses rather than pads: hardware and "
+                f"torchao need whole blocks. Pad x with zeros to a multiple of {extent} "
+                "(torch.nn.functional.pad); zeros change no block's scale"
+            )
+    if len(extents) == 1:
+        dims = (1, 1, extents[0])
+    else:
+        dims = (extents[0], moved.shape[-1] // extents[1], extents[1])
+    return moved, dims, tuple(moved.shape), axis
+
+
+def restore_layout(moved: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """Undo :func:`blocked_view`'s move of the block axis to the end."""
+    return moved.movedim(-1, axis) if axis != ndim - 1 else moved
+
+
+_PARAMS_CACHE: dict[tuple[BlockFormat, torch.device], tuple[torch.Tensor, ...]] = {}
+
+
+def _block_params(fmt: BlockFormat, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The kernel's parameter tensors for ``fmt`` on ``device`` (cached)."""
+    key = (fmt, device)
+    cached = _PARAMS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    elem = fmt.element
+    pe = _params(elem, "saturate", device)  # MX and NVFP4 elements clamp at their largest
+    if fmt.scale_rule in block_kernels.RULE_IDS:
+        largest_bits = torch.tensor([elem.largest], dtype=torch.float32).view(torch.int32).item()
+        bp = torch.tensor(
+            [block_kernels.RULE_IDS[fmt.scale_rule], elem.max_exponent,
+             1 << (22 - elem.mantissa_bits), largest_bits],
+            dtype=torch.int32, device=device,
+        )
+        params: tuple[torch.Tensor, ...] = (pe, bp)
+    else:
+        ps = _params(fmt.scale, "saturate", device)
+        fp = torch.tensor(
+            [elem.largest, fmt.scale.largest * elem.largest, fmt.scale.smallest_normal],
+            dtype=torch.float32, device=device,
+        )
+        params = (pe, ps, fp)
+    _PARAMS_CACHE[key] = params
+    return params
+
+
+def _check_tensor_amax(tensor_amax: torch.Tensor | float | None, fmt: BlockFormat,
+                       device: torch.device) -> torch.Tensor | None:
+    if tensor_amax is None:
+        return None
+    if not fmt.tensor_scale:
+        raise ValueError(
+            f"tensor_amax sets the per-tensor scale of two-level formats (nvfp4); {fmt.name} "
+            "has none. Drop tensor_amax"
+        )
+    amax_t = torch.as_tensor(tensor_amax, dtype=torch.float32).detach().reshape(())
+    if amax_t.device.type == "cpu":
+        value = float(amax_t)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"tensor_amax must be finite and >= 0, got {value}")
+    return amax_t.to(device)
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"unknown rounding {rounding!r}; use 'nearest' or 'stochastic'")
+
+
+def quantize_blocks(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    rounding: Rounding = "nearest",
+    axis: int = -1,
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+    tensor_amax: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Quantize ``x`` to block format ``fmt`` and return the dequantized float32 values
+    (same shape and device): each element rounded onto the element grid after division
+    by its block's scale, times that scale.
+
+    Blocks run along ``axis`` (1-D block shapes) or tile the last two dimensions (2-D
+    shapes; ``axis=-2`` transposes the tile). ``rounding="stochastic"`` rounds elements
+    to one of their two grid neighbours, unbiased (scales are always chosen
+    deterministically), with bits from ``generator``. ``tensor_amax`` replaces the
+    current amax in NVFP4's per-tensor scale (delayed scaling). ``out`` receives the result.
+    """
+    x = _check_tensor(x)
+    _check_rounding(rounding)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
+            raise TypeError("out must be a float32 torch.Tensor")
+        if out.shape != x.shape or out.device != x.device:
+            raise ValueError(
+                f"out must match x's shape {tuple(x.shape)} and device {x.device}, got "
+                f"{tuple(out.shape)} on {out.device}"
+            )
+    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    if moved.numel() == 0:
+        result = restore_layout(moved.clone(), axis, x.dim())
+        return out.copy_(result) if out is not None else result
+    key = _draw_key(generator, x.device) if rounding == "stochastic" else None
+    flat = moved.reshape(-1)
+    params = _block_params(fmt, x.device)
+    family = "pow2" if fmt.scale_rule in block_kernels.RULE_IDS else "amax"
+    if family == "pow2":
+        args: tuple[object, ...] = (dims, *params)
+    else:
+        args = (dims, *params, fmt.tensor_scale, amax_t)
+    if key is not None:
+        args = (*args, key)
+    name = f"{family}_{rounding}"
+    direct = (
+        out is not None and axis == x.dim() - 1 and out.is_contiguous()
+        and out.data_ptr() != x.data_ptr()
+    )
+    if direct:
+        assert out is not None
+        _run(f"{name}_out", flat, *args, out.view(-1))  # type: ignore[arg-type]
+        return out
+    result = _run(name, flat, *args)  # type: ignore[arg-type]
+    assert result is not None
+    result = restore_layout(result.view(moved_shape), axis, x.dim())
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def block_parts(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    rounding: Rounding = "nearest",
+    axis: int = -1,
+    generator: torch.Generator | None = None,
+    tensor_amax: torch.Tensor | float | None = None,
+) -> BlockParts:
+    """The element values and scales :func:`quantize_blocks` multiplies (eager kernels,
+    the same arithmetic); ``BlockParts.dequantize()`` equals ``quantize_blocks`` bit for bit."""
+    x = _check_tensor(x)
+    _check_rounding(rounding)
+    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    key = _draw_key(generator, x.device) if rounding == "stochastic" else None
+    x4 = moved.reshape(-1, *dims)
+    params = _block_params(fmt, x.device)
+    with torch.no_grad():
+        if fmt.scale_rule in block_kernels.RULE_IDS:
+            elements, scales = block_kernels.pow2_parts(x4, params[0], params[1], key)
+            tensor_scale = None
+        else:
+            elements, scales, tensor_scale = block_kernels.amax_parts(
+                x4, params[0], params[1], params[2], key, fmt.tensor_scale, amax_t
+            )
+    return BlockParts(elements, scales, tensor_scale, moved_shape, tuple(x.shape), axis)

@@ -1,0 +1,77 @@
+"""The random Hadamard transform of the NVFP4 and Quartet recipes: 16x16 blocks along an
+axis, with a seeded random sign vector, orthonormal.
+
+For each group of ``n`` consecutive elements ``v`` along ``axis`` (n = 16 by default),
+``hadamard_transform`` returns ``H (D v)``: ``D`` is a diagonal of random +-1 signs drawn
+once from ``seed`` (the same for every group, as NVIDIA's recipe fixes it), and ``H`` the
+Sylvester Hadamard matrix divided by ``sqrt(n)`` (4 for n = 16), so ``H D`` is orthogonal
+and spreads an outlier over its group before quantization. The inverse is ``D H``
+(:func:`inverse_hadamard_transform`). In exact arithmetic the two transforms of a GEMM's
+operands cancel: ``(A Q)(Q^T B) = A B`` with ``Q = (H D)^T``.
+
+It runs as one float32 matrix product per call (with the 1/sqrt(n) folded into H, exact
+for powers of four), so results are exact up to float32 rounding of the sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["hadamard_matrix", "random_signs", "hadamard_transform", "inverse_hadamard_transform"]
+
+
+def hadamard_matrix(n: int = 16, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                    ) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of order ``n`` (a power of two):
+    entries +-1/sqrt(n), symmetric, its own inverse."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1):
+        raise ValueError(f"the Hadamard size must be a power of two (2, 4, 8, 16, ...), not {n!r}")
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < n:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return (matrix / math.sqrt(n)).to(dtype=dtype, device=device)
+
+
+def random_signs(n: int = 16, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` random +-1 values (float32) from ``seed``: the same on every call and device."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(torch.float32).to(device)
+
+
+def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("the Hadamard transform takes a floating-point torch.Tensor")
+    if x.dim() == 0:
+        raise ValueError("the Hadamard transform needs a tensor with at least one dimension")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} is out of range for a tensor with {x.dim()} dimensions")
+    size = x.shape[axis]
+    if size % n:
+        raise ValueError(
+            f"dimension {axis % x.dim()} of x (shape {tuple(x.shape)}) has {size} elements, not a "
+            f"multiple of the Hadamard size {n}; pad it with zeros to a multiple of {n}"
+        )
+    hadamard = hadamard_matrix(n, device=x.device)
+    signs = random_signs(n, seed, device=x.device)
+    # On row vectors (v @ M): the forward H D v is v @ (D H) (H is symmetric), and its
+    # inverse D H y is y @ (H D).
+    matrix = hadamard * signs[None, :] if inverse else hadamard * signs[:, None]
+    moved = x.detach().float().movedim(axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], size // n, n)
+    rotated = groups @ matrix  # rows times matrix: each group v becomes v @ matrix
+    return rotated.reshape(moved.shape).movedim(-1, axis)
+
+
+def hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, seed: int = 0) -> torch.Tensor:
+    """``H D v`` for every group ``v`` of ``n`` consecutive elements along ``axis`` (float32,
+    x's shape): orthonormal, with random signs from ``seed``. A dimension that is not a
+    multiple of ``n`` is refused (pad with zeros)."""
+    return _transform(x, n, axis, seed, inverse=False)
+
+
+def inverse_hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, seed: int = 0) -> torch.Tensor:
+    """``D H v`` per group: undoes :func:`hadamard_transform` with the same ``n``, ``axis``
+    and ``seed`` (up to float32 rounding)."""
+    return _transform(x, n, axis, seed, inverse=True)
