@@ -128,10 +128,9 @@ def test_checkpoint_resumes_bitwise_in_a_fresh_process(tmp_path, recipe: str) ->
     run("0", "8", "--save", str(tmp_path / "straight.pt"))
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
     straight = torch.load(tmp_path / "straight.pt", weights_only=False)
-    for key, value in straight["model"].items():
-        if torch.is_tensor(value):
-            assert torch.equal(resumed["model"][key], value), key
-    assert str(resumed["model"]["_mixprec_state"]) == str(straight["model"]["_mixprec_state"])
+    assert resumed["model"].keys() == straight["model"].keys()
+    for key, value in straight["model"].items():  # weights, amax histories, generator: all bitwise
+        assert torch.equal(resumed["model"][key], value), key
     assert resumed["scaler"]["loss_scaler"] == straight["scaler"]["loss_scaler"]
     assert straight["scaler"]["loss_scaler"]["state"]["skipped"] == 1
 
@@ -150,7 +149,8 @@ def test_prepare_returns_a_real_optimizer_for_schedulers_and_clipping() -> None:
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] < 0.1
     state = optimizer.state_dict()
-    _, again = mixprec.prepare(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), "fp16")
+    other = _model()
+    _, again = mixprec.prepare(other, torch.optim.SGD(other.parameters(), lr=0.1), "fp16")
     again.load_state_dict(state)
     assert again.loss_scale == optimizer.loss_scale
 

@@ -27,7 +27,7 @@ from mixprec.nn.convert import convert
 from mixprec.recipe import Recipe, get_recipe
 from mixprec.scaling import LossScaler, make_loss_scaler
 
-__all__ = ["GradScaler", "MixedPrecisionOptimizer", "prepare"]
+__all__ = ["GradScaler", "MixedPrecisionOptimizer", "prepare", "load_optimizer_state_dict"]
 
 
 class _Stage(enum.Enum):
@@ -309,15 +309,30 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "scaler"}:
             raise ValueError("not a MixedPrecisionOptimizer state_dict (expected keys 'optimizer' and 'scaler')")
         self.scaler.load_state_dict(state_dict["scaler"])  # checks the recipe first: nothing changes on mismatch
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        for group in self.param_groups:
-            for param in group["params"]:
-                for key, value in self.state.get(param, {}).items():
-                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                        self.state[param][key] = value.float()
+        load_optimizer_state_dict(self.optimizer, state_dict["optimizer"])
 
     def __repr__(self) -> str:
         return f"MixedPrecisionOptimizer({self.recipe.name}, {self.optimizer!r})"
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state_dict)`` that keeps the FP32 state of 16-bit
+    parameters (paper 2's FP16 masters) in FP32: torch casts loaded state to each
+    parameter's dtype, which would round Adam's moments to FP16. Use it to resume an
+    optimizer over a model converted with FP16 masters."""
+    narrow = []
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.is_floating_point() and param.dtype != torch.float32:
+                    narrow.append((param, param.dtype))
+                    param.data = param.data.float()
+    try:
+        optimizer.load_state_dict(state_dict)
+    finally:
+        with torch.no_grad():
+            for param, dtype in narrow:
+                param.data = param.data.to(dtype)  # exact: the values came from that dtype
 
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, recipe: str | Recipe = "fp16",

@@ -224,8 +224,12 @@ class AmaxHistory:
         self.count = torch.zeros((), dtype=torch.int64, device=device)
 
     def record(self, x: torch.Tensor) -> None:
-        """Push ``x``'s absolute maximum (as a device tensor; no synchronisation)."""
+        """Push ``x``'s absolute maximum (as a device tensor; no synchronisation); a
+        non-finite amax is pushed as 0."""
         current = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+        # an overflowing step's Inf/NaN is not a range to scale for (the step is skipped):
+        # recorded as 0, it leaves the history's maximum to the finite steps around it
+        current = torch.where(torch.isfinite(current), current, torch.zeros_like(current))
         if self.amax.device != current.device:
             self.amax = self.amax.to(current.device)
             self.count = self.count.to(current.device)

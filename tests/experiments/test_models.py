@@ -50,4 +50,4 @@ def test_gan_shapes_and_a_step(recipe):
     opt_d.step()
     opt_g.backward(F.binary_cross_entropy_with_logits(critic(fake), torch.ones(6)))
     opt_g.step()
-    assert opt_g.scaler.state.step == opt_d.scaler.state.step == 1
+    assert opt_g.scaler.loss_scaler.state.step == opt_d.scaler.loss_scaler.state.step == 1

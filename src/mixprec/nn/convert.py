@@ -5,8 +5,9 @@ the master weights (cast to the recipe's master dtype: FP32, or FP16 for paper 2
 hooks enter :class:`~mixprec.nn.intercept.EmulationMode` around the model's forward
 and leave it on exit, errors included; modules the recipe keeps in high precision get
 FP32 inputs. The per-model state (generator, amax histories, rounded weights) lives on
-the model as ``model._mixprec`` and travels in ``model.state_dict()`` under the key
-``_mixprec_state``; a state dict without it (pretrained weights) loads as usual.
+the model as ``model._mixprec`` and travels in ``model.state_dict()`` as tensors under
+keys starting ``_mixprec_state.``; a state dict without them (pretrained weights) loads
+as usual.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mixprec.recipe import Recipe, get_recipe
 __all__ = ["convert", "engine_state", "is_converted", "STATE_KEY"]
 
 STATE_KEY = "_mixprec_state"
-"""The state-dict key of a converted model's mixprec state."""
+"""The state-dict key prefix of a converted model's mixprec state."""
 
 
 def engine_state(model: nn.Module) -> EngineState:
@@ -151,8 +152,25 @@ def _push(state: EngineState, name: str, kept: bool) -> Any:
         if kept:
             state.high_precision += 1
             return _widen_inputs(args, kwargs)
+        if isinstance(module, nn.RNNBase):
+            return _as_weight_dtype(module, args, kwargs)
         return None
     return hook
+
+
+def _as_weight_dtype(module: nn.RNNBase, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """nn.LSTM/GRU check that their input has their weights' dtype before the emulated
+    recurrence runs (which rounds it to the recipe's format anyway): cast it there."""
+    dtype = module._flat_weights[0].dtype
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, tuple):
+            return tuple(cast(v) for v in value)
+        return value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def _pop(state: EngineState, kept: bool) -> Any:
@@ -167,13 +185,15 @@ def _pop(state: EngineState, kept: bool) -> Any:
 def _save_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     state = getattr(module, "_mixprec", None)
     if isinstance(state, EngineState):
-        state_dict[prefix + STATE_KEY] = state.state_dict()
+        for key, value in state.state_dict().items():
+            state_dict[f"{prefix}{STATE_KEY}.{key}"] = value
 
 
 def _load_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    saved = state_dict.pop(prefix + STATE_KEY, None)
+    head = f"{prefix}{STATE_KEY}."
+    saved = {key[len(head):]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(head)]}
     state = getattr(module, "_mixprec", None)
-    if saved is not None and isinstance(state, EngineState):
+    if saved and isinstance(state, EngineState):
         state.load_state_dict(saved)
     if isinstance(state, EngineState):
         state.clear_weights()

@@ -134,28 +134,34 @@ class EngineState:
 
     # ---- checkpoints ------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """The amax histories and the generator's state: what a resume needs."""
-        return {
-            "recipe": self.recipe.name,
-            "histories": {key: history.state_dict() for key, history in self.histories.items()},
-            "generator": None if self.generator is None else self.generator.get_state(),
-        }
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The amax histories and the generator's state, as tensors (so the model's
+        state dict stays a dict of tensors for torch.save, safetensors and
+        torch.distributed.checkpoint): what a resume needs."""
+        state = {"recipe": torch.tensor(list(self.recipe.name.encode()), dtype=torch.uint8)}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        for key, history in self.histories.items():
+            state[f"amax.{key}"] = history.amax.clone()
+            state[f"count.{key}"] = history.count.clone()
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` saved (the recipe's name must match)."""
-        if state.get("recipe") != self.recipe.name:
+        name = bytes(state["recipe"].tolist()).decode() if "recipe" in state else None
+        if name != self.recipe.name:
             raise ValueError(
-                f"this checkpoint's mixprec state is for recipe {state.get('recipe')!r}, but the model runs "
-                f"{self.recipe.name!r}: convert the model with the checkpoint's recipe"
-            )
+                f"this checkpoint's mixprec state is for recipe {name!r}, but the model runs "
+                f"{self.recipe.name!r}: convert the model with the checkpoint's recipe")
         histories = {}
-        for key, saved in state["histories"].items():
-            history = AmaxHistory(saved["amax"].numel(), saved["amax"].device)
-            history.load_state_dict(saved)
-            histories[key] = history
+        for key, amax in state.items():
+            if key.startswith("amax."):
+                site = key[len("amax."):]
+                history = AmaxHistory(amax.numel(), amax.device)
+                history.load_state_dict({"amax": amax, "count": state[f"count.{site}"]})
+                histories[site] = history
         self.histories = histories
-        if self.generator is not None and state["generator"] is not None:
+        if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
 
 
