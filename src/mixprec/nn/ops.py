@@ -210,7 +210,7 @@ def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tenso
 
 
 def _log(state: EngineState, site: str, op: str, flops: float, operands: tuple[torch.Tensor, ...],
-         grad_left: bool, grad_right: bool) -> None:
+         grad_left: bool, grad_right: bool, recomputed: bool = False) -> None:
     """Record a call for the coverage report: forward FLOPs plus those of the backward
     GEMMs that will run, and each operand's format."""
     recipe = state.recipe
@@ -222,7 +222,7 @@ def _log(state: EngineState, site: str, op: str, flops: float, operands: tuple[t
     if grad_left or grad_right:
         forward["dgrad.left"] = recipe.dgrad.left.describe()
         forward["wgrad.left"] = recipe.wgrad.left.describe()
-    total = flops * (1 + int(grad_left) + int(grad_right))
+    total = flops * (1 + int(grad_left) + int(grad_right) + int(recomputed and (grad_left or grad_right)))
     assert state.log is not None
     state.log.append(CallRecord(site, op, total, forward, emulated=True))
 
@@ -341,6 +341,70 @@ def embedding(state: EngineState, indices: torch.Tensor, weight: torch.Tensor,
 # ---- attention --------------------------------------------------------------------------
 
 
+class _Attention(torch.autograd.Function):
+    """Softmax attention without dropout as one operation that saves only the rounded
+    Q, K and V (and the mask) and recomputes the probabilities in backward, as fused
+    attention kernels do: the L x S matrices are never kept. Its roundings are those of
+    the two emulated GEMMs and the FP32 softmax between them, in the same order, and
+    the recomputation reuses the forward's per-tensor scales."""
+
+    @staticmethod
+    def _probabilities(call: _Call, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, factor: float,
+                       causal: bool, scales: list[torch.Tensor | None]) -> tuple[torch.Tensor, Quantized]:
+        recipe = call.state.recipe
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores", in_place=True,
+                                   scale=scales[0])
+        scales[0] = rounded.scale
+        scores = rounded.values().to(result_dtype(recipe.forward.result, recipe.compute)).float() * factor
+        if causal:
+            length, source = scores.shape[-2], scores.shape[-1]
+            keep = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if mask is not None:
+            scores = scores + mask
+        probabilities = torch.softmax(scores, dim=-1)
+        p = quantize_operand(probabilities, recipe.forward.left, call.state, f"{call.site}.probabilities",
+                             scale=scales[1])
+        scales[1] = p.scale
+        return probabilities, p
+
+    @staticmethod
+    def forward(ctx: Any, q, k, v, mask, call: _Call, factor: float, causal: bool):  # type: ignore[override]
+        qq, qk, qv = (_forward_operand(call, t, False, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+        scales: list[torch.Tensor | None] = [None, None]
+        with _NoAutocast():
+            _, p = _Attention._probabilities(call, qq.values(), qk.values(), mask, factor, causal, scales)
+            y = torch.matmul(p.values(), qv.values())
+        out = _finish(call, y, call.state.recipe.forward.result, "output")
+        ctx.call, ctx.factor, ctx.causal, ctx.scales = call, factor, causal, scales
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        _save(ctx, *(_backward_copy(call, t, False, qt, name) for t, qt, name in
+                     ((q, qq, "q"), (k, qk, "k"), (v, qv, "v"))))
+        ctx.mask = mask
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        call: _Call = ctx.call
+        saved = _load(ctx)
+        q, k, v = (t.values() for t in saved)  # type: ignore[union-attr]
+        (g,) = _grad_operands(call, grad_output, (False,))
+        with _NoAutocast():
+            probabilities, p = _Attention._probabilities(call, q, k, ctx.mask, ctx.factor, ctx.causal,
+                                                         list(ctx.scales))
+            g32 = g.values()
+            grad_v = _grad_result(call, torch.matmul(p.values().transpose(-1, -2), g32), False, torch.float32)
+            grad_p = _grad_result(call, torch.matmul(g32, v.transpose(-1, -2)), False, torch.float32)
+            # softmax backward in FP32 on the FP32 probabilities, then the scaling
+            grad_scores = probabilities * (grad_p - (grad_p * probabilities).sum(-1, keepdim=True)) * ctx.factor
+            (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores"), grad_scores, (False,))
+            s32 = gs.values()
+            grad_q = _grad_result(call, torch.matmul(s32, k), False, ctx.dtypes[0])
+            grad_k = _grad_result(call, torch.matmul(s32.transpose(-1, -2), q), False, ctx.dtypes[1])
+        return grad_q, grad_k, grad_v.to(ctx.dtypes[2]), None, None, None, None
+
+
 def scaled_dot_product_attention(
     state: EngineState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
@@ -349,25 +413,35 @@ def scaled_dot_product_attention(
     """torch's scaled_dot_product_attention (masks, causal, dropout, grouped-query
     heads) with both products emulated: ``S = Q K^T`` and ``O = P V`` are GEMMs of the
     recipe (Q, K, V and P rounded as inputs, results rounded), the scaling, mask and
-    softmax in FP32 (the softmax rule of paper 1 and of torch.autocast)."""
-    length, source = query.shape[-2], key.shape[-2]
+    softmax in FP32 (the softmax rule of paper 1 and of torch.autocast). Without
+    dropout it runs as one operation that recomputes P in backward (:class:`_Attention`);
+    with dropout, as two emulated GEMMs around torch's softmax and dropout."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)
         value = value.repeat_interleave(repeat, dim=-3)
     factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    mask = None
+    if attn_mask is not None:
+        mask = (torch.zeros(attn_mask.shape, device=query.device).masked_fill(~attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool else attn_mask.float())
+    if dropout_p == 0:
+        call = _Call(state, state.site("sdpa"))
+        if state.log is not None:
+            batch = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]))
+            flops = 2.0 * batch * query.shape[-2] * key.shape[-2] * query.shape[-1]
+            grads = query.requires_grad or key.requires_grad or value.requires_grad
+            _log(state, call.site, "sdpa.qk", flops, (query, key), grads, grads, recomputed=True)  # S again in backward
+            _log(state, call.site, "sdpa.pv", flops, (query, value), grads, grads)
+        return _Attention.apply(query, key, value, mask, call, factor, is_causal)
+    length, source = query.shape[-2], key.shape[-2]
     scores = gemm(state, query, key, transpose_b=True, op="sdpa.qk").float() * factor
     if is_causal:
         causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.float()
-    probabilities = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:
-        probabilities = F.dropout(probabilities, p=dropout_p, training=True)
+    if mask is not None:
+        scores = scores + mask
+    probabilities = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=True)
     return gemm(state, probabilities, value, op="sdpa.pv")
 
 

@@ -181,17 +181,20 @@ def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
 
 
 def quantize_operand(
-    x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False
+    x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> Quantized:
     """``x`` rounded for ``operand`` (see :class:`Quantized`). A tensor already in the
     format's own dtype is on its grid and is not rounded again. ``in_place`` rounds a
-    fresh float32 tensor nobody else holds without a copy."""
+    fresh float32 tensor nobody else holds without a copy. ``scale`` replaces the
+    operand's own per-tensor scale (a recomputation in backward reuses the forward's)."""
     if operand.is_fp32:
         return Quantized(x, None, operand, x.float())
     fmt = operand.fmt
     if operand.scaling is None and x.dtype == fmt.torch_dtype:
         return Quantized(x, None, operand, x.float())
-    scale = state.scale(x, operand, key)
+    if scale is None:
+        scale = state.scale(x, operand, key)
     x32 = x.detach()
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
     if x32.dtype != torch.float32:
