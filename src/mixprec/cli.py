@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--data-dir", help="a folder with the Fashion-MNIST IDX files")
     compare.add_argument("--lr", type=float, help="peak learning rate for every run (default: the budget's)")
 
+    coverage = commands.add_parser(
+        "coverage", help="which GEMM of a built-in model runs in which format under a recipe")
+    coverage.add_argument("--model", default="transformer", help="cnn, lstm or transformer (default: %(default)s)")
+    coverage.add_argument("--recipe", default="fp8-hybrid", help="a named recipe or ablation (default: %(default)s)")
+
     _add_analyze_parser(commands)
     _add_distributed_parsers(commands)
 
@@ -139,14 +144,15 @@ def _bench_step(args: argparse.Namespace, console: Console) -> int:
         rows = run_step_bench(models=models, configs=configs, repeats=args.repeats,
                               batch_scale=args.batch_scale, on_step=on_step)
     table = Table(title=f"one training step (median of {args.repeats}); bytes in MB")
-    for column in ("model", "config", "step ms", "x fp32", "params", "optimizer", "saved", "saved x fp32"):
+    for column in ("model", "config", "step ms", "x fp32", "params", "optimizer", "B/param", "saved", "saved x fp32"):
         table.add_column(column, justify="left" if column in ("model", "config") else "right")
     for row in rows:
         table.add_row(row.model, row.config, f"{row.step_ms:.1f}", f"{row.ratio_to_fp32:.2f}",
                       f"{row.param_bytes / 1e6:.2f}", f"{row.optimizer_bytes / 1e6:.2f}",
-                      f"{row.saved_bytes / 1e6:.1f}", f"{row.saved_ratio_to_fp32:.2f}")
+                      f"{row.bytes_per_parameter:.1f}", f"{row.saved_bytes / 1e6:.1f}", f"{row.saved_ratio_to_fp32:.2f}")
     console.print(table)
-    console.print("optimizer = its state plus master weights; saved = tensors autograd keeps for backward "
+    console.print("params = the parameters (the masters) plus this step's rounded weights; optimizer = its "
+                  "state; B/param = both per parameter; saved = tensors autograd keeps for backward "
                   "(parameters excluded).")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +279,25 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _coverage(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    import mixprec
+    from mixprec.experiments.models import CharGPT, CharLSTM, resnet_style_cnn
+
+    torch.manual_seed(0)
+    builders = {
+        "cnn": lambda: (resnet_style_cnn(width=24, stem_stride=2), torch.randn(8, 1, 28, 28)),
+        "lstm": lambda: (CharLSTM(80, hidden=256), torch.randint(0, 80, (8, 64))),
+        "transformer": lambda: (CharGPT(80, width=128, layers=2, context=64), torch.randint(0, 80, (8, 64))),
+    }
+    if args.model not in builders:
+        raise ValueError(f"unknown model {args.model!r}; coverage knows {', '.join(builders)}")
+    model, example = builders[args.model]()
+    console.print(str(mixprec.coverage(model, example, args.recipe)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -284,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _formats_command(console)
         if args.command == "compare":
             return _compare(args, console)
+        if args.command == "coverage":
+            return _coverage(args, console)
         if args.command == "analyze":
             from mixprec.experiments.analyze_cli import analyze_command
 

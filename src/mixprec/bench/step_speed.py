@@ -38,10 +38,16 @@ class StepRow:
     optimizer_bytes: int
     saved_bytes: int
     saved_ratio_to_fp32: float
+    parameters: int = 0
+
+    @property
+    def bytes_per_parameter(self) -> float:
+        """Weights (masters and this step's rounded weights) plus optimizer state, per parameter."""
+        return (self.param_bytes + self.optimizer_bytes) / max(self.parameters, 1)
 
     def as_record(self) -> dict[str, object]:
         """The row as a JSON-ready dict."""
-        return asdict(self)
+        return {**asdict(self), "bytes_per_parameter": self.bytes_per_parameter}
 
 
 class _BlockWithHead(nn.Module):
@@ -156,5 +162,6 @@ def run_step_bench(
                 param_bytes=sizes[config]["param_bytes"], optimizer_bytes=sizes[config]["optimizer_bytes"],
                 saved_bytes=sizes[config]["saved_bytes"],
                 saved_ratio_to_fp32=sizes[config]["saved_bytes"] / max(sizes["fp32"]["saved_bytes"], 1),
+                parameters=sum(p.numel() for p in runs[config].model.parameters()),
             ))
     return rows
