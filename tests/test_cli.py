@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from mixprec.cli import main
 
 
@@ -50,6 +52,14 @@ def test_bad_arguments_fail_with_a_message():
     assert run("nonsense").returncode == 2
 
 
+def test_coverage_command_prints_the_share_and_what_is_kept():
+    result = run("coverage", "--model", "transformer", "--recipe", "fp8-hybrid")
+    assert result.returncode == 0, result.stderr
+    assert "100.0% outside modules kept in high precision" in result.stdout
+    assert "kept in high precision: head" in result.stdout and "sdpa.qk" in result.stdout
+    assert run("coverage", "--model", "resnet").returncode == 2
+
+
 def test_bench_step_writes_rows_for_every_configuration(tmp_path):
     path = tmp_path / "step.json"
     result = run("bench", "step", "--repeats", "1", "--batch-scale", "0.0625", "--models", "cnn",
@@ -59,6 +69,10 @@ def test_bench_step_writes_rows_for_every_configuration(tmp_path):
     assert [row["config"] for row in rows] == ["fp32", "autocast-bf16", "fp16", "fp8"]
     by_config = {row["config"]: row for row in rows}
     assert by_config["fp32"]["ratio_to_fp32"] == 1.0
-    # 16-bit weights, FP32 batch norms: just over half the bytes of FP32's parameters
-    assert 0.5 < by_config["fp16"]["param_bytes"] / by_config["fp32"]["param_bytes"] < 0.52
+    # paper 1: FP32 masters plus 2-byte weight operands (batch norms have none): under 6 of 4 bytes
+    assert 1.4 < by_config["fp16"]["param_bytes"] / by_config["fp32"]["param_bytes"] <= 1.5
+    # paper 2: FP16 masters plus 1-byte E5M2 weight operands (the kept output layer has none): under 3 of 4
+    assert 0.65 < by_config["fp8"]["param_bytes"] / by_config["fp32"]["param_bytes"] <= 0.75
+    assert by_config["fp8"]["saved_bytes"] < 0.5 * by_config["fp32"]["saved_bytes"]
+    assert by_config["fp32"]["bytes_per_parameter"] == pytest.approx(8.0)  # weights + SGD momentum
     assert all(row["step_ms"] > 0 and row["saved_bytes"] > 0 for row in rows)
