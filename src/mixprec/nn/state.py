@@ -118,13 +118,15 @@ class EngineState:
     def weight(self, param: torch.Tensor, operand: Operand, key: str) -> Quantized:
         """``param`` rounded for ``operand``, once per parameter version: a weight used
         several times in one step (tied, shared, recurrent) is rounded once, and the
-        optimizer's in-place update (a new version) makes the next forward round again."""
+        optimizer's in-place update (a new version) makes the next forward round again.
+        A slice of a parameter used as a weight (MultiheadAttention's packed projection
+        for cross-attention) is rounded at each use, not cached."""
         entry = self.weights.get(id(param))
         version = param._version
         if entry is not None and entry[0]() is param and entry[1] == version and entry[2] == operand:
             return entry[3]
         rounded = quantize_operand(param.detach(), operand, self, key)
-        if not torch.compiler.is_compiling():
+        if isinstance(param, torch.nn.Parameter) and not torch.compiler.is_compiling():
             self.weights[id(param)] = (weakref.ref(param), version, operand, rounded.drop_values())
         return rounded
 
