@@ -13,7 +13,12 @@ wgrad      grad_output  input   grad_weight
 =========  ===========  ======  ===========
 
 A Parameter operand is a weight; any other operand is an activation (forward) or an
-error (backward). A product of two activations (attention's ``Q K^T`` and ``P V``) uses
+error (backward). An operand in a block format (``"mxfp8_e4m3"``, ``"nvfp4"``,
+``"fp8_block128"``; 2-D tiles ``"nvfp4_16x16"``, ``"fp8_block128x128"`` for weights) is
+quantized along the contraction dimension of *its* GEMM, so a tensor used in two GEMMs
+(an input in forward and wgrad, a weight in forward and dgrad) is quantized afresh for
+each, from its high-precision values (Transformer Engine's 1x32 and 32x1 MXFP8 copies);
+square 2-D tiles are the same tiles either way round, so a tiled weight is quantized once. A product of two activations (attention's ``Q K^T`` and ``P V``) uses
 the input's format for both in the forward, and in the backward the error's format for
 the incoming gradient and the input's backward format (``wgrad.right``) for the other.
 """
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 from mixprec.core import formats
-from mixprec.core.formats import FloatFormat
+from mixprec.core.formats import BlockFormat, FloatFormat
 from mixprec.core.quantize import Rounding
 from mixprec.scaling import DynamicScaling, StaticScaling
 
@@ -45,6 +50,9 @@ __all__ = [
     "get_recipe",
     "COMPUTE_DTYPES",
 ]
+
+FALLBACK_OPS = ("conv", "attention", "embedding")
+"""The GEMM families a recipe may run under its ``fallback`` recipe."""
 
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtypes non-GEMM ops may run in (real torch tensors, torch's own kernels)."""
@@ -73,33 +81,60 @@ class TensorScaling:
 @dataclass(frozen=True)
 class Operand:
     """How one GEMM operand (or result) is rounded: a format, a rounding mode and an
-    optional per-tensor scaling. ``Operand()`` is FP32: nothing is rounded."""
+    optional per-tensor scaling. ``Operand()`` is FP32: nothing is rounded.
+
+    ``format`` may name a block format (``Operand("mxfp8_e4m3")``,
+    ``Operand("nvfp4", "stochastic")``): its blocks run along the contraction dimension
+    of the operand's GEMM and carry their own scales (so ``scaling`` must be None).
+    ``hadamard=n`` applies the random Hadamard transform of size n
+    (:func:`mixprec.core.hadamard.hadamard_transform`, seed 0) along the contraction
+    dimension before quantizing; both operands of a GEMM must then use the same n, so
+    the two transforms cancel in the product (NVIDIA's NVFP4 recipe on wgrad)."""
 
     format: str = "fp32"
     rounding: Rounding = "nearest"
     scaling: TensorScaling | None = None
+    hadamard: int = 0
 
     def __post_init__(self) -> None:
-        formats.get(self.format)  # a typo fails here, with the list of names
+        fmt = formats.resolve(self.format)  # a typo fails here, with the list of names
         if self.rounding not in ("nearest", "stochastic"):
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', not {self.rounding!r}")
         if self.scaling is not None and not isinstance(self.scaling, TensorScaling):
             raise TypeError(f"scaling is None or a mixprec.TensorScaling, not {type(self.scaling).__name__}")
+        if isinstance(fmt, BlockFormat) and self.scaling is not None:
+            raise ValueError(
+                f"block format {fmt.name} scales each block itself; drop scaling= (per-tensor "
+                "scaling is for scalar formats)")
+        if isinstance(self.hadamard, bool) or not isinstance(self.hadamard, int) or self.hadamard < 0 or (
+                self.hadamard & (self.hadamard - 1)):
+            raise ValueError(f"hadamard is 0 (none) or a power of two (16), not {self.hadamard!r}")
+        if self.hadamard and not isinstance(fmt, BlockFormat):
+            raise ValueError("hadamard= rotates the blocks of a block format; use it with one (nvfp4, mxfp4_e2m1)")
 
     @property
-    def fmt(self) -> FloatFormat:
-        """The :class:`FloatFormat` named by ``format``."""
-        return formats.get(self.format)
+    def fmt(self) -> FloatFormat | BlockFormat:
+        """The :class:`FloatFormat` (or :class:`BlockFormat`) named by ``format``."""
+        return formats.resolve(self.format)
+
+    @property
+    def is_block(self) -> bool:
+        """Whether ``format`` is a block-scaled format."""
+        return isinstance(self.fmt, BlockFormat)
 
     @property
     def is_fp32(self) -> bool:
         """Whether this operand stays FP32 (nothing to round)."""
         fmt = self.fmt
+        if isinstance(fmt, BlockFormat):
+            return False
         return fmt.exponent_bits == 8 and fmt.mantissa_bits == 23 and self.scaling is None
 
     def describe(self) -> str:
-        """A short label: ``e4m3/delayed``, ``e5m2/SR``, ``bf16``."""
+        """A short label: ``e4m3/delayed``, ``e5m2/SR``, ``bf16``, ``nvfp4/RHT16/SR``."""
         label = self.fmt.name
+        if self.hadamard:
+            label += f"/RHT{self.hadamard}"
         if self.rounding == "stochastic":
             label += "/SR"
         if self.scaling is not None:
@@ -118,6 +153,19 @@ class Gemm:
     right: Operand = FP32
     result: Operand = FP32
 
+    def __post_init__(self) -> None:
+        if self.left.hadamard != self.right.hadamard:
+            raise ValueError(
+                f"a GEMM's two operands must use the same Hadamard transform (left {self.left.hadamard}, "
+                f"right {self.right.hadamard}): only then do the transforms cancel in the product")
+        if self.result.is_block or self.result.hadamard:
+            raise ValueError("a GEMM result is rounded to a scalar format (bf16, fp32, e5m2...), not a block format")
+
+    @property
+    def has_blocks(self) -> bool:
+        """Whether an operand is in a block format."""
+        return self.left.is_block or self.right.is_block
+
     @staticmethod
     def uniform(fmt: str, rounding: Rounding = "nearest") -> Gemm:
         """Every operand and the result in one format."""
@@ -135,13 +183,21 @@ class KeepHighPrecision:
     ``nn.Embedding``; ``output_head``: the model's output layer (Hugging Face's
     ``get_output_embeddings()`` where the model has it, else the last linear or
     convolution in module order); ``filter_fn(module, name)`` returning False keeps that module too
-    (torchao's ``module_filter_fn`` convention: True means convert)."""
+    (torchao's ``module_filter_fn`` convention: True means convert). ``last_layers``: the
+    share (0..1) of the model's layers kept at its end, counted in the model's longest
+    ``nn.ModuleList``/``nn.Sequential`` of blocks (a transformer's layers), rounded up:
+    NVIDIA's NVFP4 recipe keeps the last few blocks in BF16."""
 
     module_types: tuple[type[nn.Module], ...] = ()
     names: tuple[str, ...] = ()
     embeddings: bool = False
     output_head: bool = False
     filter_fn: Callable[[nn.Module, str], bool] | None = None
+    last_layers: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.last_layers <= 1.0:
+            raise ValueError(f"last_layers is a share of the model's layers, 0..1, not {self.last_layers!r}")
 
     def matches(self, module: nn.Module, name: str) -> str | None:
         """Why ``module`` (qualified ``name``) is kept, or None if it is not."""
@@ -167,7 +223,9 @@ class Recipe:
     weights (fp32; fp16 or bf16 for paper 2); ``update_rounding`` rounds an update
     computed in FP32 back into a 16-bit master. ``loss_scale`` is None, a number
     (static) or a :class:`~mixprec.scaling.DynamicScaling`. ``keep`` names the modules
-    kept in high precision.
+    kept in high precision. ``fallback_ops`` names GEMM families (``"conv"``,
+    ``"attention"``, ``"embedding"``) that run under the recipe named ``fallback``
+    instead (block recipes run them in BF16: see :data:`RECIPES`).
     """
 
     name: str
@@ -179,8 +237,16 @@ class Recipe:
     update_rounding: Rounding = "nearest"
     loss_scale: StaticScaling | DynamicScaling | float | None = None
     keep: KeepHighPrecision = field(default_factory=KeepHighPrecision)
+    fallback: str | None = None
+    fallback_ops: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = set(self.fallback_ops) - set(FALLBACK_OPS)
+        if unknown:
+            raise ValueError(f"recipe {self.name!r}: fallback_ops are among {', '.join(FALLBACK_OPS)}, "
+                             f"not {', '.join(sorted(unknown))}")
+        if self.fallback_ops and self.fallback is None:
+            raise ValueError(f"recipe {self.name!r}: fallback_ops need fallback=<recipe name> to run in")
         master = formats.get(self.master)
         if master.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"recipe {self.name!r}: master weights must be fp32, fp16 or bf16, not {self.master!r}")
@@ -220,6 +286,18 @@ class Recipe:
         operands = [op for g in (self.forward, self.dgrad, self.wgrad) for op in (g.left, g.right, g.result)]
         return self.update_rounding == "stochastic" or any(op.rounding == "stochastic" for op in operands)
 
+    @property
+    def has_blocks(self) -> bool:
+        """Whether any operand is in a block format."""
+        return any(g.has_blocks for g in (self.forward, self.dgrad, self.wgrad))
+
+    def for_op(self, op: str) -> Recipe:
+        """The recipe GEMM family ``op`` (``"conv"``, ``"attention"``, ``"embedding"``,
+        ``"matmul"``) runs under: the fallback for ``fallback_ops``, else this one."""
+        if op in self.fallback_ops and self.fallback is not None:
+            return get_recipe(self.fallback)
+        return self
+
     def replace(self, **changes: object) -> Recipe:
         """A copy with some fields changed (recipes are frozen)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -240,6 +318,17 @@ _E4M3 = Operand("e4m3", scaling=_DELAYED)
 _E4M3_WEIGHT = Operand("e4m3", scaling=TensorScaling("current"))
 _E5M2_GRAD = Operand("e5m2", scaling=_DELAYED)
 _BF16 = Operand("bf16")
+
+_BLOCK_FALLBACK = {"fallback": "bf16", "fallback_ops": FALLBACK_OPS}
+_MXFP8 = Operand("mxfp8_e4m3:rceil")
+_NVFP4 = Operand("nvfp4")
+_NVFP4_WEIGHT = Operand("nvfp4_16x16")
+_NVFP4_GRAD = Operand("nvfp4", "stochastic")
+_FP8_TILE = Operand("fp8_block128")
+_FP8_BLOCK = Operand("fp8_block128x128")
+_MXFP4 = Operand("mxfp4_e2m1")
+NVFP4_LAST_LAYERS = 0.15
+"""The share of a model's last layers the ``nvfp4`` recipe keeps in high precision."""
 
 RECIPES: dict[str, Recipe] = {
     "fp32": Recipe("fp32"),
@@ -262,6 +351,24 @@ RECIPES: dict[str, Recipe] = {
         wgrad=Gemm(_E5M2_GRAD, _E4M3, _BF16),
         compute_dtype="bf16", keep=_FP8_KEEP,
     ),
+    "mxfp8": Recipe(
+        "mxfp8", forward=Gemm(_MXFP8, _MXFP8, _BF16), dgrad=Gemm(_MXFP8, _MXFP8, _BF16),
+        wgrad=Gemm(_MXFP8, _MXFP8, _BF16), compute_dtype="bf16", keep=_FP8_KEEP, **_BLOCK_FALLBACK,
+    ),
+    "nvfp4": Recipe(
+        "nvfp4", forward=Gemm(_NVFP4, _NVFP4_WEIGHT, _BF16), dgrad=Gemm(_NVFP4_GRAD, _NVFP4_WEIGHT, _BF16),
+        wgrad=Gemm(Operand("nvfp4", "stochastic", hadamard=16), Operand("nvfp4", hadamard=16), _BF16),
+        compute_dtype="bf16", **_BLOCK_FALLBACK,
+        keep=KeepHighPrecision(embeddings=True, output_head=True, last_layers=NVFP4_LAST_LAYERS),
+    ),
+    "fp8-blockwise": Recipe(
+        "fp8-blockwise", forward=Gemm(_FP8_TILE, _FP8_BLOCK, _BF16), dgrad=Gemm(_FP8_TILE, _FP8_BLOCK, _BF16),
+        wgrad=Gemm(_FP8_TILE, _FP8_TILE, _BF16), compute_dtype="bf16", keep=_FP8_KEEP, **_BLOCK_FALLBACK,
+    ),
+    "mxfp4": Recipe(
+        "mxfp4", forward=Gemm(_MXFP4, _MXFP4, _BF16), dgrad=Gemm(_MXFP4, _MXFP4, _BF16),
+        wgrad=Gemm(_MXFP4, _MXFP4, _BF16), compute_dtype="bf16", keep=_FP8_KEEP, **_BLOCK_FALLBACK,
+    ),
 }
 """The named recipes: ``fp32`` (the reference); ``fp16`` (paper 1: FP16 operands and
 results, FP32 masters, dynamic loss scaling); ``bf16``; ``fp8`` (paper 2: E5M2 for every
@@ -270,7 +377,33 @@ stochastically rounded update, enhanced loss scaling); ``fp8-hybrid`` (Transform
 Engine's default: E4M3 inputs and weights, E5M2 gradients, per-tensor scaling
 (delayed for activations and gradients, current for weights), BF16 results). The FP8
 recipes keep embeddings and the output head in high precision, as FP8 practice does
-(``recipe.replace(keep=KeepHighPrecision())`` runs them in FP8 too)."""
+(``recipe.replace(keep=KeepHighPrecision())`` runs them in FP8 too).
+
+The block recipes (FP32 masters, BF16 compute and results, FP32 accumulation, every
+operand quantized along its own GEMM's contraction dimension, embeddings and output
+head kept in high precision):
+
+- ``mxfp8``: Transformer Engine's ``MXFP8BlockScaling``: E4M3 in all three GEMMs, 1x32
+  blocks with E8M0 scales, rounded up as TE does (``mxfp8_e4m3:rceil``: no element
+  saturates), a 1x32 and a 32x1 copy of each tensor (input, weight, error).
+- ``nvfp4``: NVIDIA's NVFP4 pretraining recipe (2025): NVFP4 for the linear GEMMs,
+  weights in 16x16 tiles (one copy serves forward and dgrad), activations and errors in
+  1x16 blocks, errors rounded stochastically, a 16-point random Hadamard transform
+  (seed 0) on both wgrad inputs, the last :data:`NVFP4_LAST_LAYERS` of the layers kept
+  in high precision (``KeepHighPrecision.last_layers``, rounded up; kept modules run in
+  FP32, one step above the paper's BF16).
+- ``fp8-blockwise``: DeepSeek-V3's fine-grained FP8: E4M3 in all three GEMMs, 1x128
+  activation and error tiles, 128x128 weight blocks, FP32 scales from the online amax.
+- ``mxfp4``: plain OCP MXFP4 (E2M1, 1x32, E8M0, floor rule) everywhere, no stochastic
+  rounding, no Hadamard transform, no kept layers: where FP4 without the NVFP4
+  recipe's remedies breaks.
+
+Convolutions, attention's two products and embeddings run under ``bf16`` in the block
+recipes (``fallback_ops``): the recipes' sources keep attention in BF16, and a
+convolution's wgrad contracts over batch x positions, which no block layout of its
+input tensor covers without an im2col copy. A contraction dimension that is not a
+multiple of the block size is zero-padded inside the op (exact: see
+:mod:`mixprec.nn.state`)."""
 
 
 ABLATIONS: dict[str, Recipe] = {

@@ -122,7 +122,8 @@ class _Run:
         with SavedBytesCounter(exclude_from=[self.model]) as counter:
             loss = self.loss()
         del loss
-        rounded = [e[3].storage for e in engine_state(self.model).weights.values()] if self.wrapped else []
+        rounded = ([t for e in engine_state(self.model).weights.values() for t in e[3].tensors() if t is not None]
+                   if self.wrapped else [])
         return {
             "param_bytes": _tensor_bytes(list(self.model.parameters())) + _tensor_bytes(rounded),
             "optimizer_bytes": _optimizer_bytes(self.optimizer),

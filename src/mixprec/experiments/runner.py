@@ -145,7 +145,7 @@ def _optimizer_bytes(optimizer: MixedPrecisionOptimizer) -> int:
 def _weight_bytes(model: nn.Module) -> int:
     """The model's parameters (the masters) and the weight operands rounded from them
     for this step, in their real storage."""
-    rounded = [entry[3].storage for entry in engine_state(model).weights.values()]
+    rounded = [t for entry in engine_state(model).weights.values() for t in entry[3].tensors() if t is not None]
     return _tensor_bytes(model.parameters()) + _tensor_bytes(rounded)
 
 

@@ -12,6 +12,8 @@ as usual.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -76,7 +78,23 @@ def _kept_modules(model: nn.Module, recipe: Recipe) -> dict[str, str]:
         why = "output head (recipe default)" if module is head else rules.matches(module, name)
         if why is not None:
             kept[name] = why
+    if rules.last_layers > 0:
+        for name in _last_layers(model, rules.last_layers):
+            if name not in kept and not any(name.startswith(f"{outer}.") for outer in kept):
+                kept[name] = f"last {rules.last_layers:.0%} of the layers (recipe default)"
     return kept
+
+
+def _last_layers(model: nn.Module, share: float) -> list[str]:
+    """The names of the last ``share`` (rounded up) of the blocks in the model's longest
+    ModuleList or Sequential (a transformer's layers)."""
+    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+    if not stacks:
+        return []
+    name, stack = max(stacks, key=lambda item: len(item[1]))
+    count = math.ceil(share * len(stack) - 1e-9)
+    prefix = f"{name}." if name else ""
+    return [f"{prefix}{child}" for child, _ in list(stack.named_children())[len(stack) - count:]]
 
 
 def _widen_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

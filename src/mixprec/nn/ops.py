@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mixprec.nn.state import CallRecord, EngineState, Quantized, quantize_operand, result_dtype
-from mixprec.recipe import Operand
+from mixprec.nn.state import CallRecord, EngineState, Quantized, block_axis_key, quantize_operand, result_dtype
+from mixprec.recipe import Operand, Recipe
 
 __all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "lstm", "gru"]
 
@@ -35,71 +35,111 @@ def _is_weight(t: torch.Tensor | None) -> bool:
 
 @dataclass
 class _Call:
-    """One call's context: the model's engine state and the call site's name."""
+    """One call's context: the model's engine state, the call site's name and the
+    recipe the call runs under (the model's, or its fallback for this GEMM family)."""
 
     state: EngineState
     site: str
+    recipe_for_call: Recipe | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.recipe_for_call if self.recipe_for_call is not None else self.state.recipe
 
 
-def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str) -> Quantized:
-    recipe = call.state.recipe
+def _refuse_blocks(recipe: Recipe, family: str) -> None:
+    if recipe.has_blocks:
+        raise NotImplementedError(
+            f"recipe {recipe.name!r} has block-format operands, which mixprec emulates for matrix products "
+            f"(linear, matmul, bmm) only; run {family} under another recipe with "
+            f"recipe.replace(fallback='bf16', fallback_ops=(..., {family!r})) as the named block recipes do, "
+            "or keep the module in high precision (KeepHighPrecision)")
+
+
+def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis: int = -1) -> Quantized:
+    """An operand rounded for the forward GEMM (block formats: along its contraction ``axis``)."""
+    recipe = call.recipe
     operand = recipe.forward.right if weight else recipe.forward.left
     if weight:
-        return call.state.weight(x, operand, f"{call.site}.{key}")
-    return quantize_operand(x, operand, call.state, f"{call.site}.{key}")
+        return call.state.weight(x, operand, f"{call.site}.{key}", axis=axis)
+    return quantize_operand(x, operand, call.state, f"{call.site}.{key}", axis=axis)
 
 
-def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantized, key: str) -> Quantized:
+def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantized, key: str,
+                   forward_axis: int = -1, axis: int = -1, flatten: bool = False) -> Quantized:
     """What backward needs of an operand: the copy in its backward format (dgrad's
-    weight operand, or wgrad's input), made now from the high-precision tensor where it
-    differs from the forward's, else the forward's own rounded copy."""
-    recipe = call.state.recipe
+    weight operand, or wgrad's input), quantized along the backward GEMM's contraction
+    ``axis`` (of x flattened to 2-D rows when ``flatten``), made now from the
+    high-precision tensor where it differs from the forward's copy (another format, or
+    a block format along another axis), else the forward's own rounded copy."""
+    recipe = call.recipe
     operand = recipe.dgrad.right if weight else recipe.wgrad.right
-    if operand == forward.operand:
+    same_axis = (block_axis_key(operand, forward_axis, x.dim()) == block_axis_key(operand, axis, x.dim())
+                 and not (flatten and operand.is_block))
+    if operand == forward.operand and same_axis:
         return forward.drop_values()
+    if flatten and operand.is_block:
+        x = x.reshape(-1, x.shape[-1])
     if weight:
-        return call.state.weight(x, operand, f"{call.site}.{key}.backward").drop_values()
-    return quantize_operand(x, operand, call.state, f"{call.site}.{key}.backward").drop_values()
+        return call.state.weight(x, operand, f"{call.site}.{key}.backward", axis=axis).drop_values()
+    return quantize_operand(x, operand, call.state, f"{call.site}.{key}.backward", axis=axis).drop_values()
 
 
 def _save(ctx: Any, *operands: Quantized | None) -> None:
     """Save rounded operands through autograd (so saved-tensor hooks see their real
-    storage); None for an operand backward will not need."""
+    storage: values, or a block format's codes, block scales and tensor scale); None
+    for an operand backward will not need."""
     tensors: list[torch.Tensor | None] = []
     for q in operands:
-        tensors += [None, None] if q is None else [q.storage, q.scale]
-    ctx.operand_specs = [None if q is None else q.operand for q in operands]
+        tensors += [None, None, None] if q is None else list(q.tensors())
+    ctx.operand_specs = [None if q is None else (q.operand, q.layout) for q in operands]
     ctx.save_for_backward(*tensors)
 
 
 def _load(ctx: Any) -> list[Quantized | None]:
     saved = ctx.saved_tensors
-    return [None if spec is None else Quantized(saved[2 * i], saved[2 * i + 1], spec)
+    return [None if spec is None else
+            Quantized(saved[3 * i], saved[3 * i + 1], spec[0], None, saved[3 * i + 2], spec[1])
             for i, spec in enumerate(ctx.operand_specs)]
 
 
-def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]) -> list[Quantized]:
-    """The incoming error rounded once per distinct format it is needed in: dgrad's
-    left operand for activation gradients, wgrad's for weight gradients."""
-    recipe = call.state.recipe
-    done: dict[Operand, Quantized] = {}
+def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...],
+                   axes: tuple[int, ...] | None = None) -> list[Quantized]:
+    """The incoming error rounded once per distinct format (and, for block formats,
+    contraction axis) it is needed in: dgrad's left operand for activation gradients,
+    wgrad's for weight gradients."""
+    recipe = call.recipe
+    done: dict[tuple[Operand, int | None], Quantized] = {}
     out = []
-    for weight in for_weight:
+    for i, weight in enumerate(for_weight):
         operand = recipe.wgrad.left if weight else recipe.dgrad.left
-        if operand not in done:
-            done[operand] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output")
-        out.append(done[operand])
+        axis = -1 if axes is None else axes[i]
+        key = (operand, block_axis_key(operand, axis, grad.dim()))
+        if key not in done:
+            done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis)
+        out.append(done[key])
     return out
+
+
+def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """x zero-padded along ``dim`` to ``size`` (a Hadamard-rotated operand keeps its
+    padded contraction length; zeros on the other side add nothing)."""
+    extra = size - x.shape[dim]
+    if extra <= 0:
+        return x
+    padding = [0] * (2 * x.dim())
+    padding[2 * (x.dim() - 1 - dim % x.dim()) + 1] = extra
+    return F.pad(x, padding)
 
 
 def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh FP32 result rounded once to its format, in its holding dtype (or ``dtype``)."""
     rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True).values()
-    return rounded.to(dtype or result_dtype(operand, call.state.recipe.compute))
+    return rounded.to(dtype or result_dtype(operand, call.recipe.compute))
 
 
 def _grad_result(call: _Call, y: torch.Tensor, weight: bool, dtype: torch.dtype) -> torch.Tensor:
-    recipe = call.state.recipe
+    recipe = call.recipe
     operand = recipe.wgrad.result if weight else recipe.dgrad.result
     return _finish(call, y, operand, "grad_weight" if weight else "grad_input", dtype)
 
@@ -132,58 +172,78 @@ class _Gemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a, b, bias, call: _Call, transpose_b: bool):  # type: ignore[override]
+        # Block formats run along each GEMM's contraction dimension: forward a's last
+        # and b's rows (its last when transposed); dgrad b's other axis; wgrad a's and
+        # the error's rows (flattened batch rows under a 2-D weight).
         weights = (_is_weight(a), _is_weight(b))
-        qa = _forward_operand(call, a, weights[0], "a")
-        qb = _forward_operand(call, b, weights[1], "b")
+        b_axis = -1 if transpose_b else -2
+        qa = _forward_operand(call, a, weights[0], "a", axis=-1)
+        qb = _forward_operand(call, b, weights[1], "b", axis=b_axis)
         with _NoAutocast():
             right = qb.values()
             right = right.transpose(-1, -2) if transpose_b else right
             y = torch.matmul(qa.values(), right)
             if bias is not None:
                 y.add_(bias.float())
-        out = _finish(call, y, call.state.recipe.forward.result, "output")
-        ctx.call, ctx.transpose_b, ctx.weights = call, transpose_b, weights
+        out = _finish(call, y, call.recipe.forward.result, "output")
+        flatten = len(b.shape) == 2 and a.dim() > 2  # a weight under batched inputs: one wgrad GEMM
+        ctx.call, ctx.transpose_b, ctx.weights, ctx.flatten = call, transpose_b, weights, flatten
         ctx.shapes = (a.shape, b.shape)
         ctx.dtypes = (a.dtype, b.dtype, None if bias is None else bias.dtype)
-        _save(ctx, _backward_copy(call, a, weights[0], qa, "a") if ctx.needs_input_grad[1] else None,
-              _backward_copy(call, b, weights[1], qb, "b") if ctx.needs_input_grad[0] else None)
+        _save(ctx, _backward_copy(call, a, weights[0], qa, "a", -1, -2, flatten) if ctx.needs_input_grad[1] else None,
+              _backward_copy(call, b, weights[1], qb, "b", b_axis, -2 if transpose_b else -1)
+              if ctx.needs_input_grad[0] else None)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
         call: _Call = ctx.call
+        recipe = call.recipe
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         grad_a = grad_b = grad_bias = None
-        wanted = [w for w, need in zip(ctx.weights, (need_a, need_b)) if need]
-        if need_bias:
-            wanted.append(True)
-        rounded = iter(_grad_operands(call, grad_output, tuple(wanted)))
+        blocks = recipe.dgrad.has_blocks or recipe.wgrad.has_blocks
         saved_a, saved_b = _load(ctx)
+        if blocks:
+            # each use of the error quantized along its own GEMM's contraction dimension
+            flat_g = grad_output.reshape(-1, grad_output.shape[-1]) if ctx.flatten else grad_output
+            ga = _grad_operands(call, grad_output, (ctx.weights[0],), (-1,))[0] if need_a else None
+            gb = _grad_operands(call, flat_g, (ctx.weights[1],), (-2,))[0] if need_b else None
+        else:
+            wanted = [w for w, need in zip(ctx.weights, (need_a, need_b)) if need] + ([True] if need_bias else [])
+            rounded = iter(_grad_operands(call, grad_output, tuple(wanted)))
+            ga = next(rounded) if need_a else None
+            gb = next(rounded) if need_b else None
+            gbias = next(rounded) if need_bias else None
         with _NoAutocast():
             if need_a:
-                g = next(rounded).values()
+                g = ga.values()
                 right = saved_b.values()
                 right = right if ctx.transpose_b else right.transpose(-1, -2)
                 grad_a = _grad_result(call, _reduce_to(torch.matmul(g, right), ctx.shapes[0]), ctx.weights[0],
                                       ctx.dtypes[0])
             if need_b:
-                g = next(rounded).values()
+                g = gb.values()
                 left = saved_a.values()
-                if len(ctx.shapes[1]) == 2 and left.dim() > 2:  # a weight under batched inputs: one GEMM
-                    product = left.reshape(-1, left.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+                if ctx.flatten:
+                    left, g = left.reshape(-1, left.shape[-1]), g.reshape(-1, g.shape[-1])
+                rows = max(left.shape[-2], g.shape[-2])  # Hadamard-padded rows: pad the other with zeros
+                left, g = _pad_dim(left, -2, rows), _pad_dim(g, -2, rows)
+                if ctx.flatten:
+                    product = left.t() @ g
                 else:
                     product = torch.matmul(left.transpose(-1, -2), g)
                 product = _reduce_to(product.transpose(-1, -2) if ctx.transpose_b else product, ctx.shapes[1])
                 grad_b = _grad_result(call, product.contiguous(), ctx.weights[1], ctx.dtypes[1])
             if need_bias:
-                g = next(rounded).values()
+                # block recipes: summed from the high-precision error, as Transformer Engine's dbias
+                g = grad_output.float() if blocks else gbias.values()
                 grad_bias = _grad_result(call, g.reshape(-1, g.shape[-1]).sum(0), True, ctx.dtypes[2])
         return grad_a, grad_b, grad_bias, None, None
 
 
 def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
          transpose_b: bool = False, op: str = "matmul", site: str | None = None,
-         weight_operand: bool = False) -> torch.Tensor:
+         weight_operand: bool = False, recipe: Recipe | None = None) -> torch.Tensor:
     """``a @ b`` (``a @ b.mT`` when ``transpose_b``) plus ``bias``, under the state's
     recipe, with torch.matmul's broadcasting (1-D operands included).
     ``weight_operand`` marks ``b`` as a weight though it is not a Parameter itself (a
@@ -197,12 +257,12 @@ def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tenso
     if b.dim() == 1:
         b = b.unsqueeze(0 if transpose_b else -1)
         squeeze.append(-1)
-    call = _Call(state, site or state.site(op))
+    call = _Call(state, site or state.site(op), recipe)
     if state.log is not None:
         m, k = a.shape[-2], a.shape[-1]
         n = b.shape[-2] if transpose_b else b.shape[-1]
         batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-        _log(state, call.site, op, 2.0 * batch * m * n * k, (a, b), a.requires_grad, b.requires_grad)
+        _log(state, call.site, op, 2.0 * batch * m * n * k, (a, b), a.requires_grad, b.requires_grad, recipe=recipe)
     out = _Gemm.apply(a, b, bias, call, transpose_b)
     for dim in squeeze:
         out = out.squeeze(dim)
@@ -210,10 +270,11 @@ def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tenso
 
 
 def _log(state: EngineState, site: str, op: str, flops: float, operands: tuple[torch.Tensor, ...],
-         grad_left: bool, grad_right: bool, recomputed: bool = False) -> None:
+         grad_left: bool, grad_right: bool, recomputed: bool = False, recipe: Recipe | None = None) -> None:
     """Record a call for the coverage report: forward FLOPs plus those of the backward
-    GEMMs that will run, and each operand's format."""
-    recipe = state.recipe
+    GEMMs that will run, and each operand's format (under ``recipe``, the call's own
+    where it runs under a fallback)."""
+    recipe = recipe if recipe is not None else state.recipe
     roles = ["weight" if _is_weight(t) else "input" for t in operands]
     forward = {f"forward.{'left' if i == 0 else 'right'} ({role})":
                (recipe.forward.right if role == "weight" else recipe.forward.left).describe()
@@ -238,7 +299,7 @@ class _Convolution(torch.autograd.Function):
         with _NoAutocast():
             y = torch.ops.aten.convolution(qx.values(), qw.values(), None if bias is None else bias.float(),
                                            *geometry)
-        out = _finish(call, y, call.state.recipe.forward.result, "output")
+        out = _finish(call, y, call.recipe.forward.result, "output")
         ctx.call, ctx.geometry, ctx.weight_role = call, geometry, _is_weight(weight)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.weight_shape, ctx.input_shape = weight.shape, tuple(x.shape)
@@ -284,7 +345,9 @@ def convolution(state: EngineState, x: torch.Tensor, weight: torch.Tensor, bias:
                 output_padding: list[int], groups: int, op: str = "conv") -> torch.Tensor:
     """aten's convolution (transposed too) under the recipe."""
     geometry = (list(stride), list(padding), list(dilation), transposed, list(output_padding), groups)
-    call = _Call(state, state.site(op))
+    recipe = state.recipe.for_op("conv")
+    _refuse_blocks(recipe, "conv")
+    call = _Call(state, state.site(op), recipe)
     if state.log is not None:
         with torch.no_grad(), _NoAutocast():
             probe = torch.ops.aten.convolution(torch.zeros(x.shape, device="meta"),
@@ -293,7 +356,7 @@ def convolution(state: EngineState, x: torch.Tensor, weight: torch.Tensor, bias:
         per_output = math.prod(weight.shape[1:]) if not transposed else math.prod(weight.shape[1:])
         channels = probe.shape[1] if not transposed else x.shape[1]
         flops = 2.0 * x.shape[0] * spatial * channels * per_output
-        _log(state, call.site, op, flops, (x, weight), x.requires_grad, weight.requires_grad)
+        _log(state, call.site, op, flops, (x, weight), x.requires_grad, weight.requires_grad, recipe=recipe)
     return _Convolution.apply(x, weight, bias, call, geometry)
 
 
@@ -308,7 +371,7 @@ class _Embedding(torch.autograd.Function):
             y = F.embedding(indices, qw.values(), padding_idx)
         ctx.call, ctx.padding_idx, ctx.shape, ctx.dtype = call, padding_idx, weight.shape, weight.dtype
         ctx.save_for_backward(indices)
-        return _finish(call, y, call.state.recipe.forward.result, "output")
+        return _finish(call, y, call.recipe.forward.result, "output")
 
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
@@ -327,14 +390,16 @@ def embedding(state: EngineState, indices: torch.Tensor, weight: torch.Tensor,
               padding_idx: int | None = None) -> torch.Tensor:
     """Rows of the rounded weight (a one-hot GEMM); the weight gradient is summed in
     FP32 from the rounded errors and rounded once."""
-    call = _Call(state, state.site("embedding"))
+    recipe = state.recipe.for_op("embedding")
+    _refuse_blocks(recipe, "embedding")
+    call = _Call(state, state.site("embedding"), recipe)
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
     if state.log is not None:
         # as a one-hot GEMM: the FLOPs a dense product would take are not spent; count the rows
         state.log.append(CallRecord(call.site, "embedding", 0.0, {
-            "forward.right (weight)": state.recipe.forward.right.describe(),
-            "forward.result": state.recipe.forward.result.describe()}, emulated=True))
+            "forward.right (weight)": recipe.forward.right.describe(),
+            "forward.result": recipe.forward.result.describe()}, emulated=True))
     return _Embedding.apply(indices, weight, call, padding_idx)
 
 
@@ -351,7 +416,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def _probabilities(call: _Call, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, factor: float,
                        causal: bool, scales: list[torch.Tensor | None]) -> tuple[torch.Tensor, Quantized]:
-        recipe = call.state.recipe
+        recipe = call.recipe
         scores = torch.matmul(q, k.transpose(-1, -2))
         rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores", in_place=True,
                                    scale=scales[0])
@@ -376,7 +441,7 @@ class _Attention(torch.autograd.Function):
         with _NoAutocast():
             _, p = _Attention._probabilities(call, qq.values(), qk.values(), mask, factor, causal, scales)
             y = torch.matmul(p.values(), qv.values())
-        out = _finish(call, y, call.state.recipe.forward.result, "output")
+        out = _finish(call, y, call.recipe.forward.result, "output")
         ctx.call, ctx.factor, ctx.causal, ctx.scales = call, factor, causal, scales
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         _save(ctx, *(_backward_copy(call, t, False, qt, name) for t, qt, name in
@@ -398,7 +463,7 @@ class _Attention(torch.autograd.Function):
             grad_p = _grad_result(call, torch.matmul(g32, v.transpose(-1, -2)), False, torch.float32)
             # softmax backward in FP32 on the FP32 probabilities, then the scaling
             grad_scores = probabilities * (grad_p - (grad_p * probabilities).sum(-1, keepdim=True)) * ctx.factor
-            (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores"), grad_scores, (False,))
+            (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores", call.recipe), grad_scores, (False,))
             s32 = gs.values()
             grad_q = _grad_result(call, torch.matmul(s32, k), False, ctx.dtypes[0])
             grad_k = _grad_result(call, torch.matmul(s32.transpose(-1, -2), q), False, ctx.dtypes[1])
@@ -425,24 +490,27 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         mask = (torch.zeros(attn_mask.shape, device=query.device).masked_fill(~attn_mask, float("-inf"))
                 if attn_mask.dtype == torch.bool else attn_mask.float())
+    recipe = state.recipe.for_op("attention")
+    _refuse_blocks(recipe, "attention")
     if dropout_p == 0:
-        call = _Call(state, state.site("sdpa"))
+        call = _Call(state, state.site("sdpa"), recipe)
         if state.log is not None:
             batch = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]))
             flops = 2.0 * batch * query.shape[-2] * key.shape[-2] * query.shape[-1]
             grads = query.requires_grad or key.requires_grad or value.requires_grad
-            _log(state, call.site, "sdpa.qk", flops, (query, key), grads, grads, recomputed=True)  # S again in backward
-            _log(state, call.site, "sdpa.pv", flops, (query, value), grads, grads)
+            _log(state, call.site, "sdpa.qk", flops, (query, key), grads, grads, recomputed=True,
+                 recipe=recipe)  # S again in backward
+            _log(state, call.site, "sdpa.pv", flops, (query, value), grads, grads, recipe=recipe)
         return _Attention.apply(query, key, value, mask, call, factor, is_causal)
     length, source = query.shape[-2], key.shape[-2]
-    scores = gemm(state, query, key, transpose_b=True, op="sdpa.qk").float() * factor
+    scores = gemm(state, query, key, transpose_b=True, op="sdpa.qk", recipe=recipe).float() * factor
     if is_causal:
         causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     if mask is not None:
         scores = scores + mask
     probabilities = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=True)
-    return gemm(state, probabilities, value, op="sdpa.pv")
+    return gemm(state, probabilities, value, op="sdpa.pv", recipe=recipe)
 
 
 # ---- recurrences ------------------------------------------------------------------------

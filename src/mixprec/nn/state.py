@@ -5,49 +5,116 @@ forward is. It lives on the model (``model._mixprec``), never in a global.
 
 :func:`quantize_operand` is the one place an operand is rounded: it returns the values
 the FP32 GEMM multiplies and what backward saves (the same values in the format's real
-storage, 1 or 2 bytes, with their scale).
+storage, 1 or 2 bytes, with their scale; for a block format, the element codes and
+block scales of :mod:`mixprec.core.block_storage`).
+
+Block formats are quantized along ``axis``, the contraction dimension of the GEMM the
+operand enters. A dimension that is not a multiple of the block extent is padded with
+zeros inside the op (the core refuses rather than pads): zeros change no block's scale
+and add nothing to the GEMM's sums, so the product is exactly the one of the unpadded
+operands, and small models (a width-24 CNN, heads of 16) run under 32-element blocks.
+Under a Hadamard transform the padded contraction length stays in the values (the
+rotated zeros are not zero); the other operand is padded and rotated the same way.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from mixprec.core.block_quantize import block_parts
+from mixprec.core.block_storage import PackedBlocks, _element_codes, unpack_blocks
+from mixprec.core.formats import BlockFormat
+from mixprec.core.hadamard import hadamard_transform
 from mixprec.core.quantize import quantize, tensor_scale
 from mixprec.core.storage import from_storage, to_storage
 from mixprec.recipe import Operand, Recipe
 from mixprec.scaling import AmaxHistory
 
-__all__ = ["Quantized", "CallRecord", "EngineState", "quantize_operand", "result_dtype"]
+__all__ = ["Quantized", "BlockLayout", "CallRecord", "EngineState", "quantize_operand", "result_dtype",
+           "block_axis_key"]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a block operand's stored blocks sit: the padded tensor they were cut from
+    (``padded_shape``, blocks along ``axis``, ``moved_shape`` with that axis last) and
+    the ``shape`` of the values the GEMM multiplies (the padding cropped off, except
+    along a Hadamard-rotated contraction axis)."""
+
+    padded_shape: tuple[int, ...]
+    moved_shape: tuple[int, ...]
+    axis: int
+    shape: tuple[int, ...]
 
 
 @dataclass
 class Quantized:
     """One rounded operand: ``storage`` holds its values in the format's real storage
     (divided by ``scale`` where there is one); :meth:`values` gives them back as the
-    float32 values the GEMM multiplies."""
+    float32 values the GEMM multiplies. For a block format ``storage`` holds the element
+    codes, ``scale`` the block scales, ``tensor_scale`` NVFP4's per-tensor scale and
+    ``layout`` the blocks' place (:class:`BlockLayout`)."""
 
     storage: torch.Tensor
     scale: torch.Tensor | None
     operand: Operand
     cached_values: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+    layout: BlockLayout | None = None
 
     def values(self) -> torch.Tensor:
         """The operand's values as float32 (on the format's grid, times the scale)."""
         if self.cached_values is not None:
             return self.cached_values
+        if self.layout is not None:
+            fmt = self.operand.fmt
+            assert isinstance(fmt, BlockFormat) and self.scale is not None
+            packed = PackedBlocks(fmt, self.storage, self.scale, self.tensor_scale, self.layout.padded_shape,
+                                  self.layout.moved_shape, self.layout.axis)
+            return _crop(unpack_blocks(packed, fmt), self.layout.shape)
         if self.operand.is_fp32 or self.storage.dtype in (torch.float16, torch.bfloat16, torch.float32):
             values = self.storage.float()
         else:
-            values = from_storage(self.storage, self.operand.fmt)
+            values = from_storage(self.storage, self.operand.fmt)  # type: ignore[arg-type]
         return values if self.scale is None else values * self.scale
+
+    def tensors(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The tensors of its real storage: values or codes, scale(s), tensor scale."""
+        return self.storage, self.scale, self.tensor_scale
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its real storage."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
     def drop_values(self) -> Quantized:
         """This operand without its float32 values (what backward saves)."""
-        return Quantized(self.storage, self.scale, self.operand)
+        return Quantized(self.storage, self.scale, self.operand, None, self.tensor_scale, self.layout)
+
+
+def _crop(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(x.shape) == tuple(shape):
+        return x
+    return x[tuple(slice(0, n) for n in shape)]
+
+
+def block_axis_key(operand: Operand, axis: int, ndim: int) -> int | None:
+    """What distinguishes two quantizations of one tensor for ``operand`` along
+    ``axis``: None where the axis changes nothing (scalar formats; square 2-D tiles,
+    which are the same tiles either way round), else the normalised axis."""
+    fmt = operand.fmt
+    if not isinstance(fmt, BlockFormat):
+        return None
+    shape = fmt.block_shape
+    if len(shape) == 2 and shape[0] == shape[1]:
+        return None
+    return axis % max(ndim, 1)
 
 
 @dataclass
@@ -70,7 +137,8 @@ class EngineState:
     generator: torch.Generator | None
     kept: dict[str, str] = field(default_factory=dict)  # module name -> why it stays high precision
     histories: dict[str, AmaxHistory] = field(default_factory=dict)
-    weights: dict[int, tuple[Any, int, Operand, Quantized]] = field(default_factory=dict)
+    weights: dict[tuple[int, Operand, int | None], tuple[Any, int, Operand, Quantized]] = field(
+        default_factory=dict)
     module_stack: list[str] = field(default_factory=list)
     high_precision: int = 0  # depth of kept modules the forward is inside
     site_counts: dict[str, int] = field(default_factory=dict)
@@ -115,19 +183,22 @@ class EngineState:
 
     # ---- weights ----------------------------------------------------------------------
 
-    def weight(self, param: torch.Tensor, operand: Operand, key: str) -> Quantized:
-        """``param`` rounded for ``operand``, once per parameter version: a weight used
-        several times in one step (tied, shared, recurrent) is rounded once, and the
-        optimizer's in-place update (a new version) makes the next forward round again.
-        A slice of a parameter used as a weight (MultiheadAttention's packed projection
-        for cross-attention) is rounded at each use, not cached."""
-        entry = self.weights.get(id(param))
+    def weight(self, param: torch.Tensor, operand: Operand, key: str, axis: int = -1) -> Quantized:
+        """``param`` rounded for ``operand`` (block formats: along ``axis``), once per
+        parameter version: a weight used several times in one step (tied, shared,
+        recurrent) is rounded once, and the optimizer's in-place update (a new version)
+        makes the next forward round again. A weight in a 1-D block format has one copy
+        per axis (forward's and dgrad's); square 2-D tiles serve both. A slice of a
+        parameter used as a weight (MultiheadAttention's packed projection for
+        cross-attention) is rounded at each use, not cached."""
+        cache_key = (id(param), operand, block_axis_key(operand, axis, param.dim()))
+        entry = self.weights.get(cache_key)
         version = param._version
-        if entry is not None and entry[0]() is param and entry[1] == version and entry[2] == operand:
+        if entry is not None and entry[0]() is param and entry[1] == version:
             return entry[3]
-        rounded = quantize_operand(param.detach(), operand, self, key)
+        rounded = quantize_operand(param.detach(), operand, self, key, axis=axis)
         if isinstance(param, torch.nn.Parameter) and not torch.compiler.is_compiling():
-            self.weights[id(param)] = (weakref.ref(param), version, operand, rounded.drop_values())
+            self.weights[cache_key] = (weakref.ref(param), version, operand, rounded.drop_values())
         return rounded
 
     def clear_weights(self) -> None:
@@ -172,6 +243,7 @@ def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
     for FP32, BF16 and FP16; the compute dtype for narrower formats it holds exactly
     (an E5M2 output of paper 2 lives in FP16); else float32."""
     fmt = operand.fmt
+    assert not isinstance(fmt, BlockFormat), "a GEMM result is in a scalar format"
     if fmt.torch_dtype in (torch.float32, torch.float16, torch.bfloat16) and operand.scaling is None:
         return fmt.torch_dtype
     from mixprec.core import formats
@@ -184,15 +256,19 @@ def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
 
 def quantize_operand(
     x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False,
-    scale: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None, axis: int = -1,
 ) -> Quantized:
     """``x`` rounded for ``operand`` (see :class:`Quantized`). A tensor already in the
     format's own dtype is on its grid and is not rounded again. ``in_place`` rounds a
     fresh float32 tensor nobody else holds without a copy. ``scale`` replaces the
-    operand's own per-tensor scale (a recomputation in backward reuses the forward's)."""
+    operand's own per-tensor scale (a recomputation in backward reuses the forward's).
+    ``axis`` is the contraction dimension of the operand's GEMM: a block format's blocks
+    run along it (2-D tiles: -1 or -2); scalar formats ignore it."""
     if operand.is_fp32:
         return Quantized(x, None, operand, x.float())
     fmt = operand.fmt
+    if isinstance(fmt, BlockFormat):
+        return _quantize_blocks(x, operand, fmt, state, axis)
     if operand.scaling is None and x.dtype == fmt.torch_dtype:
         return Quantized(x, None, operand, x.float())
     if scale is None:
@@ -205,3 +281,43 @@ def quantize_operand(
                       generator=state.generator, out=x32 if fresh else None)
     unscaled = values if scale is None else values * torch.reciprocal(scale)
     return Quantized(to_storage(unscaled, fmt), scale, operand, values)
+
+
+def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state: EngineState,
+                     axis: int) -> Quantized:
+    """``x`` in block format ``fmt`` along ``axis``: zero-padded to whole blocks (see the
+    module docstring), Hadamard-rotated where the operand says, quantized, packed."""
+    x32 = x.detach().float()
+    if x32.dim() < len(fmt.block_shape):
+        x32 = x32.reshape((1,) * (len(fmt.block_shape) - x32.dim()) + tuple(x32.shape))
+    ndim = x32.dim()
+    axis %= ndim
+    shape = list(x32.shape)
+    block = fmt.block_shape
+    if len(block) == 1:
+        multiples = {axis: block[0]}
+    elif axis == ndim - 1:
+        multiples = {ndim - 1: block[1], ndim - 2: block[0]}
+    else:
+        multiples = {ndim - 2: block[1], ndim - 1: block[0]}
+    if operand.hadamard:
+        multiples[axis] = math.lcm(multiples[axis], operand.hadamard)
+    padding = [0] * (2 * ndim)
+    for dim, multiple in multiples.items():
+        padding[2 * (ndim - 1 - dim) + 1] = -x32.shape[dim] % multiple
+    if any(padding):
+        x32 = F.pad(x32, padding)
+    if operand.hadamard:
+        x32 = hadamard_transform(x32, operand.hadamard, axis=axis)
+        shape[axis] = x32.shape[axis]  # the rotated padding is part of the product
+    parts = block_parts(x32, fmt, operand.rounding, axis=axis, generator=state.generator)
+    values = _crop(parts.dequantize(), tuple(shape))
+    groups, _, h, _ = parts.elements.shape
+    nan_block = torch.isnan(parts.scales)
+    elements = torch.where(nan_block, 0.0, parts.elements)  # the NaN scale carries the NaN (as pack_blocks)
+    codes = _element_codes(elements.reshape(-1), fmt.element)
+    scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32
+    scales = parts.scales.reshape(groups, h).to(scale_dtype)
+    tensor_scale = None if parts.tensor_scale is None else parts.tensor_scale.reshape(1).clone()
+    layout = BlockLayout(tuple(x32.shape), parts.moved_shape, parts.axis, tuple(shape))
+    return Quantized(codes, scales, operand, values, tensor_scale, layout)
