@@ -192,13 +192,13 @@ def quantize_blocks(
         result = restore_layout(moved.clone(), axis, x.dim())
         return out.copy_(result) if out is not None else result
     key = _draw_key(generator, x.device) if rounding == "stochastic" else None
-    flat = moved.reshape(-1)
+    x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
     family = "pow2" if fmt.scale_rule in block_kernels.RULE_IDS else "amax"
     if family == "pow2":
-        args: tuple[object, ...] = (dims, *params)
+        args: tuple[object, ...] = tuple(params)
     else:
-        args = (dims, *params, fmt.tensor_scale, amax_t)
+        args = (*params, fmt.tensor_scale, amax_t)
     if key is not None:
         args = (*args, key)
     name = f"{family}_{rounding}"
@@ -208,9 +208,9 @@ def quantize_blocks(
     )
     if direct:
         assert out is not None
-        _run(f"{name}_out", flat, *args, out.view(-1))  # type: ignore[arg-type]
+        _run(f"{name}_out", x4, *args, block_kernels.blocked(out, dims))  # type: ignore[arg-type]
         return out
-    result = _run(name, flat, *args)  # type: ignore[arg-type]
+    result = _run(name, x4, *args)  # type: ignore[arg-type]
     assert result is not None
     result = restore_layout(result.view(moved_shape), axis, x.dim())
     if out is not None:
