@@ -106,6 +106,15 @@ def restore_layout(moved: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 
 _PARAMS_CACHE: dict[tuple[BlockFormat, torch.device], tuple[torch.Tensor, ...]] = {}
+_ZERO_BELOW: dict[BlockFormat, bool] = {}
+
+
+def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
+    """:func:`block_kernels.zero_below_ok` for ``fmt``'s element format (cached)."""
+    cached = _ZERO_BELOW.get(fmt)
+    if cached is None:
+        cached = _ZERO_BELOW[fmt] = block_kernels.zero_below_ok(pe.cpu())
+    return cached
 
 
 def _block_params(fmt: BlockFormat, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -194,14 +203,15 @@ def quantize_blocks(
     key = _draw_key(generator, x.device) if rounding == "stochastic" else None
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
-    family = "pow2" if fmt.scale_rule in block_kernels.RULE_IDS else "amax"
-    if family == "pow2":
-        args: tuple[object, ...] = tuple(params)
+    pe = params[0]
+    if fmt.scale_rule in block_kernels.RULE_IDS:
+        full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
     else:
-        args = (*params, fmt.tensor_scale, amax_t)
+        full, factor = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[misc, arg-type]
+    args: tuple[object, ...] = (factor, full, pe, _zero_below(fmt, pe))
     if key is not None:
         args = (*args, key)
-    name = f"{family}_{rounding}"
+    name = f"blocks_{rounding}"
     direct = (
         out is not None and axis == x.dim() - 1 and out.is_contiguous()
         and out.data_ptr() != x.data_ptr()
@@ -236,11 +246,12 @@ def block_parts(
     x4 = moved.reshape(-1, *dims)
     params = _block_params(fmt, x.device)
     with torch.no_grad():
+        zero_below = _zero_below(fmt, params[0])
         if fmt.scale_rule in block_kernels.RULE_IDS:
-            elements, scales = block_kernels.pow2_parts(x4, params[0], params[1], key)
+            elements, scales = block_kernels.pow2_parts(x4, params[0], params[1], key, zero_below)
             tensor_scale = None
         else:
             elements, scales, tensor_scale = block_kernels.amax_parts(
-                x4, params[0], params[1], params[2], key, fmt.tensor_scale, amax_t
+                x4, params[0], params[1], params[2], key, fmt.tensor_scale, amax_t, zero_below
             )
     return BlockParts(elements, scales, tensor_scale, moved_shape, tuple(x.shape), axis)
