@@ -214,8 +214,9 @@ def amax_parts(
 # element-wise pass that multiplies, rounds and scales back. In one graph inductor
 # inlines the scale math into the element loop and recomputes it for every vector.
 # The rounding key is None or a tensor, and ``out`` (blocked like x, see
-# :func:`blocked`) is written inside the compiled function so the result is never
-# materialised twice; ``zb`` is :func:`zero_below_ok` (a constant to dynamo).
+# :func:`blocked`; a fresh tensor for allocating calls) is written inside the compiled
+# function so the result is never materialised twice; ``zb`` is :func:`zero_below_ok`
+# (a constant to dynamo).
 def _pow2_scales(x4, bp):  # type: ignore[no-untyped-def]
     return pow2_scales(x4, bp)
 
@@ -226,16 +227,8 @@ def _amax_scales(x4, ps, fp, two_level, tensor_amax):  # type: ignore[no-untyped
     return full, reciprocal
 
 
-def _blocks_nearest(x4, factor, full, pe, zb):  # type: ignore[no-untyped-def]
-    return round_elements(x4, factor, pe, None, zb) * full
-
-
 def _blocks_nearest_out(x4, factor, full, pe, zb, out):  # type: ignore[no-untyped-def]
     out.copy_(round_elements(x4, factor, pe, None, zb) * full)
-
-
-def _blocks_stochastic(x4, factor, full, pe, zb, key):  # type: ignore[no-untyped-def]
-    return round_elements(x4, factor, pe, key, zb) * full
 
 
 def _blocks_stochastic_out(x4, factor, full, pe, zb, key, out):  # type: ignore[no-untyped-def]
@@ -246,9 +239,7 @@ _ENTRIES.update(
     {
         "pow2_scales": _pow2_scales,
         "amax_scales": _amax_scales,
-        "blocks_nearest": _blocks_nearest,
         "blocks_nearest_out": _blocks_nearest_out,
-        "blocks_stochastic": _blocks_stochastic,
         "blocks_stochastic_out": _blocks_stochastic_out,
     }
 )

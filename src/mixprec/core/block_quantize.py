@@ -211,18 +211,20 @@ def quantize_blocks(
     args: tuple[object, ...] = (factor, full, pe, _zero_below(fmt, pe))
     if key is not None:
         args = (*args, key)
-    name = f"blocks_{rounding}"
+    # Allocating calls write into a fresh tensor through the same ``_out`` kernel: one
+    # compiled kernel per block shape and rounding instead of two.
+    name = f"blocks_{rounding}_out"
     direct = (
         out is not None and axis == x.dim() - 1 and out.is_contiguous()
         and out.data_ptr() != x.data_ptr()
     )
     if direct:
         assert out is not None
-        _run(f"{name}_out", x4, *args, block_kernels.blocked(out, dims))  # type: ignore[arg-type]
+        _run(name, x4, *args, block_kernels.blocked(out, dims))  # type: ignore[arg-type]
         return out
-    result = _run(name, x4, *args)  # type: ignore[arg-type]
-    assert result is not None
-    result = restore_layout(result.view(moved_shape), axis, x.dim())
+    result = torch.empty(moved_shape, dtype=torch.float32, device=x.device)
+    _run(name, x4, *args, block_kernels.blocked(result, dims))  # type: ignore[arg-type]
+    result = restore_layout(result, axis, x.dim())
     if out is not None:
         return out.copy_(result)
     return result
