@@ -106,6 +106,15 @@ def restore_layout(moved: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 
 _PARAMS_CACHE: dict[tuple[BlockFormat, torch.device], tuple[torch.Tensor, ...]] = {}
+_ZERO_BELOW: dict[BlockFormat, bool] = {}
+
+
+def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
+    """:func:`block_kernels.zero_below_ok` for ``fmt``'s element format (cached)."""
+    cached = _ZERO_BELOW.get(fmt)
+    if cached is None:
+        cached = _ZERO_BELOW[fmt] = block_kernels.zero_below_ok(pe.cpu())
+    return cached
 
 
 def _block_params(fmt: BlockFormat, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -192,27 +201,30 @@ def quantize_blocks(
         result = restore_layout(moved.clone(), axis, x.dim())
         return out.copy_(result) if out is not None else result
     key = _draw_key(generator, x.device) if rounding == "stochastic" else None
-    flat = moved.reshape(-1)
+    x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
-    family = "pow2" if fmt.scale_rule in block_kernels.RULE_IDS else "amax"
-    if family == "pow2":
-        args: tuple[object, ...] = (dims, *params)
+    pe = params[0]
+    if fmt.scale_rule in block_kernels.RULE_IDS:
+        full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
     else:
-        args = (dims, *params, fmt.tensor_scale, amax_t)
+        full, factor = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[misc, arg-type]
+    args: tuple[object, ...] = (factor, full, pe, _zero_below(fmt, pe))
     if key is not None:
         args = (*args, key)
-    name = f"{family}_{rounding}"
+    # Allocating calls write into a fresh tensor through the same ``_out`` kernel: one
+    # compiled kernel per block shape and rounding instead of two.
+    name = f"blocks_{rounding}_out"
     direct = (
         out is not None and axis == x.dim() - 1 and out.is_contiguous()
         and out.data_ptr() != x.data_ptr()
     )
     if direct:
         assert out is not None
-        _run(f"{name}_out", flat, *args, out.view(-1))  # type: ignore[arg-type]
+        _run(name, x4, *args, block_kernels.blocked(out, dims))  # type: ignore[arg-type]
         return out
-    result = _run(name, flat, *args)  # type: ignore[arg-type]
-    assert result is not None
-    result = restore_layout(result.view(moved_shape), axis, x.dim())
+    result = torch.empty(moved_shape, dtype=torch.float32, device=x.device)
+    _run(name, x4, *args, block_kernels.blocked(result, dims))  # type: ignore[arg-type]
+    result = restore_layout(result, axis, x.dim())
     if out is not None:
         return out.copy_(result)
     return result
@@ -236,11 +248,12 @@ def block_parts(
     x4 = moved.reshape(-1, *dims)
     params = _block_params(fmt, x.device)
     with torch.no_grad():
+        zero_below = _zero_below(fmt, params[0])
         if fmt.scale_rule in block_kernels.RULE_IDS:
-            elements, scales = block_kernels.pow2_parts(x4, params[0], params[1], key)
+            elements, scales = block_kernels.pow2_parts(x4, params[0], params[1], key, zero_below)
             tensor_scale = None
         else:
             elements, scales, tensor_scale = block_kernels.amax_parts(
-                x4, params[0], params[1], params[2], key, fmt.tensor_scale, amax_t
+                x4, params[0], params[1], params[2], key, fmt.tensor_scale, amax_t, zero_below
             )
     return BlockParts(elements, scales, tensor_scale, moved_shape, tuple(x.shape), axis)

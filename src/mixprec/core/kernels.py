@@ -141,8 +141,11 @@ def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch
 def _hash_bits(numel_like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """32 pseudo-random bits per element: the murmur3 finaliser (a bijection with full
     avalanche) over the element's flat index, keyed by the two int32 words of ``key``
-    (one before and one after an odd multiply, so each key is its own permutation)."""
+    (one before and one after an odd multiply, so each key is its own permutation).
+    ``numel_like`` is contiguous; the index takes its shape (the block kernels round
+    in their blocked layout, so that the block scales broadcast without a reshape)."""
     index = torch.arange(numel_like.numel(), dtype=torch.int32, device=numel_like.device)
+    index = index.view(numel_like.shape)
     h = ((index ^ key[1]) * _GOLDEN) ^ key[0]
     h = h ^ ((h >> 16) & 0xFFFF)  # logical shifts, spelled for signed int32
     h = h * _MIX1
