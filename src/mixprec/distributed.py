@@ -46,6 +46,18 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+if dist.is_available():
+    # torch.distributed.nn.functional binds ``group.WORLD`` as the default argument of
+    # ten functions when it is first imported, and the first torch optimizer and DDP import it lazily
+    # (DDP through torch.distributed._shard), i.e. after init_process_group:
+    # the default process group is then referenced for ever, destroy_process_group
+    # cannot free it, and its gloo worker threads (and rank 0's TCPStore server thread)
+    # run on until the interpreter exits and are torn down there, racing the other ranks'
+    # exits: the likely source of a rare ``terminate called without an active exception``
+    # (SIGABRT, issue 14).
+    # Imported here, before any process group exists, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
 from mixprec.amp import MixedPrecisionOptimizer
 from mixprec.nn.convert import engine_state, is_converted
 from mixprec.core.quantize import scale_from_amax
@@ -273,8 +285,13 @@ def _worker(rank: int, fn: Callable[..., None], nproc: int, port: int, backend: 
     init_from_env(backend, timeout_s)
     try:
         fn(*args)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears down while another is still in a collective
     finally:
-        dist.destroy_process_group()
+        # on an error no barrier: the other ranks may be stuck mid-collective or gone, and
+        # run_processes terminates them; either way this rank's threads end here, not at exit
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_processes(
