@@ -43,7 +43,7 @@ def main() -> None:
     if args.load:
         checkpoint = torch.load(args.load, weights_only=False)
         model.load_state_dict(checkpoint["model"])
-        mixprec.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])  # FP16 masters keep FP32 state
+        optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         scheduler.load_state_dict(checkpoint["scheduler"])
     for step in range(args.first, args.last):

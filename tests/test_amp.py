@@ -76,7 +76,8 @@ def test_a_skipped_step_changes_nothing(recipe: str) -> None:
     for key, value in state["state"].items():
         for name, tensor in value.items():
             assert torch.equal(after["state"][key][name], tensor), name
-    assert all(p.dtype == mixprec.get_recipe(recipe).master_dtype for p in model.parameters())
+    fmt = mixprec.get_recipe(recipe).master_fmt
+    assert all(torch.equal(mixprec.quantize(p.detach(), fmt), p) for p in model.parameters())  # on the grid
 
 
 def test_scale_sequence_and_skips_match_torch_grad_scaler() -> None:
@@ -186,15 +187,19 @@ def test_misuse_gets_torch_errors_and_changes_nothing() -> None:
         mixprec.prepare(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), "fp16")
 
 
-def test_fp16_masters_take_an_fp32_update_rounded_back() -> None:
+def test_fp16_masters_take_an_fp32_update_rounded_onto_the_fp16_grid() -> None:
     model = mixprec.convert(_model(), "fp8")
+    assert all(torch.equal(p.half().float(), p) for p in model.parameters())  # paper 2's FP16 masters
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scaler = mixprec.GradScaler("fp8")
     x, y = _data()
+    before = [p.detach().clone() for p in model.parameters()]
     scaler.scale(F.cross_entropy(model(x[:32]).float(), y[:32])).backward()
     scaler.unscale_(optimizer)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # widened for clipping and the update
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # clipping sees FP32 gradients
     scaler.step(optimizer)
     scaler.update()
-    assert all(p.dtype == torch.float16 for p in model.parameters())
+    after = list(model.parameters())
+    assert all(torch.equal(p.half().float(), p) for p in after)  # rounded back onto the FP16 grid
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert all(v.dtype == torch.float32 for s in optimizer.state.values() for k, v in s.items() if k != "step")

@@ -12,13 +12,13 @@ from mixprec.recipe import ABLATIONS, RECIPES, Gemm, Operand, Recipe, TensorScal
 def test_named_recipes_keep_their_meaning() -> None:
     fp16, bf16, fp8, hybrid = (RECIPES[n] for n in ("fp16", "bf16", "fp8", "fp8-hybrid"))
     assert fp16.forward == fp16.dgrad == fp16.wgrad == Gemm.uniform("fp16")
-    assert fp16.master_dtype == torch.float32 and fp16.compute == torch.float16 and fp16.loss_scale is not None
+    assert fp16.master_fmt.name == "fp32" and fp16.compute == torch.float16 and fp16.loss_scale is not None
     assert bf16.forward.result.format == "bf16" and bf16.loss_scale is None
     # paper 2: E5M2 everywhere, errors and gradients stochastic, FP16 master, SR update
     assert {op.format for g in (fp8.forward, fp8.dgrad, fp8.wgrad) for op in (g.left, g.right, g.result)} == {"e5m2"}
     assert fp8.dgrad.left.rounding == fp8.wgrad.result.rounding == "stochastic"
     assert fp8.forward.left.rounding == "nearest"
-    assert fp8.master_dtype == torch.float16 and fp8.update_rounding == "stochastic"
+    assert fp8.master_fmt.name == "fp16" and fp8.update_rounding == "stochastic"
     # Transformer Engine's default: E4M3 input and weight, E5M2 gradients, BF16 results, scaled
     assert hybrid.forward.left.format == hybrid.forward.right.format == "e4m3"
     assert hybrid.dgrad.left.format == hybrid.wgrad.left.format == "e5m2"
@@ -30,7 +30,7 @@ def test_named_recipes_keep_their_meaning() -> None:
 
 def test_ablations_drop_one_ingredient_each() -> None:
     assert ABLATIONS["fp16-noscale"].loss_scale is None
-    assert ABLATIONS["fp16-nomaster"].master_dtype == torch.float16
+    assert ABLATIONS["fp16-nomaster"].master_fmt.name == "fp16"
     assert ABLATIONS["fp8-rne"].dgrad.left.rounding == "nearest" and ABLATIONS["fp8-rne"].update_rounding == "nearest"
     assert ABLATIONS["fp8-nominscale"].loss_scale.min_scale_schedule == ()
 

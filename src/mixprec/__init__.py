@@ -30,7 +30,7 @@ from mixprec.recipe import (
 from mixprec.scaling import DynamicScaling, StaticScaling
 from mixprec.nn import UnsupportedOpError, convert
 from mixprec.nn.coverage import Coverage, coverage
-from mixprec.amp import GradScaler, MixedPrecisionOptimizer, load_optimizer_state_dict, prepare
+from mixprec.amp import GradScaler, MixedPrecisionOptimizer, prepare
 from mixprec import stats
 
 __version__ = "0.2.0"
@@ -62,7 +62,6 @@ __all__ = [
     "from_storage",
     "get_recipe",
     "kernel_backend",
-    "load_optimizer_state_dict",
     "prepare",
     "quantize",
     "scale_from_amax",

@@ -4,10 +4,9 @@ with the optimizer it returns.
 ``GradScaler(recipe)`` has torch.amp.GradScaler's methods and misuse errors, with the
 recipe's loss scaling (static, dynamic with torch's defaults, hysteresis, paper 2's
 rising minimum). ``step`` skips a step whose gradients hold Inf/NaN (on every rank
-under torch.distributed) and says so. Parameters held in 16 bits (paper 2's FP16
-masters) are widened to FP32 by ``unscale_``, so clipping sees true FP32 gradients and
-the optimizer (and its state) computes in FP32; ``step`` rounds them back with the
-recipe's update rounding (stochastic for ``fp8``).
+under torch.distributed) and says so. Under FP16 masters (paper 2) the optimizer
+computes the update in FP32 (its state FP32) and ``step`` rounds the parameters onto
+the FP16 grid with the recipe's update rounding (stochastic for ``fp8``).
 """
 
 from __future__ import annotations
@@ -21,13 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mixprec.core import formats
 from mixprec.core.quantize import quantize
 from mixprec.nn.convert import convert
 from mixprec.recipe import Recipe, get_recipe
 from mixprec.scaling import LossScaler, make_loss_scaler
 
-__all__ = ["GradScaler", "MixedPrecisionOptimizer", "prepare", "load_optimizer_state_dict"]
+__all__ = ["GradScaler", "MixedPrecisionOptimizer", "prepare"]
 
 
 class _Stage(enum.Enum):
@@ -42,7 +40,6 @@ class _OptimizerState:
     def __init__(self) -> None:
         self.stage = _Stage.READY
         self.found_inf: torch.Tensor | None = None
-        self.widened: list[tuple[nn.Parameter, torch.dtype]] = []
 
 
 class GradScaler:
@@ -89,8 +86,7 @@ class GradScaler:
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide ``optimizer``'s gradients by the loss scale in place and check them
-        for Inf/NaN (agreed across ranks). 16-bit parameters are widened to FP32 here,
-        gradients too, until ``step`` rounds them back."""
+        for Inf/NaN (agreed across ranks)."""
         if not self._enabled:
             return
         state = self._state(optimizer)
@@ -105,12 +101,6 @@ class GradScaler:
                 if param.grad is None:
                     continue
                 device = param.grad.device
-                if param.dtype != torch.float32 and param.is_floating_point():
-                    grad = param.grad.float()
-                    state.widened.append((param, param.dtype))
-                    param.grad = None
-                    param.data = param.data.float()
-                    param.grad = grad
                 grads.append(param.grad)
         found_inf = torch.zeros(1, device=device or "cpu")
         if grads:
@@ -136,14 +126,13 @@ class GradScaler:
         if state.stage is _Stage.READY:
             self.unscale_(optimizer)
         assert state.found_inf is not None
-        if not state.widened and not any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
+        if not any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
             raise AssertionError("No inf checks were recorded for this optimizer.")
         finite = not bool(state.found_inf.item())  # the step's one synchronisation
         result = None
         if finite:
-            self._widen_state(optimizer, state)
             result = optimizer.step(*args, **kwargs)
-        self._narrow(state, stepped=finite)
+            self._round_masters(optimizer)
         state.stage = _Stage.STEPPED
         self.last_step_skipped = not finite
         return result
@@ -191,25 +180,18 @@ class GradScaler:
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    @staticmethod
-    def _widen_state(optimizer: torch.optim.Optimizer, state: _OptimizerState) -> None:
-        """Optimizer state of widened parameters in FP32 (torch's load_state_dict casts
-        it to the parameter's 16-bit dtype)."""
-        for param, _ in state.widened:
-            for key, value in optimizer.state.get(param, {}).items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float32:
-                    optimizer.state[param][key] = value.float()
-
-    def _narrow(self, state: _OptimizerState, stepped: bool) -> None:
-        """Round widened parameters back into their 16-bit dtype: the update with the
-        recipe's rounding; a skipped step's values exactly as they were."""
-        rounding = self.recipe.update_rounding if stepped else "nearest"
+    def _round_masters(self, optimizer: torch.optim.Optimizer) -> None:
+        """Round the updated parameters onto the master format's grid with the recipe's
+        update rounding (paper 2: FP16 masters, stochastic): the update itself was
+        computed in FP32 by the optimizer, whose state stays FP32."""
+        fmt = self.recipe.master_fmt
+        if fmt.mantissa_bits >= 23:
+            return
         with torch.no_grad():
-            for param, dtype in state.widened:
-                fmt = formats.get(dtype)
-                param.grad = None
-                param.data = quantize(param.data, fmt, rounding, generator=self.generator).to(dtype)  # type: ignore[arg-type]
-        state.widened = []
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None and param.is_floating_point():
+                        param.copy_(quantize(param, fmt, self.recipe.update_rounding, generator=self.generator))
 
 
 class MixedPrecisionOptimizer(torch.optim.Optimizer):
@@ -305,34 +287,14 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore :meth:`state_dict` (16-bit parameters' optimizer state stays FP32)."""
+        """Restore :meth:`state_dict`."""
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "scaler"}:
             raise ValueError("not a MixedPrecisionOptimizer state_dict (expected keys 'optimizer' and 'scaler')")
         self.scaler.load_state_dict(state_dict["scaler"])  # checks the recipe first: nothing changes on mismatch
-        load_optimizer_state_dict(self.optimizer, state_dict["optimizer"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
 
     def __repr__(self) -> str:
         return f"MixedPrecisionOptimizer({self.recipe.name}, {self.optimizer!r})"
-
-
-def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(state_dict)`` that keeps the FP32 state of 16-bit
-    parameters (paper 2's FP16 masters) in FP32: torch casts loaded state to each
-    parameter's dtype, which would round Adam's moments to FP16. Use it to resume an
-    optimizer over a model converted with FP16 masters."""
-    narrow = []
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.is_floating_point() and param.dtype != torch.float32:
-                    narrow.append((param, param.dtype))
-                    param.data = param.data.float()
-    try:
-        optimizer.load_state_dict(state_dict)
-    finally:
-        with torch.no_grad():
-            for param, dtype in narrow:
-                param.data = param.data.to(dtype)  # exact: the values came from that dtype
 
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, recipe: str | Recipe = "fp16",

@@ -219,9 +219,9 @@ class Recipe:
     ``forward``, ``dgrad`` and ``wgrad`` name each GEMM's operands (see the module
     docstring). ``compute_dtype`` is the dtype of non-GEMM ops (``"bf16"``, ``"fp16"`` or
     ``"fp32"``; norms, softmax and losses run in FP32 whatever it is, as torch.autocast
-    does). ``master`` is the dtype of the model's parameters, which are the master
-    weights (fp32; fp16 or bf16 for paper 2); ``update_rounding`` rounds an update
-    computed in FP32 back into a 16-bit master. ``loss_scale`` is None, a number
+    does). ``master`` is the format of the model's parameters, which are the master
+    weights (fp32; fp16 or bf16 for paper 2: their values on that grid, held in FP32);
+    ``update_rounding`` rounds each update, computed in FP32, onto that grid. ``loss_scale`` is None, a number
     (static) or a :class:`~mixprec.scaling.DynamicScaling`. ``keep`` names the modules
     kept in high precision. ``fallback_ops`` names GEMM families (``"conv"``,
     ``"attention"``, ``"embedding"``) that run under the recipe named ``fallback``
@@ -269,11 +269,10 @@ class Recipe:
                 and formats.get(self.master).mantissa_bits == 23)
 
     @property
-    def master_dtype(self) -> torch.dtype:
-        """The dtype of the model's parameters (the master weights) under this recipe."""
-        dtype = formats.get(self.master).torch_dtype
-        assert dtype is not None
-        return dtype
+    def master_fmt(self) -> FloatFormat:
+        """The format of the master weights: the model's parameters hold values on its
+        grid (in FP32 storage), rounded there after every update."""
+        return formats.get(self.master)
 
     @property
     def compute(self) -> torch.dtype:

@@ -47,7 +47,7 @@ def test_parameters_are_the_model_own_and_become_the_masters() -> None:
     assert all(a is b for a, b in zip(model.parameters(), before))  # nothing replaced
     assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))  # nothing rounded
     fp8 = mixprec.convert(_mlp(), "fp8")
-    assert all(p.dtype == torch.float16 for p in fp8.parameters())  # paper 2's FP16 masters
+    assert all(p.dtype == torch.float32 and torch.equal(p.half().float(), p) for p in fp8.parameters())  # FP16 grid
 
 
 def test_weights_loaded_after_convert_are_the_ones_used() -> None:

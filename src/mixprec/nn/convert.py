@@ -1,7 +1,9 @@
 """``convert(model, recipe)``: make any ``nn.Module`` run under a recipe.
 
 Nothing in the model is replaced or copied. Its parameters stay its own and become
-the master weights (cast to the recipe's master dtype: FP32, or FP16 for paper 2);
+the master weights (FP32; for paper 2's FP16 masters, FP32 tensors whose values are
+rounded onto the FP16 grid, here and after every update: one dtype for DDP, FSDP and
+the optimizer, the same numbers as FP16 storage);
 hooks enter :class:`~mixprec.nn.intercept.EmulationMode` around the model's forward
 and leave it on exit, errors included; modules the recipe keeps in high precision get
 FP32 inputs. The per-model state (generator, amax histories, rounded weights) lives on
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.core.quantize import quantize
 from mixprec.nn.intercept import EmulationMode
 from mixprec.nn.state import EngineState
 from mixprec.recipe import Recipe, get_recipe
@@ -125,10 +128,11 @@ def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator |
         device = params[0].device if params else torch.device("cpu")
         seed = int(torch.randint(0, 2**62, (1,)))
         generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for param in params:
-            if param.is_floating_point() and param.dtype != recipe.master_dtype:
-                param.data = param.data.to(recipe.master_dtype)
+    if recipe.master_fmt.mantissa_bits < 23:
+        with torch.no_grad():  # masters on the master format's grid (paper 2's FP16), in place
+            for param in params:
+                if param.is_floating_point():
+                    param.copy_(quantize(param, recipe.master_fmt))
     state = EngineState(recipe, generator, kept=_kept_modules(model, recipe))
     model._mixprec = state  # type: ignore[assignment]
     if recipe.is_fp32:

@@ -10,9 +10,10 @@ functional call anywhere in the forward are all GEMMs it runs through
   and ``@``, ``conv1d/2d/3d`` and their transposes, ``scaled_dot_product_attention``,
   ``F.embedding``, and the fused recurrences ``torch.lstm``/``torch.gru`` that
   nn.LSTM/nn.GRU run): emulated.
-- **FP32 ops**: the ops torch.autocast runs in FP32 on GPUs (norms, softmax,
-  log-softmax, losses, exp/log/pow and large reductions): their 16-bit inputs are
-  widened to FP32, as paper 1 prescribes. This list is CUDA autocast's, on every
+- **FP32 ops**: the ops torch.autocast runs in FP32 on GPUs (layer and group norms,
+  softmax, log-softmax, losses, exp/log/pow and large reductions): their 16-bit inputs
+  are widened to FP32, as paper 1 prescribes. Batch norm is not among them (as in
+  autocast): it takes 16-bit inputs, computes its statistics in FP32 and returns 16 bits. This list is CUDA autocast's, on every
   device, so the emulation computes what a GPU would.
 - **Everything else** runs in whatever dtype its inputs have: the GEMMs' results come
   in the recipe's compute dtype, so point-wise ops run there, in torch's own kernels.
@@ -254,7 +255,7 @@ _FAST_PATHS: dict[Callable[..., Any], Callable[..., Any]] = {
 
 FP32_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
     f for f in (
-        F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, getattr(F, "rms_norm", None), F.normalize,
+        F.layer_norm, F.group_norm, getattr(F, "rms_norm", None), F.normalize,
         F.softmax, F.softmin, F.log_softmax, torch.softmax, torch.log_softmax, torch.Tensor.softmax,
         torch.Tensor.log_softmax, F.cross_entropy, F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss,
         F.huber_loss, F.kl_div, F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.softplus,
@@ -308,6 +309,8 @@ class EmulationMode(TorchFunctionMode):
             if state.high_precision:
                 return self._high_precision(func, args, kwargs)
             return handler(state, *args, **kwargs)
+        if func is F.batch_norm and not state.high_precision:
+            return ops.batch_norm(*args, **kwargs)
         if func in FP32_FUNCTIONS and state.recipe.compute_dtype != "fp32":
             return func(*_widen(args), **{k: _widen(v) for k, v in kwargs.items()})
         return func(*args, **kwargs)

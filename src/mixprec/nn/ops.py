@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from mixprec.nn.state import CallRecord, EngineState, Quantized, block_axis_key, quantize_operand, result_dtype
 from mixprec.recipe import Operand, Recipe
 
-__all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "lstm", "gru"]
+__all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "lstm", "gru", "batch_norm"]
 
 
 def _is_weight(t: torch.Tensor | None) -> bool:
@@ -511,6 +511,48 @@ def scaled_dot_product_attention(
         scores = scores + mask
     probabilities = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=True)
     return gemm(state, probabilities, value, op="sdpa.pv", recipe=recipe)
+
+
+# ---- batch norm -------------------------------------------------------------------------
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Batch norm on a 16-bit input as cuDNN runs it under torch.autocast: statistics
+    and normalisation in FP32, the output in the input's dtype, and only the 16-bit
+    input saved for backward (torch's CPU kernels take no 16-bit input with FP32
+    parameters)."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, running_mean, running_var, training: bool, momentum: float,  # type: ignore[override]
+                eps: float):
+        with _NoAutocast():
+            out, mean, invstd = torch.ops.aten.native_batch_norm(
+                x.float(), None if weight is None else weight.float(), None if bias is None else bias.float(),
+                running_mean, running_var, training, momentum, eps)
+        ctx.training, ctx.eps = training, eps
+        ctx.dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x, weight, running_mean, running_var, mean, invstd)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):  # type: ignore[override]
+        x, weight, running_mean, running_var, mean, invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        with _NoAutocast():
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_output.float(), x.float(), None if weight is None else weight.float(), running_mean,
+                running_var, mean, invstd, ctx.training, ctx.eps, mask)
+        cast = [None if g is None else g.to(d) for g, d in zip((grad_x, grad_w, grad_b), ctx.dtypes)]
+        return cast[0], cast[1], cast[2], None, None, None, None, None
+
+
+def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """F.batch_norm for a 16-bit input (see :class:`_BatchNorm`); FP32 inputs go to torch."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 # ---- recurrences ------------------------------------------------------------------------
