@@ -1,5 +1,5 @@
 """The ``mixprec analyze`` subcommand's arguments and display (rich); the work is
-:func:`mixprec.experiments.analyze.run_analyze`. Kept apart from :mod:`mixprec.cli` so
+:func:`mixprec.experiments.analyze.run_analyze`. Kept apart from :mod:`mixprec.cli.main` so
 that adding the command there takes two lines."""
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated configurations (default: all)")
     step.add_argument("--batch-scale", type=float, default=1.0,
                       help="multiply the batch sizes (128 images, 32 sequences) by this")
-    from mixprec.distributed_cli import add_comm_bench_arguments
+    from mixprec.cli.distributed import add_comm_bench_arguments
 
     add_comm_bench_arguments(benches.add_parser(
         "comm", help="DDP gradient communication: bytes per step and step time, 1 vs N processes, "
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_distributed_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mixprec.distributed_cli import add_train_arguments
+    from mixprec.cli.distributed import add_train_arguments
 
     add_train_arguments(commands.add_parser(
         "train", help="train the Fashion-MNIST CNN on N processes (DDP, gloo/nccl) with a recipe and a "
@@ -114,7 +114,7 @@ def _add_distributed_parsers(commands: argparse._SubParsersAction) -> None:  # t
 
 
 def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mixprec.experiments.analyze_cli import add_analyze_arguments
+    from mixprec.cli.analyze import add_analyze_arguments
 
     add_analyze_arguments(commands.add_parser(
         "analyze", help="train a model a few steps, observe its tensors' ranges, and write a report "
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "coverage":
             return _coverage(args, console)
         if args.command == "analyze":
-            from mixprec.experiments.analyze_cli import analyze_command
+            from mixprec.cli.analyze import analyze_command
 
             return analyze_command(args, console)
         if args.command == "bench" and args.bench == "quantize":
@@ -320,11 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "step":
             return _bench_step(args, console)
         if args.command == "bench" and args.bench == "comm":
-            from mixprec.distributed_cli import comm_bench_command
+            from mixprec.cli.distributed import comm_bench_command
 
             return comm_bench_command(args, console)
         if args.command == "train":
-            from mixprec.distributed_cli import train_command
+            from mixprec.cli.distributed import train_command
 
             return train_command(args, console)
     except (ValueError, TypeError) as error:
