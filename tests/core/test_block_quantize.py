@@ -273,3 +273,14 @@ def test_tensor_amax_only_for_two_level_formats():
         mixprec.core.block_quantize.quantize_blocks(torch.ones(32), blocks.mxfp4_e2m1, tensor_amax=1.0)
     with pytest.raises(ValueError, match="finite and >= 0"):
         mixprec.core.block_quantize.quantize_blocks(torch.ones(32), blocks.nvfp4, tensor_amax=math.inf)
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "nvfp4_16x16", "mxfp4_e2m1", "mxfp8_e4m3", "fp8_block128"])
+def test_an_all_zero_tensor_quantizes_to_zeros(name: str) -> None:
+    x = torch.zeros(256, 256)
+    x[3, 5] = 0.0  # every block zero, NVFP4's tensor amax too
+    out = mixprec.quantize(x, name)
+    assert torch.equal(out, torch.zeros_like(x))
+    y = torch.zeros(256, 256)
+    y[0, :16] = torch.linspace(-3, 3, 16)  # one nonzero block among zero blocks
+    assert bool(torch.isfinite(mixprec.quantize(y, name)).all())

@@ -170,6 +170,9 @@ def amax_scales(
         reciprocal = torch.reciprocal(block)
     else:
         reciprocal = torch.reciprocal(tensor_scale) / block
+    # an all-zero block's elements are zeros whatever the factor; its factor can overflow
+    # (an all-zero NVFP4 tensor: 1 / (2**-126 * 2**-6)), and 0 * Inf would be NaN
+    reciprocal = torch.where(amax == 0, torch.zeros_like(reciprocal), reciprocal)
     return block, tensor_scale, reciprocal
 
 

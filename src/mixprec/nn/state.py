@@ -313,11 +313,14 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     parts = block_parts(x32, fmt, operand.rounding, axis=axis, generator=state.generator)
     values = _crop(parts.dequantize(), tuple(shape))
     groups, _, h, _ = parts.elements.shape
-    nan_block = torch.isnan(parts.scales)
-    elements = torch.where(nan_block, 0.0, parts.elements)  # the NaN scale carries the NaN (as pack_blocks)
+    # a block holding NaN (an overflowing step's gradient, a NaN tensor scale) is stored
+    # as a NaN scale over zero codes: the element formats have no NaN code
+    nan_element = torch.isnan(parts.elements)
+    nan_block = torch.isnan(parts.scales.reshape(groups, h)) | nan_element.any(dim=3).any(dim=1)
+    elements = torch.where(nan_element | nan_block[:, None, :, None], 0.0, parts.elements)
     codes = _element_codes(elements.reshape(-1), fmt.element)
     scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32
-    scales = parts.scales.reshape(groups, h).to(scale_dtype)
+    scales = torch.where(nan_block, float("nan"), parts.scales.reshape(groups, h)).to(scale_dtype)
     tensor_scale = None if parts.tensor_scale is None else parts.tensor_scale.reshape(1).clone()
     layout = BlockLayout(tuple(x32.shape), parts.moved_shape, parts.axis, tuple(shape))
     return Quantized(codes, scales, operand, values, tensor_scale, layout)
