@@ -190,17 +190,19 @@ def comm_hook(
 
 def sync_from_rank0(model: nn.Module, optimizer: MixedPrecisionOptimizer | None = None,
                     process_group: Any = None) -> None:
-    """Broadcast rank 0's stochastic-rounding generators (the model's, and the
-    optimizer's update rounding), so every rank rounds alike whatever its seed. DDP
-    itself broadcasts the parameters (the masters) and buffers. Call before training."""
-    generators = [engine_state(model).generator]
-    if optimizer is not None:
-        generators.append(optimizer.scaler.generator)
-    for generator in generators:
-        if generator is not None:
-            generator_state = generator.get_state()
-            dist.broadcast(generator_state, src=_global_rank0(process_group), group=process_group)
-            generator.set_state(generator_state)
+    """Broadcast rank 0's stochastic-rounding state (the model's seed and forward
+    count, and the optimizer's update-rounding generator), so every rank rounds alike
+    whatever its seed. DDP itself broadcasts the parameters (the masters) and buffers.
+    Call before training."""
+    source = _global_rank0(process_group)
+    random_state = engine_state(model).random_state
+    if random_state is not None:
+        dist.broadcast(random_state, src=source, group=process_group)
+    generator = optimizer.scaler.generator if optimizer is not None else None
+    if generator is not None:
+        generator_state = generator.get_state()
+        dist.broadcast(generator_state, src=source, group=process_group)
+        generator.set_state(generator_state)
 
 
 def _global_rank0(process_group: Any) -> int:

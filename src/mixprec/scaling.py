@@ -233,9 +233,11 @@ class AmaxHistory:
         if self.amax.device != current.device:
             self.amax = self.amax.to(current.device)
             self.count = self.count.to(current.device)
+        # in place: a compiled graph (and an autograd.Function's backward in it) updates
+        # the history's own tensors
         slot = torch.remainder(self.count, self.length)
-        self.amax = self.amax.index_put((slot.reshape(1),), current.reshape(1))
-        self.count = self.count + 1
+        self.amax.index_put_((slot.reshape(1),), current.reshape(1))
+        self.count.add_(1)
 
     def scale(self, fmt: str | FloatFormat, margin: int = 0, power_of_two: bool = True) -> torch.Tensor:
         """The scale from the history's largest amax (1.0 while the history is empty)."""

@@ -3,7 +3,8 @@ each operand is quantized along the contraction dimension of its own GEMM, so th
 emulated forward, dgrad and wgrad must equal float64 accumulation of operands quantized
 independently with ``mixprec.quantize(..., axis=...)`` (zero-padded to whole blocks,
 Hadamard-rotated where the recipe says), rounded once to BF16. Stochastic rounding is
-reproduced exactly by replaying the model's generator."""
+reproduced exactly with the engine's key for the call site (its forward's key mixed
+with the site's name)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def eager_kernels():
         yield
 
 
-def reference(x: torch.Tensor, operand: Operand, axis: int, generator: torch.Generator | None) -> torch.Tensor:
+def reference(x: torch.Tensor, operand: Operand, axis: int, random_key: torch.Tensor | None) -> torch.Tensor:
     """``x`` quantized for ``operand`` along ``axis`` by the core alone: zero-padded to
     whole blocks, rotated if the operand says, quantized, the padding cropped (except a
     rotated axis's), as float64."""
@@ -51,7 +52,7 @@ def reference(x: torch.Tensor, operand: Operand, axis: int, generator: torch.Gen
     if operand.hadamard:
         x = hadamard_transform(x, operand.hadamard, axis=axis)
         shape[axis] = x.shape[axis]
-    q = mixprec.quantize(x, fmt, operand.rounding, axis=axis, generator=generator)
+    q = mixprec.quantize(x, fmt, operand.rounding, axis=axis, random_key=random_key)
     return q[tuple(slice(0, n) for n in shape)].double()
 
 
@@ -104,13 +105,15 @@ def test_linear_gemms_quantize_each_operand_along_its_contraction(name: str) -> 
              reference(w, recipe.forward.right, -1, None).T, layer.fc.bias)
 
     g = (torch.randn(3, 8, n_out) * torch.logspace(-2, 4, n_out) * 1e-4).bfloat16()  # the error arrives in BF16
-    replay = torch.Generator().set_state(generator.get_state())  # the backward's draws, in its order
+    state = engine_state(layer)
+    def replay(axis: int) -> torch.Tensor:  # the error's key at this site, for its copy along ``axis``
+        return state.random_key(f"fc:linear#0.grad_output@{axis}", state.forward_key)
     y.backward(g)
     assert on_grid(x.grad, "bf16") and on_grid(w.grad, "bf16")
-    g_dgrad = reference(g, recipe.dgrad.left, -1, replay)  # grad_x = g @ W: contraction over W's rows
+    g_dgrad = reference(g, recipe.dgrad.left, -1, replay(2))  # grad_x = g @ W: contraction over W's rows
     close_to(x.grad, g_dgrad, reference(w, recipe.dgrad.right, -2, None))
     rows = 24
-    g_rows = reference(g.reshape(rows, n_out), recipe.wgrad.left, 0, replay)  # grad_W = g^T x over the rows
+    g_rows = reference(g.reshape(rows, n_out), recipe.wgrad.left, 0, replay(0))  # grad_W = g^T x over the rows
     x_rows = reference(x.reshape(rows, n_in), recipe.wgrad.right, 0, None)
     length = max(g_rows.shape[0], x_rows.shape[0])
     close_to(w.grad, pad_rows(g_rows, length).T, pad_rows(x_rows, length))

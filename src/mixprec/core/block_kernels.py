@@ -22,6 +22,8 @@ tensor size with a vectorised inner loop over ``cols``. Two families of scale ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from mixprec.core.kernels import _ENTRIES, _INT32_MIN, _round_bits
@@ -119,14 +121,14 @@ def _times_block(x4: torch.Tensor, r: torch.Tensor, zero_below: bool) -> torch.T
     return torch.where(special, slow, fast)
 
 
-def zero_below_ok(pe: torch.Tensor) -> bool:
-    """Whether the element format with kernel parameters ``pe`` rounds every float32
+def zero_below_ok(pe: Sequence[int]) -> bool:
+    """Whether the element format with kernel parameters ``pe`` (:func:`mixprec.core.kernels.param_values`) rounds every float32
     below 2**-125 (binade 1 and float32's subnormals) to a signed zero, nearest and
     stochastic alike: it has a zero, its subnormal floor lies above float32's, and the
     drop there is at least 54 bits, so that neither the nearest test (significand >
     half a step) nor the stochastic threshold (significand >> (drop - 30)) can fire.
     True for every MX and NVFP4 element format."""
-    subnormal_below, drop, min_bits = (int(v) for v in pe[[3, 5, 6]].tolist())
+    subnormal_below, drop, min_bits = pe[3], pe[5], pe[6]
     return min_bits == 0 and subnormal_below > 1 and drop >= 54
 
 

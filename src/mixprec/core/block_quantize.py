@@ -23,8 +23,8 @@ import torch
 
 from mixprec.core import block_kernels
 from mixprec.core.formats.blocks import BlockFormat
-from mixprec.core.kernels import _params, _run
-from mixprec.core.quantize import Rounding, _check_tensor, _draw_key
+from mixprec.core.kernels import _params, _run, param_values
+from mixprec.core.quantize import Rounding, _check_tensor, _key
 
 __all__ = ["BlockParts", "quantize_blocks", "block_parts", "blocked_view"]
 
@@ -113,7 +113,9 @@ def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
     """:func:`block_kernels.zero_below_ok` for ``fmt``'s element format (cached)."""
     cached = _ZERO_BELOW.get(fmt)
     if cached is None:
-        cached = _ZERO_BELOW[fmt] = block_kernels.zero_below_ok(pe.cpu())
+        cached = block_kernels.zero_below_ok(param_values(fmt.element, "saturate"))
+        if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
+            _ZERO_BELOW[fmt] = cached
     return cached
 
 
@@ -126,7 +128,7 @@ def _block_params(fmt: BlockFormat, device: torch.device) -> tuple[torch.Tensor,
     elem = fmt.element
     pe = _params(elem, "saturate", device)  # MX and NVFP4 elements clamp at their largest
     if fmt.scale_rule in block_kernels.RULE_IDS:
-        largest_bits = torch.tensor([elem.largest], dtype=torch.float32).view(torch.int32).item()
+        largest_bits = param_values(elem, "saturate")[1]
         bp = torch.tensor(
             [block_kernels.RULE_IDS[fmt.scale_rule], elem.max_exponent,
              1 << (22 - elem.mantissa_bits), largest_bits],
@@ -140,7 +142,8 @@ def _block_params(fmt: BlockFormat, device: torch.device) -> tuple[torch.Tensor,
             dtype=torch.float32, device=device,
         )
         params = (pe, ps, fp)
-    _PARAMS_CACHE[key] = params
+    if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
+        _PARAMS_CACHE[key] = params
     return params
 
 
@@ -174,6 +177,7 @@ def quantize_blocks(
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
     tensor_amax: torch.Tensor | float | None = None,
+    random_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize ``x`` to block format ``fmt`` and return the dequantized float32 values
     (same shape and device): each element rounded onto the element grid after division
@@ -184,6 +188,7 @@ def quantize_blocks(
     to one of their two grid neighbours, unbiased (scales are always chosen
     deterministically), with bits from ``generator``. ``tensor_amax`` replaces the
     current amax in NVFP4's per-tensor scale (delayed scaling). ``out`` receives the result.
+    ``random_key`` replaces the draw from ``generator`` (see :func:`mixprec.quantize`).
     """
     x = _check_tensor(x)
     _check_rounding(rounding)
@@ -200,7 +205,7 @@ def quantize_blocks(
     if moved.numel() == 0:
         result = restore_layout(moved.clone(), axis, x.dim())
         return out.copy_(result) if out is not None else result
-    key = _draw_key(generator, x.device) if rounding == "stochastic" else None
+    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
     pe = params[0]
@@ -237,6 +242,7 @@ def block_parts(
     axis: int = -1,
     generator: torch.Generator | None = None,
     tensor_amax: torch.Tensor | float | None = None,
+    random_key: torch.Tensor | None = None,
 ) -> BlockParts:
     """The element values and scales :func:`quantize_blocks` multiplies (eager kernels,
     the same arithmetic); ``BlockParts.dequantize()`` equals ``quantize_blocks`` bit for bit."""
@@ -244,7 +250,7 @@ def block_parts(
     _check_rounding(rounding)
     amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
     moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
-    key = _draw_key(generator, x.device) if rounding == "stochastic" else None
+    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
     x4 = moved.reshape(-1, *dims)
     params = _block_params(fmt, x.device)
     with torch.no_grad():

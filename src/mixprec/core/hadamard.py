@@ -35,9 +35,17 @@ def hadamard_matrix(n: int = 16, dtype: torch.dtype = torch.float32, device: tor
 
 
 def random_signs(n: int = 16, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``n`` random +-1 values (float32) from ``seed``: the same on every call and device."""
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(torch.float32).to(device)
+    """``n`` random +-1 values (float32) from ``seed``: the same on every call and device.
+    The bits are splitmix64's in plain Python integers (no torch.Generator), so a
+    compiled graph folds them into a constant."""
+    mask = 2**64 - 1
+    signs = []
+    for i in range(n):
+        z = (seed * 0x2545F4914F6CDD1D + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        signs.append(1.0 if (z ^ (z >> 31)) >> 63 else -1.0)
+    return torch.tensor(signs, dtype=torch.float32, device=device)
 
 
 def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> torch.Tensor:

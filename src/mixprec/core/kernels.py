@@ -100,13 +100,11 @@ def _f32_bits(value: float) -> int:
 _params_cache: dict[tuple[FloatFormat, str, torch.device], torch.Tensor] = {}
 
 
-def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch.Tensor:
-    """The int32 parameter vector the kernel reads, one per format, overflow mode and
-    device (cached: building a tensor per call would cost more than small kernels)."""
-    key = (fmt, overflow, device)
-    cached = _params_cache.get(key)
-    if cached is not None:
-        return cached
+def param_values(fmt: FloatFormat, overflow: Overflow) -> tuple[int, ...]:
+    """The kernel's int32 parameters for ``fmt`` and ``overflow``, as Python ints:
+    shift, largest's bits, overflow result's bits, the float32 biased exponent below
+    which the grid stops shrinking, the smallest subnormal's bits, the bits dropped in
+    float32's subnormal range, the smallest result's bits, the invalid-input bound."""
     shift = 23 - fmt.mantissa_bits
     min_exp_biased = fmt.min_exponent + 127  # float32 biased exponent of the smallest normal
     # Below this float32 exponent the grid spacing stops shrinking (the format's
@@ -125,13 +123,21 @@ def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch
     # pattern is below this are invalid (negatives; zero too where there is no zero).
     min_bits = 0 if fmt.has_zero else _f32_bits(fmt.smallest_subnormal)
     invalid_below = _INT32_MIN if fmt.signed else (0 if fmt.has_zero else 1)
-    params = torch.tensor(
-        [shift, max_bits, overflow_bits, subnormal_below, _f32_bits(fmt.smallest_subnormal),
-         f32_subnormal_drop, min_bits, invalid_below],
-        dtype=torch.int32,
-        device=device,
-    )
-    _params_cache[key] = params
+    return (shift, max_bits, overflow_bits, subnormal_below, _f32_bits(fmt.smallest_subnormal),
+            f32_subnormal_drop, min_bits, invalid_below)
+
+
+def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch.Tensor:
+    """The int32 parameter vector the kernel reads (:func:`param_values`), one per
+    format, overflow mode and device (cached: building a tensor per call would cost more
+    than small kernels)."""
+    key = (fmt, overflow, device)
+    cached = _params_cache.get(key)
+    if cached is not None:
+        return cached
+    params = torch.tensor(param_values(fmt, overflow), dtype=torch.int32, device=device)
+    if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
+        _params_cache[key] = params
     return params
 
 

@@ -74,7 +74,9 @@ def _check_scale(scale: float | torch.Tensor, device: torch.device) -> torch.Ten
         if not scale.is_floating_point():
             raise TypeError(f"scale must be a floating-point tensor, not {scale.dtype}")
         scale_t = scale.detach().reshape(()).to(device=device, dtype=torch.float32)
-        if scale_t.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            pass  # a host check would break the graph; compiled callers pass their own scales
+        elif scale_t.device.type == "cpu":
             value = float(scale_t)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"scale must be finite and > 0, got {value}")
@@ -103,6 +105,16 @@ def _draw_key(generator: torch.Generator | None, device: torch.device) -> torch.
     return key.to(device, non_blocking=True)
 
 
+def _key(generator: torch.Generator | None, device: torch.device, random_key: torch.Tensor | None) -> torch.Tensor:
+    """The caller's ``random_key`` (checked), else a draw from ``generator``."""
+    if random_key is None:
+        return _draw_key(generator, device)
+    if random_key.dtype != torch.int32 or random_key.shape != (2,):
+        raise ValueError(f"random_key must be two int32 words (shape (2,)), got {random_key.dtype} "
+                         f"of shape {tuple(random_key.shape)}")
+    return random_key.to(device)
+
+
 def quantize(
     x: torch.Tensor,
     fmt: str | FloatFormat | BlockFormat,
@@ -112,6 +124,7 @@ def quantize(
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
     axis: int = -1,
+    random_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round ``x`` onto the grid of ``fmt`` and return the result as float32 (same shape,
     same device). Not differentiable: it returns a tensor with no autograd history.
@@ -147,11 +160,15 @@ def quantize(
 
     ``out``, a float32 tensor of x's shape on x's device, receives the result without a
     new allocation (it may be x itself).
+
+    ``random_key`` (two int32 words, on x's device) replaces the draw from ``generator``
+    for callers that derive their own keys (the engine does, so that torch.compile can
+    trace its stochastic rounding).
     """
     x = _check_tensor(x)
     resolved = formats.resolve(fmt)
     if isinstance(resolved, BlockFormat):
-        return _quantize_block_format(x, resolved, rounding, scale, saturate, generator, out, axis)
+        return _quantize_block_format(x, resolved, rounding, scale, saturate, generator, out, axis, random_key)
     fmt = resolved
     if rounding not in _ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; use 'nearest' or 'stochastic'")
@@ -168,7 +185,7 @@ def quantize(
     x32 = x.detach()
     if x32.dtype != torch.float32:
         x32 = x32.float()  # float16 and bfloat16 widen exactly
-    key = _draw_key(generator, x.device) if rounding == "stochastic" else None
+    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
 
     if fmt.mantissa_bits == 23 and fmt.exponent_bits == 8:
         # float32 itself: nothing to round; only the overflow rule can change values.
@@ -190,6 +207,7 @@ def _quantize_block_format(
     generator: torch.Generator | None,
     out: torch.Tensor | None,
     axis: int,
+    random_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if scale is not None:
         raise ValueError(
@@ -204,7 +222,7 @@ def _quantize_block_format(
         )
     from mixprec.core.block_quantize import quantize_blocks  # block_quantize imports this module
 
-    return quantize_blocks(x, fmt, rounding, axis=axis, generator=generator, out=out)
+    return quantize_blocks(x, fmt, rounding, axis=axis, generator=generator, out=out, random_key=random_key)
 
 
 def scale_from_amax(

@@ -23,7 +23,7 @@ from torch import nn
 
 from mixprec.core.quantize import quantize
 from mixprec.nn.intercept import EmulationMode
-from mixprec.nn.state import EngineState
+from mixprec.nn.state import EngineState, random_state_from
 from mixprec.recipe import Recipe, get_recipe
 
 __all__ = ["convert", "engine_state", "is_converted", "STATE_KEY"]
@@ -111,9 +111,9 @@ def _widen_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator | None = None) -> nn.Module:
     """Run every GEMM-family call of ``model``'s forward (and backward) under
-    ``recipe``; returns the same model. ``generator`` drives stochastic rounding (by
-    default one seeded from torch's global RNG, so ``torch.manual_seed`` makes a run
-    repeatable). Convert before wrapping in DDP/FSDP and before ``torch.compile``."""
+    ``recipe``; returns the same model. ``generator`` seeds stochastic rounding (by
+    default torch's global RNG does, so ``torch.manual_seed`` makes a run repeatable);
+    the seed and a forward count are in the model's state dict. Convert before wrapping in DDP/FSDP and before ``torch.compile``."""
     recipe = get_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes an nn.Module, not {type(model).__name__}")
@@ -133,7 +133,8 @@ def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator |
             for param in params:
                 if param.is_floating_point():
                     param.copy_(quantize(param, recipe.master_fmt))
-    state = EngineState(recipe, generator, kept=_kept_modules(model, recipe))
+    random_state = None if generator is None else random_state_from(generator)
+    state = EngineState(recipe, random_state, kept=_kept_modules(model, recipe))
     model._mixprec = state  # type: ignore[assignment]
     if recipe.is_fp32:
         return model

@@ -16,6 +16,7 @@ model's) and in the autograd context; these functions hold none.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,11 @@ class _Call:
     state: EngineState
     site: str
     recipe_for_call: Recipe | None = None
+    forward_key: torch.Tensor | None = None  # the random key of the forward the call ran in
+
+    def __post_init__(self) -> None:
+        if self.forward_key is None:
+            self.forward_key = self.state.forward_key
 
     @property
     def recipe(self) -> Recipe:
@@ -61,8 +67,9 @@ def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis:
     recipe = call.recipe
     operand = recipe.forward.right if weight else recipe.forward.left
     if weight:
-        return call.state.weight(x, operand, f"{call.site}.{key}", axis=axis)
-    return quantize_operand(x, operand, call.state, f"{call.site}.{key}", axis=axis)
+        return call.state.weight(x, operand, f"{call.site}.{key}", axis=axis, forward_key=call.forward_key)
+    return quantize_operand(x, operand, call.state, f"{call.site}.{key}", axis=axis,
+                            forward_key=call.forward_key)
 
 
 def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantized, key: str,
@@ -81,8 +88,10 @@ def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantize
     if flatten and operand.is_block:
         x = x.reshape(-1, x.shape[-1])
     if weight:
-        return call.state.weight(x, operand, f"{call.site}.{key}.backward", axis=axis).drop_values()
-    return quantize_operand(x, operand, call.state, f"{call.site}.{key}.backward", axis=axis).drop_values()
+        return call.state.weight(x, operand, f"{call.site}.{key}.backward", axis=axis,
+                                 forward_key=call.forward_key).drop_values()
+    return quantize_operand(x, operand, call.state, f"{call.site}.{key}.backward", axis=axis,
+                            forward_key=call.forward_key).drop_values()
 
 
 def _save(ctx: Any, *operands: Quantized | None) -> None:
@@ -116,7 +125,8 @@ def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]
         axis = -1 if axes is None else axes[i]
         key = (operand, block_axis_key(operand, axis, grad.dim()))
         if key not in done:
-            done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis)
+            done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis,
+                                       forward_key=call.forward_key)
         out.append(done[key])
     return out
 
@@ -134,7 +144,8 @@ def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh FP32 result rounded once to its format, in its holding dtype (or ``dtype``)."""
-    rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True).values()
+    rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True,
+                               forward_key=call.forward_key).values()
     return rounded.to(dtype or result_dtype(operand, call.recipe.compute))
 
 
@@ -144,18 +155,14 @@ def _grad_result(call: _Call, y: torch.Tensor, weight: bool, dtype: torch.dtype)
     return _finish(call, y, operand, "grad_weight" if weight else "grad_input", dtype)
 
 
-class _NoAutocast:
-    """Run the op's own FP32 kernels whatever autocast the caller has on."""
-
-    def __enter__(self) -> None:
-        self.contexts = [torch.autocast(device_type=d, enabled=False) for d in ("cpu", "cuda")
-                         if d == "cpu" or torch.cuda.is_available()]
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
+def _no_autocast() -> contextlib.AbstractContextManager[None]:
+    """Run the op's own FP32 kernels whatever autocast the caller has on (a plain
+    ``with`` on torch.autocast where one is on, so torch.compile traces through)."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.autocast("cpu", enabled=False)
+    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---- matrix products ------------------------------------------------------------------
@@ -179,7 +186,7 @@ class _Gemm(torch.autograd.Function):
         b_axis = -1 if transpose_b else -2
         qa = _forward_operand(call, a, weights[0], "a", axis=-1)
         qb = _forward_operand(call, b, weights[1], "b", axis=b_axis)
-        with _NoAutocast():
+        with _no_autocast():
             right = qb.values()
             right = right.transpose(-1, -2) if transpose_b else right
             y = torch.matmul(qa.values(), right)
@@ -214,7 +221,7 @@ class _Gemm(torch.autograd.Function):
             ga = next(rounded) if need_a else None
             gb = next(rounded) if need_b else None
             gbias = next(rounded) if need_bias else None
-        with _NoAutocast():
+        with _no_autocast():
             if need_a:
                 g = ga.values()
                 right = saved_b.values()
@@ -296,7 +303,7 @@ class _Convolution(torch.autograd.Function):
     def forward(ctx: Any, x, weight, bias, call: _Call, geometry: tuple):  # type: ignore[override]
         qx = _forward_operand(call, x, False, "input")
         qw = _forward_operand(call, weight, _is_weight(weight), "weight")
-        with _NoAutocast():
+        with _no_autocast():
             y = torch.ops.aten.convolution(qx.values(), qw.values(), None if bias is None else bias.float(),
                                            *geometry)
         out = _finish(call, y, call.recipe.forward.result, "output")
@@ -318,7 +325,7 @@ class _Convolution(torch.autograd.Function):
         saved_x, saved_w = _load(ctx)
         w = saved_w.values()
         grad_x = grad_w = grad_b = None
-        with _NoAutocast():
+        with _no_autocast():
             if need_x:
                 # the input gradient needs only the input's shape: pass an empty stand-in
                 x_shape = w.new_zeros(()).expand(ctx.input_shape)
@@ -349,7 +356,7 @@ def convolution(state: EngineState, x: torch.Tensor, weight: torch.Tensor, bias:
     _refuse_blocks(recipe, "conv")
     call = _Call(state, state.site(op), recipe)
     if state.log is not None:
-        with torch.no_grad(), _NoAutocast():
+        with torch.no_grad(), _no_autocast():
             probe = torch.ops.aten.convolution(torch.zeros(x.shape, device="meta"),
                                                torch.zeros(weight.shape, device="meta"), None, *geometry)
         spatial = math.prod(probe.shape[2:]) if not transposed else math.prod(x.shape[2:])
@@ -367,7 +374,7 @@ class _Embedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, indices, weight, call: _Call, padding_idx: int | None):  # type: ignore[override]
         qw = _forward_operand(call, weight, True, "weight")
-        with _NoAutocast():
+        with _no_autocast():
             y = F.embedding(indices, qw.values(), padding_idx)
         ctx.call, ctx.padding_idx, ctx.shape, ctx.dtype = call, padding_idx, weight.shape, weight.dtype
         ctx.save_for_backward(indices)
@@ -419,7 +426,7 @@ class _Attention(torch.autograd.Function):
         recipe = call.recipe
         scores = torch.matmul(q, k.transpose(-1, -2))
         rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores", in_place=True,
-                                   scale=scales[0])
+                                   scale=scales[0], forward_key=call.forward_key)
         scales[0] = rounded.scale
         scores = rounded.values().to(result_dtype(recipe.forward.result, recipe.compute)).float() * factor
         if causal:
@@ -430,7 +437,7 @@ class _Attention(torch.autograd.Function):
             scores = scores + mask
         probabilities = torch.softmax(scores, dim=-1)
         p = quantize_operand(probabilities, recipe.forward.left, call.state, f"{call.site}.probabilities",
-                             scale=scales[1])
+                             scale=scales[1], forward_key=call.forward_key)
         scales[1] = p.scale
         return probabilities, p
 
@@ -438,7 +445,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx: Any, q, k, v, mask, call: _Call, factor: float, causal: bool):  # type: ignore[override]
         qq, qk, qv = (_forward_operand(call, t, False, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
         scales: list[torch.Tensor | None] = [None, None]
-        with _NoAutocast():
+        with _no_autocast():
             _, p = _Attention._probabilities(call, qq.values(), qk.values(), mask, factor, causal, scales)
             y = torch.matmul(p.values(), qv.values())
         out = _finish(call, y, call.recipe.forward.result, "output")
@@ -455,7 +462,7 @@ class _Attention(torch.autograd.Function):
         saved = _load(ctx)
         q, k, v = (t.values() for t in saved)  # type: ignore[union-attr]
         (g,) = _grad_operands(call, grad_output, (False,))
-        with _NoAutocast():
+        with _no_autocast():
             probabilities, p = _Attention._probabilities(call, q, k, ctx.mask, ctx.factor, ctx.causal,
                                                          list(ctx.scales))
             g32 = g.values()
@@ -463,7 +470,7 @@ class _Attention(torch.autograd.Function):
             grad_p = _grad_result(call, torch.matmul(g32, v.transpose(-1, -2)), False, torch.float32)
             # softmax backward in FP32 on the FP32 probabilities, then the scaling
             grad_scores = probabilities * (grad_p - (grad_p * probabilities).sum(-1, keepdim=True)) * ctx.factor
-            (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores", call.recipe), grad_scores, (False,))
+            (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores", call.recipe, call.forward_key), grad_scores, (False,))
             s32 = gs.values()
             grad_q = _grad_result(call, torch.matmul(s32, k), False, ctx.dtypes[0])
             grad_k = _grad_result(call, torch.matmul(s32.transpose(-1, -2), q), False, ctx.dtypes[1])
@@ -525,7 +532,7 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, running_mean, running_var, training: bool, momentum: float,  # type: ignore[override]
                 eps: float):
-        with _NoAutocast():
+        with _no_autocast():
             out, mean, invstd = torch.ops.aten.native_batch_norm(
                 x.float(), None if weight is None else weight.float(), None if bias is None else bias.float(),
                 running_mean, running_var, training, momentum, eps)
@@ -538,7 +545,7 @@ class _BatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad_output):  # type: ignore[override]
         x, weight, running_mean, running_var, mean, invstd = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        with _NoAutocast():
+        with _no_autocast():
             grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 grad_output.float(), x.float(), None if weight is None else weight.float(), running_mean,
                 running_var, mean, invstd, ctx.training, ctx.eps, mask)

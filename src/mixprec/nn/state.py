@@ -37,7 +37,7 @@ from mixprec.recipe import Operand, Recipe
 from mixprec.scaling import AmaxHistory
 
 __all__ = ["Quantized", "BlockLayout", "CallRecord", "EngineState", "quantize_operand", "result_dtype",
-           "block_axis_key"]
+           "block_axis_key", "random_state_from"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class EngineState:
     """The per-model state of the emulation (see the module docstring)."""
 
     recipe: Recipe
-    generator: torch.Generator | None
+    random_state: torch.Tensor | None  # int32 [seed, seed, forwards so far] (stochastic recipes)
     kept: dict[str, str] = field(default_factory=dict)  # module name -> why it stays high precision
     histories: dict[str, AmaxHistory] = field(default_factory=dict)
     weights: dict[tuple[int, Operand, int | None], tuple[Any, int, Operand, Quantized]] = field(
@@ -144,6 +144,8 @@ class EngineState:
     site_counts: dict[str, int] = field(default_factory=dict)
     recording: bool = False  # amax histories are updated (training forward with grad)
     log: list[CallRecord] | None = None  # coverage recording, when a report asks
+    forward_key: torch.Tensor | None = None  # this forward's random key (stochastic recipes)
+    history_count: int = 0  # amax histories at the start of this forward
 
     # ---- call sites -------------------------------------------------------------------
 
@@ -153,6 +155,27 @@ class EngineState:
         self.module_stack.clear()
         self.high_precision = 0
         self.recording = training and torch.is_grad_enabled()
+        # Read here so that a compiled forward guards on it: the first compiled call
+        # creates the amax histories eagerly (a graph break per scaled GEMM: dynamo
+        # cannot add to a dict inside an autograd.Function), and the changed count
+        # makes the next call recompile without those breaks.
+        self.history_count = len(self.histories)
+        if self.random_state is not None:
+            self.random_state[2:].add_(1)
+            self.forward_key = _mix_key(self.random_state[:2], self.random_state[2:])
+
+    def random_key(self, key: str, forward_key: torch.Tensor | None) -> torch.Tensor | None:
+        """The stochastic-rounding key of call site ``key`` in the forward whose key is
+        ``forward_key`` (this forward's when None): the forward's key mixed with a hash
+        of the site's name. A backward (and attention's recomputation) gets its
+        forward's keys whatever ran in between, and the rounding draws no random numbers
+        of its own, so torch.compile traces it (a torch.Generator cannot be traced, and
+        the forward's key is the seed mixed with the forward's count, in tensor ops).
+        None where there is no key (the core then draws from torch's default generator)."""
+        base = forward_key if forward_key is not None else self.forward_key
+        if base is None:
+            return None
+        return _mix_key(base, _site_hash(key))
 
     def site(self, op: str) -> str:
         """A name for this call: the module it runs in, the op and its count there."""
@@ -183,7 +206,8 @@ class EngineState:
 
     # ---- weights ----------------------------------------------------------------------
 
-    def weight(self, param: torch.Tensor, operand: Operand, key: str, axis: int = -1) -> Quantized:
+    def weight(self, param: torch.Tensor, operand: Operand, key: str, axis: int = -1,
+               forward_key: torch.Tensor | None = None) -> Quantized:
         """``param`` rounded for ``operand`` (block formats: along ``axis``), once per
         parameter version: a weight used several times in one step (tied, shared,
         recurrent) is rounded once, and the optimizer's in-place update (a new version)
@@ -191,13 +215,17 @@ class EngineState:
         per axis (forward's and dgrad's); square 2-D tiles serve both. A slice of a
         parameter used as a weight (MultiheadAttention's packed projection for
         cross-attention) is rounded at each use, not cached."""
+        if torch.compiler.is_compiling():
+            # a compiled graph rounds its weights afresh each call: tensor versions are
+            # not traceable, and inductor fuses the rounding into the GEMM's inputs
+            return quantize_operand(param.detach(), operand, self, key, axis=axis, forward_key=forward_key)
         cache_key = (id(param), operand, block_axis_key(operand, axis, param.dim()))
         entry = self.weights.get(cache_key)
         version = param._version
         if entry is not None and entry[0]() is param and entry[1] == version:
             return entry[3]
-        rounded = quantize_operand(param.detach(), operand, self, key, axis=axis)
-        if isinstance(param, torch.nn.Parameter) and not torch.compiler.is_compiling():
+        rounded = quantize_operand(param.detach(), operand, self, key, axis=axis, forward_key=forward_key)
+        if isinstance(param, torch.nn.Parameter):
             self.weights[cache_key] = (weakref.ref(param), version, operand, rounded.drop_values())
         return rounded
 
@@ -212,8 +240,8 @@ class EngineState:
         state dict stays a dict of tensors for torch.save, safetensors and
         torch.distributed.checkpoint): what a resume needs."""
         state = {"recipe": torch.tensor(list(self.recipe.name.encode()), dtype=torch.uint8)}
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
+        if self.random_state is not None:
+            state["random_state"] = self.random_state.clone()
         for key, history in self.histories.items():
             state[f"amax.{key}"] = history.amax.clone()
             state[f"count.{key}"] = history.count.clone()
@@ -234,8 +262,8 @@ class EngineState:
                 history.load_state_dict({"amax": amax, "count": state[f"count.{site}"]})
                 histories[site] = history
         self.histories = histories
-        if self.generator is not None and "generator" in state:
-            self.generator.set_state(state["generator"])
+        if self.random_state is not None and "random_state" in state:
+            self.random_state.copy_(state["random_state"])
 
 
 def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
@@ -256,19 +284,20 @@ def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
 
 def quantize_operand(
     x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False,
-    scale: torch.Tensor | None = None, axis: int = -1,
+    scale: torch.Tensor | None = None, axis: int = -1, forward_key: torch.Tensor | None = None,
 ) -> Quantized:
     """``x`` rounded for ``operand`` (see :class:`Quantized`). A tensor already in the
     format's own dtype is on its grid and is not rounded again. ``in_place`` rounds a
     fresh float32 tensor nobody else holds without a copy. ``scale`` replaces the
     operand's own per-tensor scale (a recomputation in backward reuses the forward's).
     ``axis`` is the contraction dimension of the operand's GEMM: a block format's blocks
-    run along it (2-D tiles: -1 or -2); scalar formats ignore it."""
+    run along it (2-D tiles: -1 or -2); scalar formats ignore it. Stochastic rounding
+    takes its bits from :meth:`EngineState.random_key` (of ``forward_key``'s forward)."""
     if operand.is_fp32:
         return Quantized(x, None, operand, x.float())
     fmt = operand.fmt
     if isinstance(fmt, BlockFormat):
-        return _quantize_blocks(x, operand, fmt, state, axis)
+        return _quantize_blocks(x, operand, fmt, state, axis, key, forward_key)
     if operand.scaling is None and x.dtype == fmt.torch_dtype:
         return Quantized(x, None, operand, x.float())
     if scale is None:
@@ -277,14 +306,15 @@ def quantize_operand(
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
     if x32.dtype != torch.float32:
         x32, fresh = x32.float(), x32.is_contiguous()
+    random_key = state.random_key(key, forward_key) if operand.rounding == "stochastic" else None
     values = quantize(x32, fmt, operand.rounding, scale=scale, saturate=True if scale is not None else None,
-                      generator=state.generator, out=x32 if fresh else None)
+                      out=x32 if fresh else None, random_key=random_key)
     unscaled = values if scale is None else values * torch.reciprocal(scale)
     return Quantized(to_storage(unscaled, fmt), scale, operand, values)
 
 
 def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state: EngineState,
-                     axis: int) -> Quantized:
+                     axis: int, key: str = "", forward_key: torch.Tensor | None = None) -> Quantized:
     """``x`` in block format ``fmt`` along ``axis``: zero-padded to whole blocks (see the
     module docstring), Hadamard-rotated where the operand says, quantized, packed."""
     x32 = x.detach().float()
@@ -301,7 +331,7 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     else:
         multiples = {ndim - 2: block[1], ndim - 1: block[0]}
     if operand.hadamard:
-        multiples[axis] = math.lcm(multiples[axis], operand.hadamard)
+        multiples[axis] = _lcm(multiples[axis], operand.hadamard)
     padding = [0] * (2 * ndim)
     for dim, multiple in multiples.items():
         padding[2 * (ndim - 1 - dim) + 1] = -x32.shape[dim] % multiple
@@ -310,7 +340,9 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     if operand.hadamard:
         x32 = hadamard_transform(x32, operand.hadamard, axis=axis)
         shape[axis] = x32.shape[axis]  # the rotated padding is part of the product
-    parts = block_parts(x32, fmt, operand.rounding, axis=axis, generator=state.generator)
+    # one key per site and axis: the dgrad and wgrad copies of an error draw apart
+    random_key = state.random_key(f"{key}@{axis}", forward_key) if operand.rounding == "stochastic" else None
+    parts = block_parts(x32, fmt, operand.rounding, axis=axis, random_key=random_key)
     values = _crop(parts.dequantize(), tuple(shape))
     groups, _, h, _ = parts.elements.shape
     # a block holding NaN (an overflowing step's gradient, a NaN tensor scale) is stored
@@ -324,3 +356,47 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     tensor_scale = None if parts.tensor_scale is None else parts.tensor_scale.reshape(1).clone()
     layout = BlockLayout(tuple(x32.shape), parts.moved_shape, parts.axis, tuple(shape))
     return Quantized(codes, scales, operand, values, tensor_scale, layout)
+
+
+def _lcm(a: int, b: int) -> int:
+    """Least common multiple in plain Python (dynamo cannot trace math.lcm)."""
+    x, y = a, b
+    while y:
+        x, y = y, x % y
+    return a * b // x
+
+
+def random_state_from(generator: torch.Generator) -> torch.Tensor:
+    """A model's stochastic-rounding state drawn from ``generator``: two int32 words of
+    seed and a forward count of 0, on the generator's device. Each forward's key is the
+    seed mixed with the count (:meth:`EngineState.begin_forward`)."""
+    seed = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32, device=generator.device,
+                         generator=generator)
+    return torch.cat([seed, seed.new_zeros(1)])
+
+
+_MIX1, _MIX2 = 0x85EBCA6B - 2**32, 0xC2B2AE35 - 2**32
+
+
+def _site_hash(name: str) -> int:
+    """FNV-1a of a call site's name, 31 bits (plain Python, so dynamo folds it)."""
+    h = 0x811C9DC5
+    for char in name:
+        h = ((h ^ ord(char)) * 0x01000193) & 0xFFFFFFFF
+    return h & 0x7FFFFFFF
+
+
+def _mix_key(base: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
+    """``base`` (two int32 words) mixed with ``salt`` (an int, or a one-element int32
+    tensor) by murmur3's finaliser in wrapping int32 tensor arithmetic, so distinct
+    salts give unrelated keys."""
+    if isinstance(salt, torch.Tensor):
+        salts = torch.cat([salt, salt * 31 + 17])
+    else:
+        salts = torch.tensor([salt, (salt * 31 + 17) & 0x7FFFFFFF], dtype=torch.int32, device=base.device)
+    h = base ^ salts
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _MIX1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _MIX2
+    return h ^ ((h >> 16) & 0xFFFF)
