@@ -332,3 +332,37 @@ def test_collectives_work_on_nccl() -> None:  # pragma: no cover - GPU only
         _step(model, optimizer, scaler, x.cuda(), y.cuda())
     finally:
         dist.destroy_process_group()
+
+
+# ---- mixprec train --shard: the CNN under FSDP2 ----------------------------------------
+
+
+def _train_config(**changes: Any) -> Any:
+    from mixprec.experiments.distributed_train import DistributedTrainConfig
+
+    settings: dict[str, Any] = {"recipe": "fp8-hybrid", "steps": 4, "global_batch": 16, "width": 4,
+                                "eval_examples": 100, "shard": True}
+    return DistributedTrainConfig(**{**settings, **changes})
+
+
+def test_cnn_trains_sharded_and_resumes_bitwise_from_its_checkpoint(tmp_path: Path) -> None:
+    from mixprec.experiments.distributed_train import train
+
+    straight = train(_train_config(), nproc=WORLD, timeout_s=TIMEOUT_S)
+    assert straight["ranks_bitwise_equal"] and straight["sharded"] and straight["world_size"] == WORLD
+    assert straight["comm_payload_bytes_per_step"] > 0
+    checkpoint = str(tmp_path / "run")
+    first = train(_train_config(checkpoint=checkpoint, stop_after=2), nproc=WORLD, timeout_s=TIMEOUT_S)
+    assert first["last_step"] == 2 and (tmp_path / "run" / "mixprec.json").is_file()
+    resumed = train(_train_config(checkpoint=checkpoint, resume=True), nproc=WORLD, timeout_s=TIMEOUT_S)
+    assert resumed["first_step"] == 2 and resumed["last_step"] == 4 and resumed["ranks_bitwise_equal"]
+    assert resumed["parameter_digest"] == straight["parameter_digest"]
+    with pytest.raises(ValueError, match="written by 2 processes"):
+        train(_train_config(checkpoint=checkpoint, resume=True), nproc=1)
+    with pytest.raises(ValueError, match="resume it with the --shard setting that wrote it"):
+        train(_train_config(checkpoint=checkpoint, resume=True, shard=False), nproc=WORLD)
+
+
+def test_shard_refuses_a_ddp_communication_format() -> None:
+    with pytest.raises(ValueError, match="--shard reduce-scatters gradients in fp32"):
+        _train_config(comm="bf16")
