@@ -80,9 +80,18 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: mixprec.Gr
     return not scaler.last_step_skipped
 
 
+def _replicated(recipe: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, mixprec.GradScaler]:
+    """prepare, then DDP (fp32 all-reduce): the DDP model, the torch optimizer, the scaler."""
+    torch.manual_seed(seed)
+    model = _mlp()
+    model, optimizer = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), recipe)
+    ddp_model, _ = wrap_ddp(model, optimizer, "fp32")
+    return ddp_model, optimizer.optimizer, optimizer.scaler
+
+
 def _full(model: nn.Module) -> list[torch.Tensor]:
-    """Every parameter, all-gathered (a collective: every rank calls it)."""
-    return [p.full_tensor().detach().clone() for p in model.parameters()]
+    """Every parameter, all-gathered where sharded (a collective: every rank calls it)."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
 
 
 def _amaxes(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -128,16 +137,16 @@ def _scenarios(out: str) -> None:
             results[f"overflow/{where}"] = {"stepped": stepped, "scale": scaler.get_scale(), "full": _full(model),
                                             "skipped": scaler.loss_scaler.state.skipped}
         # 4. checkpoints: 4 straight steps vs 2, save, fresh model (another seed), load, 2 more
-        for recipe in ("fp8-hybrid", "fp8"):
-            straight = _sharded(recipe, seed=0)
+        for recipe, build in (("fp8-hybrid", _sharded), ("fp8", _sharded), ("ddp-fp8-hybrid", _replicated)):
+            straight = build(recipe.removeprefix("ddp-"), seed=0)
             for step in range(4):
                 _step(*straight, *_shard(step, rank))
-            first = _sharded(recipe, seed=0)
+            first = build(recipe.removeprefix("ddp-"), seed=0)
             for step in range(2):
                 _step(*first, *_shard(step, rank))
             path = Path(out) / f"ckpt-{recipe}"
             save_checkpoint(path, first[0], first[1], first[2], extra={"step": 2})
-            resumed = _sharded(recipe, seed=7)
+            resumed = build(recipe.removeprefix("ddp-"), seed=7)
             extra = load_checkpoint(path, resumed[0], resumed[1], resumed[2])
             for step in range(extra["step"], 4):
                 _step(*resumed, *_shard(step, rank))
@@ -258,7 +267,7 @@ def test_fsdp_overflow_on_one_rank_is_skipped_on_both(ranks: Any, where: str) ->
     assert _equal(first["full"], second["full"])
 
 
-@pytest.mark.parametrize("recipe", ["fp8-hybrid", "fp8"])
+@pytest.mark.parametrize("recipe", ["fp8-hybrid", "fp8", "ddp-fp8-hybrid"])
 def test_sharded_checkpoint_resumes_bitwise(ranks: Any, recipe: str) -> None:
     for rank in range(WORLD):
         run = ranks[1][rank][f"resume/{recipe}"]
@@ -366,3 +375,25 @@ def test_cnn_trains_sharded_and_resumes_bitwise_from_its_checkpoint(tmp_path: Pa
 def test_shard_refuses_a_ddp_communication_format() -> None:
     with pytest.raises(ValueError, match="--shard reduce-scatters gradients in fp32"):
         _train_config(comm="bf16")
+
+
+# ---- DDP hooks in a world of one (the unaligned scale bytes of the FP8 message) ------------
+
+
+@pytest.mark.parametrize("comm", ["bf16", "e5m2"])
+def test_ddp_hooks_step_in_a_world_of_one(comm: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = _mlp()
+        model, optimizer = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), "fp16")
+        ddp_model, state = wrap_ddp(model, optimizer, comm)
+        x, y = _global_batch(0)
+        optimizer.backward(F.cross_entropy(ddp_model(x).float(), y))
+        assert optimizer.step()
+        elements = sum(p.numel() for p in model.parameters())
+        assert state.elements == elements
+        assert state.payload_bytes == (2 * elements if comm == "bf16" else elements + 4 * state.calls)
+        assert state.wire_bytes == 0  # nothing leaves a world of one
+    finally:
+        dist.destroy_process_group()

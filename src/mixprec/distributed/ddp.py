@@ -152,7 +152,8 @@ def _e5m2_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Futur
 
     def unpack(future: torch.futures.Future[Any]) -> torch.Tensor:
         ranks = gathered.reshape(state.world_size, n + _SCALE_BYTES)
-        scales = ranks[:, n:].contiguous().view(torch.float32)  # (N, 1)
+        # a fresh 1-D copy: viewing bytes as float32 needs 4-byte alignment of offset and strides
+        scales = ranks[:, n:].reshape(-1).clone().view(torch.float32)  # (N,)
         decoded = from_storage(ranks[:, :n].contiguous().view(torch.float8_e5m2), "e5m2")
         # summed in float32 in rank order: the same bits on every rank
         total = decoded[0] * scales[0]

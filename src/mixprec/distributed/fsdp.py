@@ -79,7 +79,6 @@ def fully_shard(
     blocks: Iterable[nn.Module] | None = None,
     *,
     scaler: Any = None,
-    process_group: Any = None,
     **fsdp_kwargs: Any,
 ) -> nn.Module:
     """Shard a model converted by :func:`mixprec.convert` with FSDP2: torch's
@@ -87,9 +86,11 @@ def fully_shard(
     root, after broadcasting rank 0's parameters, buffers and generators (the model's,
     and ``scaler``'s update rounding), checking that every rank runs the same recipe,
     and agreeing per-tensor scales (see the module docstring). Returns ``model`` (now an
-    ``FSDPModule``). Build the optimizer over ``model.parameters()`` afterwards.
-    ``process_group`` is the data-parallel group (default: the world); pass ``mesh=``
-    instead for a device mesh."""
+    ``FSDPModule``). Build the optimizer over ``model.parameters()`` afterwards (an
+    optimizer built before holds the unsharded parameters FSDP2 replaced; so
+    :func:`mixprec.prepare` does not fit here: wrap the new optimizer in
+    ``mixprec.MixedPrecisionOptimizer(optimizer, recipe)`` if you want its loop). The
+    ranks are ``fsdp_kwargs["mesh"]``'s (default: the world)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "fully_shard needs torch.distributed: call torch.distributed.init_process_group (gloo on CPU, nccl "
@@ -106,10 +107,7 @@ def fully_shard(
         raise ValueError("call mixprec.convert(model, recipe) first, then mixprec.distributed.fully_shard(model)")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("this model is wrapped in DistributedDataParallel: shard the converted model itself")
-    if "mesh" in fsdp_kwargs and process_group is None:
-        process_group = fsdp_kwargs["mesh"].get_group()
-    elif process_group is not None and "mesh" not in fsdp_kwargs:
-        raise ValueError("pass the FSDP group as mesh= (a DeviceMesh); process_group= alone cannot place shards")
+    process_group = fsdp_kwargs["mesh"].get_group() if fsdp_kwargs.get("mesh") is not None else None
     state = engine_state(model)
     check_same_recipe(state.recipe, process_group)
     if scaler is not None and scaler.recipe.name != state.recipe.name:
