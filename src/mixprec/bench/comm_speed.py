@@ -8,8 +8,8 @@ Each process count is one spawn; inside it, one DDP model per format (same seed,
 data), and one FSDP2 model per all-gather format, is stepped in interleaved rounds (one step of each per round, median over rounds),
 so drift of a shared machine hits the formats alike. The global batch is fixed, so N
 processes each compute 1/N of it. One process still runs DDP (world size 1): the hook
-casts and "reduces", and sends nothing; FSDP2 on one process gathers and scatters its
-whole parameters to itself (counted as payload; wire 0).
+casts and "reduces", and sends nothing; FSDP2 on one process calls no collective at all
+(payload 0).
 """
 
 from __future__ import annotations
@@ -204,7 +204,9 @@ def run_comm_bench(
             rows.append(CommRow(
                 nproc=nproc, comm=str(record["comm"]), payload_bytes=record["payload_bytes"],
                 wire_bytes=record["wire_bytes"],
-                bytes_ratio_to_fp32=fp32["payload_bytes"] / max(record["payload_bytes"], 1e-9),
+                # nothing sent (FSDP2 on one process skips its collectives): no ratio
+                bytes_ratio_to_fp32=(fp32["payload_bytes"] / record["payload_bytes"] if record["payload_bytes"]
+                                     else float("nan")),
                 step_ms=record["step_s"] * 1e3, ratio_to_single_fp32=record["step_s"] / single_fp32,
                 threads=int(record["threads"]), parallel=str(record["parallel"]),
                 all_gather_bytes=float(record.get("all_gather_bytes", 0.0)),

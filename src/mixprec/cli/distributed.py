@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -99,7 +100,8 @@ def comm_bench_command(args: argparse.Namespace, console: Console) -> int:
         fsdp = row.parallel == "fsdp2"
         table.add_row(str(row.nproc), row.parallel, row.comm, f"{row.payload_bytes:,.0f}",
                       f"{row.all_gather_bytes:,.0f}" if fsdp else "", f"{row.reduce_scatter_bytes:,.0f}" if fsdp else "",
-                      f"{row.wire_bytes:,.0f}", f"{row.bytes_ratio_to_fp32:.2f}", f"{row.step_ms:.1f}",
+                      f"{row.wire_bytes:,.0f}",
+                      "-" if math.isnan(row.bytes_ratio_to_fp32) else f"{row.bytes_ratio_to_fp32:.2f}", f"{row.step_ms:.1f}",
                       f"{row.ratio_to_single_fp32:.2f}", str(row.threads))
     console.print(table)
     console.print(COUNTS_NOTE)
