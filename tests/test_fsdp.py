@@ -112,7 +112,7 @@ def _scenarios(out: str) -> None:
             results[f"fsdp/{recipe}"] = {"full": _full(model), "scale": scaler.get_scale(), "amaxes": amaxes,
                                          "local": [p.to_local().clone() for p in model.parameters()]}
         # 2. agreed scales under DDP, and the control without agreement (the scales differ)
-        for agreed in (True, False):
+        for agreed in (False, True):  # the agreed model last: the evaluation below uses it
             torch.manual_seed(0)
             model = _mlp()
             model, optimizer = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), "fp8-hybrid")
@@ -127,6 +127,10 @@ def _scenarios(out: str) -> None:
                 optimizer.zero_grad()
                 amaxes.append(_amaxes(model))
             results[f"ddp/agreed={agreed}"] = amaxes
+        if rank == 0:  # an evaluation on rank 0 alone must not wait on an amax all-reduce
+            model.eval()
+            with torch.no_grad():
+                model(_shard(0, rank)[0])
         # 3. an overflow on rank 1 only: in its loss, or in a gradient shard only it holds
         for where in ("loss", "grad"):
             model, optimizer, scaler = _sharded("fp16", seed=0)

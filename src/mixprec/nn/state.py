@@ -147,7 +147,9 @@ class EngineState:
     log: list[CallRecord] | None = None  # coverage recording, when a report asks
     # ---- set by mixprec.distributed (None / False in one process) ----
     # amax -> the largest amax over the ranks (all-reduce MAX): every rank then derives
-    # the same per-tensor scale (agreed scales, as Transformer Engine reduces amaxes)
+    # the same per-tensor scale (agreed scales, as Transformer Engine reduces amaxes);
+    # called in training forwards and their backward only (``recording``): an
+    # evaluation on one rank must not wait for the others
     amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     # forget the rounded weights at every forward: FSDP2 refills its unsharded
     # parameters in place at each all-gather without a new version, so the
@@ -183,7 +185,7 @@ class EngineState:
             return None
         fmt = operand.fmt
         if scaling.mode == "current":
-            if self.amax_reduce is not None:
+            if self.amax_reduce is not None and self.recording:
                 return scale_from_amax(self.amax_reduce(_amax(x)), fmt, margin=scaling.margin,
                                        power_of_two=scaling.power_of_two)
             return tensor_scale(x, fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
