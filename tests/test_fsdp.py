@@ -329,6 +329,7 @@ def test_fully_shard_needs_a_process_group_and_a_converted_model() -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the nccl paths (generator broadcast through the GPU, "
                     "the overflow flag and amaxes on the device) need CUDA; this machine has none")
 def test_collectives_work_on_nccl() -> None:  # pragma: no cover - GPU only
@@ -358,6 +359,7 @@ def _train_config(**changes: Any) -> Any:
     return DistributedTrainConfig(**{**settings, **changes})
 
 
+@pytest.mark.slow  # three two-process spawns of the CNN on Fashion-MNIST
 def test_cnn_trains_sharded_and_resumes_bitwise_from_its_checkpoint(tmp_path: Path) -> None:
     from mixprec.experiments.distributed_train import train
 
