@@ -100,13 +100,16 @@ class GradScaler:
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                device = param.grad.device
-                grads.append(param.grad)
+                grad = _local(param.grad)  # FSDP2: this rank's shard; the all-reduce below covers the rest
+                device = grad.device
+                grads.append(grad)
+        group = self._overflow_group()
+        if device is None and group is not None and dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())  # nccl reduces CUDA tensors only
         found_inf = torch.zeros(1, device=device or "cpu")
         if grads:
             inverse = torch.full((1,), 1.0 / self.loss_scaler.scale, device=found_inf.device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse)
-        group = self._overflow_group()
         if group is not None:
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
         state.found_inf = found_inf
@@ -191,7 +194,14 @@ class GradScaler:
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     if param.grad is not None and param.is_floating_point():
-                        param.copy_(quantize(param, fmt, self.recipe.update_rounding, generator=self.generator))
+                        local = _local(param)  # FSDP2: each rank rounds its own shard
+                        local.copy_(quantize(local, fmt, self.recipe.update_rounding, generator=self.generator))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's parameters and gradients); other tensors as they are."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 class MixedPrecisionOptimizer(torch.optim.Optimizer):

@@ -1,10 +1,12 @@
 """Command-line parts of distributed training: ``mixprec train`` (the CNN on N
-processes) and ``mixprec bench comm``; argument parsing and display only."""
+processes, DDP or FSDP2 with ``--shard``) and ``mixprec bench comm``; argument parsing
+and display only."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +19,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mixprec train``."""
     parser.add_argument("--model", default="cnn", help="the model to train (cnn, the Fashion-MNIST ResNet)")
     parser.add_argument("--recipe", default="fp16", help="mixprec recipe (default: %(default)s)")
-    parser.add_argument("--comm", default="fp32", help="gradient all-reduce format: fp32, fp16, bf16, e5m2 (fp8)")
+    parser.add_argument("--comm", default="fp32", help="DDP's gradient all-reduce format: fp32, fp16, bf16, e5m2 (fp8)")
+    parser.add_argument("--shard", action="store_true",
+                        help="FSDP2 instead of DDP: parameters, gradients and optimizer state sharded over the "
+                             "processes (gradients reduce-scattered in fp32); --checkpoint is then a directory")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes to spawn on localhost (default 1; leave out under torchrun)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (default: %(default)s)")
@@ -25,7 +30,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--width", type=int, default=16, help="CNN width (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", type=Path, metavar="PATH", help="rank 0 writes the run's state here")
+    parser.add_argument("--checkpoint", type=Path, metavar="PATH",
+                        help="the run's state: a file rank 0 writes (DDP), or a directory of every rank's shards "
+                             "(--shard, torch.distributed.checkpoint)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint on every rank")
     parser.add_argument("--data-dir", help="a folder with the Fashion-MNIST IDX files")
@@ -40,13 +47,14 @@ def train_command(args: argparse.Namespace, console: Console) -> int:
         model=args.model, recipe=args.recipe, comm=args.comm, steps=args.steps, global_batch=args.global_batch,
         lr=args.lr, width=args.width, seed=args.seed, checkpoint=str(args.checkpoint) if args.checkpoint else None,
         checkpoint_every=args.checkpoint_every, resume=args.resume, data_dir=args.data_dir,
-        result_path=str(args.json) if args.json else None,
+        result_path=str(args.json) if args.json else None, shard=args.shard,
     )
     result = train(config, args.nproc)
     if not result:  # a torchrun rank other than 0
         return 0
+    how = "FSDP2, fp32 reduce-scatter" if config.shard else f"DDP, {config.comm} gradients"
     table = Table(title=f"mixprec train: {config.model}, recipe {config.recipe}, {result['world_size']} processes, "
-                        f"{config.comm} gradients")
+                        f"{how}")
     for column in ("steps", "loss (last 10)", "test accuracy", "skipped", "loss scale", "step ms",
                    "comm bytes/step", "ranks identical"):
         table.add_column(column, justify="right")
@@ -68,6 +76,7 @@ def add_comm_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--global-batch", type=int, default=64, help="images per step over all processes")
     parser.add_argument("--width", type=int, default=16, help="CNN width (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; the median counts")
+    parser.add_argument("--no-fsdp", action="store_true", help="DDP rows only (skip the FSDP2 rows)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
 
 
@@ -78,19 +87,22 @@ def comm_bench_command(args: argparse.Namespace, console: Console) -> int:
 
     config = CommBenchConfig(nprocs=(1, args.nproc), comms=tuple(c.strip() for c in args.comms.split(",") if c.strip()),
                              recipe=args.recipe, global_batch=args.global_batch, width=args.width,
-                             repeats=args.repeats)
+                             repeats=args.repeats, fsdp=not args.no_fsdp)
     settings = thread_settings()
     console.print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     rows = run_comm_bench(config, on_step=lambda label: console.print(f"running {label}..."))
-    table = Table(title=f"DDP step of the CNN (width {config.width}, recipe {config.recipe}, global batch "
+    table = Table(title=f"DDP and FSDP2 step of the CNN (width {config.width}, recipe {config.recipe}, global batch "
                         f"{config.global_batch}; median of {config.repeats})")
-    for column in ("processes", "comm", "payload B/step", "wire B/step", "x fewer", "step ms", "x 1-proc fp32",
-                   "threads/proc"):
-        table.add_column(column, justify="left" if column == "comm" else "right")
+    for column in ("processes", "parallel", "comm", "payload B/step", "gathered B", "scattered B", "wire B/step",
+                   "x fewer", "step ms", "x 1-proc fp32", "threads/proc"):
+        table.add_column(column, justify="left" if column in ("comm", "parallel") else "right")
     for row in rows:
-        table.add_row(str(row.nproc), row.comm, f"{row.payload_bytes:,.0f}", f"{row.wire_bytes:,.0f}",
-                      f"{row.bytes_ratio_to_fp32:.2f}", f"{row.step_ms:.1f}", f"{row.ratio_to_single_fp32:.2f}",
-                      str(row.threads))
+        fsdp = row.parallel == "fsdp2"
+        table.add_row(str(row.nproc), row.parallel, row.comm, f"{row.payload_bytes:,.0f}",
+                      f"{row.all_gather_bytes:,.0f}" if fsdp else "", f"{row.reduce_scatter_bytes:,.0f}" if fsdp else "",
+                      f"{row.wire_bytes:,.0f}",
+                      "-" if math.isnan(row.bytes_ratio_to_fp32) else f"{row.bytes_ratio_to_fp32:.2f}", f"{row.step_ms:.1f}",
+                      f"{row.ratio_to_single_fp32:.2f}", str(row.threads))
     console.print(table)
     console.print(COUNTS_NOTE)
     if args.json:

@@ -11,16 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mixprec import stats
 from mixprec.stats import LossScaleHistory, ModelStats
 from mixprec.experiments.data import load_fashion_mnist, load_kjv
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
-from mixprec.amp import MixedPrecisionOptimizer
+from mixprec.experiments.steps import classifier_loss, gan_step, language_loss, optimizer_step
+from mixprec.amp import MixedPrecisionOptimizer, prepare
 from mixprec.recipe import get_recipe
-from mixprec.amp import prepare
 
 __all__ = ["MODELS", "AnalyzePlan", "AnalyzeResult", "run_analyze"]
 
@@ -99,10 +98,8 @@ def _cnn(plan: AnalyzePlan, sampler: torch.Generator) -> _Session:
 
     def step(index: int) -> float:
         rows = torch.randint(0, len(images), (batch,), generator=sampler)
-        loss = F.cross_entropy(model(images[rows] * 2 - 1).float(), labels[rows])
-        optimizer.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = classifier_loss(model, images[rows], labels[rows])
+        optimizer_step(optimizer, loss)
         return loss.item()
 
     return _Session(model, step, {"model": optimizer}, lambda: optimizer.loss_scale)
@@ -121,12 +118,8 @@ def _language(plan: AnalyzePlan, sampler: torch.Generator) -> _Session:
     def step(index: int) -> float:
         offsets = torch.randint(0, len(train) - sequence - 2, (batch,), generator=sampler)
         tokens = train[offsets[:, None] + torch.arange(sequence + 1)]
-        logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocabulary), tokens[:, 1:].reshape(-1))
-        optimizer.backward(loss)
-        optimizer.clip_grad_norm_(1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = language_loss(model, tokens[:, :-1], tokens[:, 1:])
+        optimizer_step(optimizer, loss, clip=1.0)
         return loss.item()
 
     return _Session(model, step, {"model": optimizer}, lambda: optimizer.loss_scale)
@@ -146,20 +139,12 @@ def _gan(plan: AnalyzePlan, sampler: torch.Generator) -> _Session:
 
     def step(index: int) -> float:
         rows = torch.randint(0, len(images), (batch,), generator=sampler)
-        real = images[rows] * 2 - 1
-        fake = generator(torch.randn(batch, latent, generator=sampler))
-        ones, zeros = torch.ones(batch), torch.zeros(batch)
-        current[0] = opt_d
-        opt_d.zero_grad()
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(real).float(), ones))
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(fake.detach()).float(), zeros))
-        opt_d.step()
-        current[0] = opt_g
-        opt_g.zero_grad()
-        loss_g = F.binary_cross_entropy_with_logits(critic(fake).float(), ones)
-        opt_g.backward(loss_g)
-        opt_g.step()
-        return loss_g.item()
+        noise = torch.randn(batch, latent, generator=sampler)
+
+        def on_phase(optimizer: MixedPrecisionOptimizer) -> None:
+            current[0] = optimizer
+
+        return gan_step(generator, critic, opt_g, opt_d, images[rows] * 2 - 1, noise, on_phase)
 
     observed = nn.ModuleDict({"generator": generator, "critic": critic})
     return _Session(observed, step, {"generator": opt_g, "critic": opt_d}, lambda: current[0].loss_scale)

@@ -1,11 +1,14 @@
 """``mixprec train``: the Fashion-MNIST CNN trained by N processes with
-DistributedDataParallel, a mixprec recipe and a gradient-communication format.
+DistributedDataParallel (a gradient-communication format) or FSDP2 (``shard``), under a
+mixprec recipe.
 
-Every rank builds the float model, prepares it, wraps it in DDP (:func:`mixprec.distributed.wrap_ddp`)
-and trains on its slice of each global batch: the global batch is drawn from one
+Every rank builds the float model, prepares it, wraps it in DDP (:func:`mixprec.distributed.wrap_ddp`),
+or converts it and shards it (:func:`mixprec.distributed.fully_shard`, then Adam over the
+sharded masters and a :class:`mixprec.GradScaler`), and trains on its slice of each global batch: the global batch is drawn from one
 permutation per epoch (from the seed alone), and rank r takes rows
-``[r B/N, (r+1) B/N)``, so the data seen per step does not depend on N. Rank 0 writes
-checkpoints (atomically); every rank loads them on resume. Launch it with
+``[r B/N, (r+1) B/N)``, so the data seen per step does not depend on N. Under DDP rank 0
+writes checkpoints (one file, atomically); under FSDP2 every rank writes its shards into
+a ``torch.distributed.checkpoint`` directory. Every rank loads them on resume. Launch it with
 ``mixprec train --nproc N`` (spawns N processes on localhost) or with
 ``torchrun --nproc-per-node N -m mixprec train ...``.
 """
@@ -24,11 +27,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from mixprec.distributed import resolve_comm_format, init_from_env, run_processes, wrap_ddp
+from mixprec.amp import GradScaler
+from mixprec.distributed import (
+    count_fsdp_comm,
+    fully_shard,
+    init_from_env,
+    load_checkpoint,
+    read_checkpoint_info,
+    resolve_comm_format,
+    run_processes,
+    save_checkpoint,
+    wrap_ddp,
+)
+from mixprec.nn.convert import convert
 from mixprec.experiments.data import load_fashion_mnist
+from mixprec.experiments.steps import classifier_loss
 from mixprec.experiments.models import resnet_style_cnn
 from mixprec.recipe import get_recipe
 from mixprec.amp import prepare
@@ -41,7 +56,9 @@ class DistributedTrainConfig:
     """One distributed training run. ``checkpoint`` is a file rank 0 writes every
     ``checkpoint_every`` steps (0: only at the end) and at the end; ``resume`` continues
     from it (same recipe, comm, global batch and world size). ``stop_after`` ends the run
-    early (as an interruption would) while ``steps`` still names the planned length."""
+    early (as an interruption would) while ``steps`` still names the planned length.
+    ``shard`` trains with FSDP2 instead of DDP (gradients reduce-scattered in FP32, so
+    ``comm`` stays fp32; ``checkpoint`` is then a directory)."""
 
     model: str = "cnn"
     recipe: str = "fp16"
@@ -58,6 +75,7 @@ class DistributedTrainConfig:
     data_dir: str | None = None
     eval_examples: int = 2000
     result_path: str | None = None
+    shard: bool = False
 
     def __post_init__(self) -> None:
         if self.model != "cnn":
@@ -66,6 +84,9 @@ class DistributedTrainConfig:
         resolve_comm_format(self.comm)
         if self.steps < 1 or self.global_batch < 1 or self.width < 1 or self.checkpoint_every < 0:
             raise ValueError("steps, global batch and width must be >= 1, checkpoint_every >= 0")
+        if self.shard and resolve_comm_format(self.comm) != "fp32":
+            raise ValueError(f"--shard reduce-scatters gradients in fp32 (FSDP2); --comm {self.comm} chooses DDP's "
+                             "all-reduce format: leave it out with --shard")
         if self.resume and self.checkpoint is None:
             raise ValueError("resume needs the checkpoint file to resume from (--checkpoint PATH)")
 
@@ -82,7 +103,8 @@ def parameter_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter's bytes, in order: equal digests mean bitwise-equal weights."""
     digest = hashlib.sha256()
     for param in model.parameters():
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2: all-gathered (collective)
+        digest.update(full.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -102,9 +124,16 @@ def _save_atomic(path: Path, payload: dict[str, Any]) -> None:
 def _load_checkpoint(config: DistributedTrainConfig, world: int) -> dict[str, Any]:
     """The checkpoint to resume from, checked against this run's settings."""
     assert config.checkpoint is not None
-    saved: dict[str, Any] = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
+    if Path(config.checkpoint).is_dir() != config.shard:
+        kind = "an FSDP2 checkpoint directory" if Path(config.checkpoint).is_dir() else "a DDP checkpoint file"
+        raise ValueError(f"{config.checkpoint} is {kind}: resume it with the --shard setting that wrote it")
+    if config.shard:
+        info = read_checkpoint_info(config.checkpoint)
+        saved = {"world_size": info["world_size"], "config": info["extra"]["config"], "step": info["extra"]["step"]}
+    else:
+        saved = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
     expected = {k: getattr(config, k) for k in ("recipe", "comm", "global_batch", "seed", "width")}
-    found = {k: saved["config"][k] for k in expected}
+    found = {k: saved["config"].get(k) for k in expected}
     expected["comm"], found["comm"] = resolve_comm_format(config.comm), resolve_comm_format(found["comm"])
     if saved["world_size"] != world or found != expected:
         raise ValueError(
@@ -124,15 +153,14 @@ def train_worker(config: DistributedTrainConfig) -> None:
     images, labels = load_fashion_mnist("train", config.data_dir)
     torch.manual_seed(config.seed)
     model = resnet_style_cnn(width=config.width, stem_stride=2)
-    model, optimizer = prepare(model, torch.optim.Adam(model.parameters(), lr=config.lr), config.recipe)
-    ddp_model, comm = wrap_ddp(model, optimizer, config.comm)
+    if config.shard:
+        trainer: _Trainer = _ShardedTrainer(config, model)
+    else:
+        trainer = _ReplicatedTrainer(config, model)
     start = 0
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     if config.resume and checkpoint is not None and checkpoint.exists():
-        saved = _load_checkpoint(config, world)
-        ddp_model.module.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start = saved["step"]
+        start = trainer.load(checkpoint, _load_checkpoint(config, world))
     local = config.global_batch // world
     orders: dict[int, torch.Tensor] = {}
 
@@ -146,12 +174,9 @@ def train_worker(config: DistributedTrainConfig) -> None:
         return batch[rank * local:(rank + 1) * local]
 
     def save(step: int) -> None:
-        if rank == 0 and checkpoint is not None:
-            _save_atomic(checkpoint, {
-                "step": step, "world_size": world, "config": dataclasses.asdict(config),
-                "model": ddp_model.module.state_dict(), "optimizer": optimizer.state_dict(),
-            })
-        dist.barrier()  # nobody resumes or exits before the file is complete
+        if checkpoint is not None:
+            trainer.save(checkpoint, step)
+        dist.barrier()  # nobody resumes or exits before the checkpoint is complete
 
     end = min(config.steps, config.stop_after if config.stop_after is not None else config.steps)
     losses: list[float] = []
@@ -159,10 +184,8 @@ def train_worker(config: DistributedTrainConfig) -> None:
     started = time.perf_counter()
     for step in range(start, end):
         index = rows(step)
-        loss = F.cross_entropy(ddp_model(images[index] * 2 - 1).float(), labels[index])
-        optimizer.backward(loss)
-        skipped += not optimizer.step()
-        optimizer.zero_grad()
+        loss = classifier_loss(trainer.model, images[index], labels[index])
+        skipped += not trainer.step(loss)
         losses.append(loss.item())
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < end:
             save(step + 1)
@@ -170,30 +193,122 @@ def train_worker(config: DistributedTrainConfig) -> None:
     save(end)
     mean_loss = torch.tensor([sum(losses[-10:]) / max(len(losses[-10:]), 1)])
     dist.all_reduce(mean_loss)
-    agree = _all_equal(parameter_digest(ddp_model.module))
+    digest = parameter_digest(trainer.module)  # a collective under FSDP2: every rank
+    agree = _all_equal(digest)
     accuracy = float("nan")
-    if rank == 0:
+    if rank == 0 or config.shard:  # a sharded model's forward all-gathers: every rank runs it
         test_images, test_labels = load_fashion_mnist("test", config.data_dir)
         count = min(config.eval_examples, len(test_images))
-        ddp_model.module.eval()
+        trainer.module.eval()
         with torch.no_grad():
-            logits = torch.cat([ddp_model.module(test_images[s:s + 500] * 2 - 1)
+            logits = torch.cat([trainer.module(test_images[s:s + 500] * 2 - 1)
                                 for s in range(0, count, 500)])
         accuracy = float((logits[:count].argmax(1) == test_labels[:count]).float().mean())
-        ddp_model.module.train()
+        trainer.module.train()
+    if rank == 0:
         steps_run = max(end - start, 1)
         result = {
             "config": dataclasses.asdict(config), "world_size": world, "first_step": start, "last_step": end,
             "final_loss": float(mean_loss) / world, "test_accuracy": accuracy, "test_examples": count,
-            "skipped_steps": skipped, "loss_scale": optimizer.loss_scale, "step_ms": seconds / steps_run * 1e3,
-            "comm_payload_bytes_per_step": comm.payload_bytes / steps_run,
-            "comm_wire_bytes_per_step": comm.wire_bytes / steps_run,
-            "ranks_bitwise_equal": agree, "parameter_digest": parameter_digest(ddp_model.module),
+            "skipped_steps": skipped, "loss_scale": trainer.scaler.get_scale(),
+            "step_ms": seconds / steps_run * 1e3, "sharded": config.shard,
+            "comm_payload_bytes_per_step": trainer.payload_bytes / steps_run,
+            "comm_wire_bytes_per_step": trainer.wire_bytes / steps_run,
+            "ranks_bitwise_equal": agree, "parameter_digest": digest,
         }
         if config.result_path:
             Path(config.result_path).parent.mkdir(parents=True, exist_ok=True)
             Path(config.result_path).write_text(json.dumps(result, indent=2))
     dist.barrier()
+
+
+class _Trainer:
+    """One rank's model, optimizer and scaler under DDP or FSDP2: step, save, load, bytes."""
+
+    model: nn.Module  # what the training forward calls (the DDP wrapper, or the sharded model)
+    module: nn.Module  # the model itself: evaluation (no DDP collectives), digests
+    scaler: GradScaler
+    payload_bytes: int
+    wire_bytes: int
+
+    def step(self, loss: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def save(self, path: Path, step: int) -> None:
+        raise NotImplementedError
+
+    def load(self, path: Path, saved: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+
+class _ReplicatedTrainer(_Trainer):
+    """DDP: prepare, wrap_ddp; rank 0 writes one checkpoint file."""
+
+    def __init__(self, config: DistributedTrainConfig, model: nn.Module) -> None:
+        self.config = config
+        model, self.optimizer = prepare(model, torch.optim.Adam(model.parameters(), lr=config.lr), config.recipe)
+        self.model, self.comm = wrap_ddp(model, self.optimizer, config.comm)
+        self.module = model
+        self.scaler = self.optimizer.scaler
+
+    payload_bytes = property(lambda self: self.comm.payload_bytes)  # type: ignore[assignment]
+    wire_bytes = property(lambda self: self.comm.wire_bytes)  # type: ignore[assignment]
+
+    def step(self, loss: torch.Tensor) -> bool:
+        self.optimizer.backward(loss)
+        stepped = self.optimizer.step()
+        self.optimizer.zero_grad()
+        return stepped
+
+    def save(self, path: Path, step: int) -> None:
+        if dist.get_rank() == 0:
+            _save_atomic(path, {
+                "step": step, "world_size": dist.get_world_size(), "config": dataclasses.asdict(self.config),
+                "model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            })
+
+    def load(self, path: Path, saved: dict[str, Any]) -> int:
+        self.model.module.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        return int(saved["step"])
+
+
+class _ShardedTrainer(_Trainer):
+    """FSDP2: convert, fully_shard, Adam over the sharded masters, a GradScaler; every
+    rank writes its shards with torch.distributed.checkpoint."""
+
+    def __init__(self, config: DistributedTrainConfig, model: nn.Module) -> None:
+        self.config = config
+        self.model = self.module = convert(model, config.recipe)
+        self.scaler = GradScaler(config.recipe)
+        fully_shard(self.model, scaler=self.scaler)
+        self.comm = count_fsdp_comm(self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+
+    @property  # type: ignore[override]
+    def payload_bytes(self) -> int:
+        return self.comm.all_gather_bytes + self.comm.reduce_scatter_bytes
+
+    @property  # type: ignore[override]
+    def wire_bytes(self) -> int:
+        # ring all-gather and reduce-scatter each send (N-1)/N of the full tensor: the
+        # all-gather's payload is one shard (x (N-1)), the reduce-scatter's the full gradient
+        n = dist.get_world_size()
+        return (n - 1) * self.comm.all_gather_bytes + (n - 1) * self.comm.reduce_scatter_bytes // n
+
+    def step(self, loss: torch.Tensor) -> bool:
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        return not self.scaler.last_step_skipped
+
+    def save(self, path: Path, step: int) -> None:
+        save_checkpoint(path, self.model, self.optimizer, self.scaler,
+                        extra={"step": step, "config": dataclasses.asdict(self.config)})
+
+    def load(self, path: Path, saved: dict[str, Any]) -> int:
+        return int(load_checkpoint(path, self.model, self.optimizer, self.scaler)["step"])
 
 
 def train(config: DistributedTrainConfig, nproc: int | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mixprec.experiments.data import CharCorpus, load_fashion_mnist, load_kjv
 from mixprec.experiments.gan_score import gan_score, load_classifier
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
+from mixprec.experiments.steps import classifier_loss, gan_step, language_loss, optimizer_step
 from mixprec.stats.memory import SavedBytesCounter
 from mixprec.amp import MixedPrecisionOptimizer, prepare
 from mixprec.nn.convert import engine_state
@@ -267,14 +267,12 @@ def _classifier_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
     def step(index: int) -> float:
         epoch, position = divmod(index * batch, len(images))
         rows = epoch_order(epoch)[position:position + batch]
-        loss = F.cross_entropy(model(images[rows] * 2 - 1).float(), labels[rows])
-        optimizer.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = classifier_loss(model, images[rows], labels[rows])
+        optimizer_step(optimizer, loss)
         schedule.step()  # every step, skipped or not: the schedule follows the step count
         return loss.item()
 
-    saved = _saved_bytes([model], lambda: F.cross_entropy(model(images[:batch] * 2 - 1), labels[:batch]))
+    saved = _saved_bytes([model], lambda: classifier_loss(model, images[:batch], labels[:batch]))
     trainer.loop(step, lambda: accuracy(2000), {"model": model, "optimizer": optimizer, "schedule": schedule})
     started = time.perf_counter()
     final = accuracy(len(test_images))
@@ -298,28 +296,22 @@ def _language_run(trainer: _Trainer, data: Data, recipe: str, kind: str) -> RunR
         tokens = source[rows]
         return tokens[:, :-1], tokens[:, 1:]
 
-    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = model(inputs)
-        return F.cross_entropy(logits.float().reshape(-1, vocabulary), targets.reshape(-1))
-
     def bits_per_character() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [loss_of(*windows(validation, chunk)).item() for chunk in evaluation_offsets.split(16)]
+            losses = [language_loss(model, *windows(validation, chunk)).item()
+                      for chunk in evaluation_offsets.split(16)]
         model.train()
         return statistics.mean(losses) / math.log(2)
 
     def step(index: int) -> float:
         offsets = torch.randint(0, len(train) - sequence - 2, (batch,), generator=trainer.sampler)
-        loss = loss_of(*windows(train, offsets))
-        optimizer.backward(loss)
-        optimizer.clip_grad_norm_(1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = language_loss(model, *windows(train, offsets))
+        optimizer_step(optimizer, loss, clip=1.0)
         schedule.step()
         return loss.item()
 
-    saved = _saved_bytes([model], lambda: loss_of(*windows(train, torch.arange(batch) * 1000)))
+    saved = _saved_bytes([model], lambda: language_loss(model, *windows(train, torch.arange(batch) * 1000)))
     trainer.loop(step, bits_per_character, {"model": model, "optimizer": optimizer, "schedule": schedule})
     started = time.perf_counter()
     return _result(trainer, "validation_bpc", bits_per_character(), optimizer, model, saved, {}, started)
@@ -351,19 +343,8 @@ def _gan_run(trainer: _Trainer, data: Data, recipe: str) -> RunResult:
 
     def step(index: int) -> float:
         rows = torch.randint(0, len(images), (batch,), generator=trainer.sampler)
-        real = images[rows] * 2 - 1
         noise = torch.randn(batch, latent, generator=trainer.sampler)
-        fake = generator(noise)
-        ones, zeros = torch.ones(batch), torch.zeros(batch)
-        opt_d.zero_grad()
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(real).float(), ones))
-        opt_d.backward(F.binary_cross_entropy_with_logits(critic(fake.detach()).float(), zeros))
-        opt_d.step()
-        opt_g.zero_grad()
-        loss_g = F.binary_cross_entropy_with_logits(critic(fake).float(), ones)
-        opt_g.backward(loss_g)
-        opt_g.step()
-        return loss_g.item()
+        return gan_step(generator, critic, opt_g, opt_d, images[rows] * 2 - 1, noise)
 
     saved = _saved_bytes([generator, critic], lambda: critic(generator(torch.randn(batch, latent))))
     trainer.loop(step, score, {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_d": opt_d})

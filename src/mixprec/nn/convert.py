@@ -119,7 +119,7 @@ def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator |
         raise TypeError(f"convert takes an nn.Module, not {type(model).__name__}")
     if is_converted(model):
         raise ValueError("this model was already converted by mixprec; convert the original model once")
-    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod") or _sharded(model):
         raise ValueError(
             f"convert the model before wrapping it ({type(model).__name__}): mixprec.convert(model, recipe), "
             "then DistributedDataParallel / fully_shard / torch.compile")
@@ -140,6 +140,16 @@ def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator |
         return model
     _attach(model, state)
     return model
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` ran on ``model`` or inside it (its parameters are
+    then shards, and its all-gathered weights would bypass the engine's weight cache)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _attach(model: nn.Module, state: EngineState) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from mixprec.core.block_quantize import block_parts
 from mixprec.core.block_storage import PackedBlocks, _element_codes, unpack_blocks
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
-from mixprec.core.quantize import quantize, tensor_scale
+from mixprec.core.quantize import quantize, scale_from_amax, tensor_scale
 from mixprec.core.storage import from_storage, to_storage
 from mixprec.recipe import Operand, Recipe
 from mixprec.scaling import AmaxHistory
@@ -146,6 +147,16 @@ class EngineState:
     log: list[CallRecord] | None = None  # coverage recording, when a report asks
     forward_key: torch.Tensor | None = None  # this forward's random key (stochastic recipes)
     history_count: int = 0  # amax histories at the start of this forward
+    # ---- set by mixprec.distributed (None / False in one process) ----
+    # amax -> the largest amax over the ranks (all-reduce MAX): every rank then derives
+    # the same per-tensor scale (agreed scales, as Transformer Engine reduces amaxes);
+    # called in training forwards and their backward only (``recording``): an
+    # evaluation on one rank must not wait for the others
+    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # forget the rounded weights at every forward: FSDP2 refills its unsharded
+    # parameters in place at each all-gather without a new version, so the
+    # version-keyed cache would hand out the previous step's weights
+    weights_per_forward: bool = False
 
     # ---- call sites -------------------------------------------------------------------
 
@@ -163,6 +174,8 @@ class EngineState:
         if self.random_state is not None:
             self.random_state[2:].add_(1)
             self.forward_key = _mix_key(self.random_state[:2], self.random_state[2:])
+        if self.weights_per_forward:
+            self.weights.clear()
 
     def random_key(self, key: str, forward_key: torch.Tensor | None) -> torch.Tensor | None:
         """The stochastic-rounding key of call site ``key`` in the forward whose key is
@@ -195,13 +208,16 @@ class EngineState:
             return None
         fmt = operand.fmt
         if scaling.mode == "current":
+            if self.amax_reduce is not None and self.recording:
+                return scale_from_amax(self.amax_reduce(_amax(x)), fmt, margin=scaling.margin,
+                                       power_of_two=scaling.power_of_two)
             return tensor_scale(x, fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
         history = self.histories.get(key)
         if history is None:
             history = self.histories[key] = AmaxHistory(scaling.history, x.device)
         scale = history.scale(fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
         if self.recording:
-            history.record(x)
+            history.record(x if self.amax_reduce is None else self.amax_reduce(_amax(x)))
         return scale
 
     # ---- weights ----------------------------------------------------------------------
@@ -264,6 +280,10 @@ class EngineState:
         self.histories = histories
         if self.random_state is not None and "random_state" in state:
             self.random_state.copy_(state["random_state"])
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
 
 
 def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
