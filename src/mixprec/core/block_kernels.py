@@ -28,7 +28,7 @@ import torch
 
 from mixprec.core.kernels import _ENTRIES, _INT32_MIN, _round_bits
 
-__all__ = ["RULE_IDS", "pow2_parts", "amax_parts", "blocked"]
+__all__ = ["RULE_IDS", "pow2_parts", "amax_parts", "range_counts", "blocked"]
 
 RULE_IDS = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
 """The power-of-two scale rules, as the kernel's rule parameter."""
@@ -186,6 +186,25 @@ def round_elements(
     subnormals, far below the smallest element subnormal, where any result rounds to
     zero. ``zero_below``: see :func:`_times_block` (same results, faster)."""
     return _round_bits(_times_block(x4, factor, zero_below), pe, key)
+
+
+def range_counts(
+    x4: torch.Tensor, factor: torch.Tensor, pe_unsaturated: torch.Tensor, zero_below: bool,
+    smallest_normal: float,
+) -> torch.Tensor:
+    """How many values of blocked ``x4`` flush, land among the element subnormals, and
+    clip, rounded to nearest as :func:`round_elements` rounds them (``factor`` from
+    :func:`pow2_scales` or :func:`amax_scales`), as int64 ``[flushed, subnormal,
+    clipped]``. ``pe_unsaturated`` are the element format's parameters with overflow to
+    Inf: the rounding is the quantizer's except that a value rounding past the
+    element's largest gives Inf instead of the largest, so the Infs are exactly the
+    values saturation changed. Bad blocks (NaN factor) count in none."""
+    rounded = _round_bits(_times_block(x4, factor, zero_below), pe_unsaturated, None)
+    magnitude = rounded.abs()
+    flushed = ((rounded == 0) & (x4 != 0)).sum()
+    subnormal = ((magnitude > 0) & (magnitude < smallest_normal)).sum()
+    clipped = torch.isinf(rounded).sum()
+    return torch.stack([flushed, subnormal, clipped])
 
 
 def pow2_parts(

@@ -26,7 +26,7 @@ from mixprec.core.formats.blocks import BlockFormat
 from mixprec.core.kernels import _params, _run, param_values
 from mixprec.core.quantize import Rounding, _check_tensor, _key
 
-__all__ = ["BlockParts", "quantize_blocks", "block_parts", "blocked_view"]
+__all__ = ["BlockParts", "BlockCounts", "quantize_blocks", "block_parts", "block_counts", "blocked_view"]
 
 
 @dataclass(frozen=True)
@@ -263,3 +263,64 @@ def block_parts(
                 x4, params[0], params[1], params[2], key, fmt.tensor_scale, amax_t, zero_below
             )
     return BlockParts(elements, scales, tensor_scale, moved_shape, tuple(x.shape), axis)
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """What rounding to a block format does to a tensor's values (round to nearest even,
+    each value against its own block's scale, as :func:`quantize_blocks` picks it):
+
+    - ``flushed``: nonzero values that round to zero in their block (below half the
+      element format's smallest subnormal times the block scale);
+    - ``subnormal``: values that round to a nonzero element below the element format's
+      smallest normal (fewer significant bits);
+    - ``clipped``: values that saturate at the block's largest value: to nearest they
+      would round past ``element.largest`` times the block scale. Only scale rules that
+      do not round the scale up clip: OCP's floor rule when amax's significand exceeds
+      the element's largest one (an E2M1 block whose amax is ``7.5 * 2**k`` clips it to
+      ``6 * 2**k``); never ``rceil`` or ``ceil``, and the ``amax`` rule only where the
+      scale's own rounding goes down by more than half an element step.
+
+    ``numel`` counts every value and ``nonzero`` those that are not zero (NaN and Inf
+    included, as :class:`mixprec.stats.TensorCounts` counts them); blocks holding NaN
+    or Inf read back NaN and count in neither share."""
+
+    numel: int
+    nonzero: int
+    flushed: int
+    subnormal: int
+    clipped: int
+
+
+def block_counts(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    axis: int = -1,
+    tensor_amax: torch.Tensor | float | None = None,
+) -> BlockCounts:
+    """Count the values of ``x`` that flush, are subnormal or clip in ``fmt``
+    (:class:`BlockCounts`), with the block scales :func:`block_parts` uses (same
+    kernels) and rounding to nearest even. Raises as :func:`quantize_blocks` does for a
+    dimension that is not a multiple of the block extent. Synchronises with x's device
+    once."""
+    x = _check_tensor(x)
+    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    moved, dims, _, _ = blocked_view(x, fmt, axis)
+    numel = moved.numel()
+    if numel == 0:
+        return BlockCounts(0, 0, 0, 0, 0)
+    x4 = moved.reshape(-1, *dims)
+    params = _block_params(fmt, x.device)
+    elem = fmt.element
+    with torch.no_grad():
+        zero_below = _zero_below(fmt, params[0])
+        if fmt.scale_rule in block_kernels.RULE_IDS:
+            _, factor = block_kernels.pow2_scales(x4, params[1])
+        else:
+            _, _, factor = block_kernels.amax_scales(x4, params[1], params[2], fmt.tensor_scale, amax_t)
+        counts = block_kernels.range_counts(
+            x4, factor, _params(elem, "inf", x.device), zero_below, elem.smallest_normal
+        )
+        nonzero = (x4 != 0).sum()
+        flushed, subnormal, clipped, nonzero_ = torch.cat([counts, nonzero.reshape(1)]).tolist()
+    return BlockCounts(numel, nonzero_, flushed, subnormal, clipped)
