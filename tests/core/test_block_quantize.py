@@ -284,3 +284,31 @@ def test_an_all_zero_tensor_quantizes_to_zeros(name: str) -> None:
     y = torch.zeros(256, 256)
     y[0, :16] = torch.linspace(-3, 3, 16)  # one nonzero block among zero blocks
     assert bool(torch.isfinite(mixprec.quantize(y, name)).all())
+
+
+# ---- the moved-grid kernel of power-of-two scales ------------------------------------------
+
+
+def tiny_blocks(seed: int) -> torch.Tensor:
+    """Blocks whose amax lies between 2**-152 and 2**-95 (float32 subnormals among them,
+    E8M0's smallest scales, moved grids whose normal range reaches below float32's), and
+    values up to 2**30 below their block's amax."""
+    generator = torch.Generator().manual_seed(seed)
+    top = torch.randint(-152, -95, (256, 8, 1), generator=generator).float()
+    below = torch.randint(-30, 1, (256, 8, 32), generator=generator).float()
+    signs = torch.randn(256, 8, 32, generator=generator).sign()
+    return (signs * torch.exp2(top + below)).view(256, 256)
+
+
+@pytest.mark.parametrize("name", MX)
+@pytest.mark.parametrize("rule", ["floor", "rceil"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_moved_grid_equals_round_then_scale(backend, name, rule, rounding):
+    # quantize rounds x onto each block's grid moved by X = 2**k; block_parts rounds
+    # x / X and multiplies back: bit for bit the same, random bits included
+    fmt = blocks.get(name).with_rule(rule)
+    for x in (tiny_blocks(seed=len(name)), spread(64, 256, seed=len(rule))):
+        x[0, 0] = float("nan")
+        q = mixprec.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(7))
+        parts = mixprec.core.block_quantize.block_parts(x, fmt, rounding, generator=torch.Generator().manual_seed(7))
+        assert_same(q, parts.dequantize(), x, f"{fmt.name} {rounding}: moved grid vs round then scale")

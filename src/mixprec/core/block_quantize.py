@@ -107,6 +107,7 @@ def restore_layout(moved: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 _PARAMS_CACHE: dict[tuple[BlockFormat, torch.device], tuple[torch.Tensor, ...]] = {}
 _ZERO_BELOW: dict[BlockFormat, bool] = {}
+_POW2_GRID: dict[BlockFormat, bool] = {}
 
 
 def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
@@ -116,6 +117,16 @@ def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
         cached = block_kernels.zero_below_ok(param_values(fmt.element, "saturate"))
         if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
             _ZERO_BELOW[fmt] = cached
+    return cached
+
+
+def _pow2_grid(fmt: BlockFormat, pe: torch.Tensor) -> bool:
+    """Whether ``fmt`` runs the moved-grid kernel (:func:`block_kernels.pow2_grid_ok`;
+    power-of-two scale rules only; cached)."""
+    cached = _POW2_GRID.get(fmt)
+    if cached is None:
+        cached = _POW2_GRID[fmt] = (fmt.scale_rule in block_kernels.RULE_IDS
+                                    and block_kernels.pow2_grid_ok(pe.cpu()))
     return cached
 
 
@@ -209,6 +220,21 @@ def quantize_blocks(
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
     pe = params[0]
+    direct = (
+        out is not None and axis == x.dim() - 1 and out.is_contiguous()
+        and out.data_ptr() != x.data_ptr()
+    )
+    target = out if direct else torch.empty(moved_shape, dtype=torch.float32, device=x.device)
+    assert target is not None
+    if _pow2_grid(fmt, pe):
+        # power-of-two scales: x rounded onto each block's moved grid, in one pass that
+        # writes the dequantized values (no multiply by the scale and back)
+        grid = _run("pow2_grid", x4, params[1], pe)
+        pow2_args: tuple[object, ...] = (*grid, pe)  # type: ignore[misc]
+        if key is not None:
+            pow2_args = (*pow2_args, key)
+        _run(f"pow2_{rounding}_out", x4, *pow2_args, block_kernels.blocked(target, dims))  # type: ignore[arg-type]
+        return _finish(target, out, direct, axis, x.dim())
     if fmt.scale_rule in block_kernels.RULE_IDS:
         full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
     else:
@@ -218,18 +244,16 @@ def quantize_blocks(
         args = (*args, key)
     # Allocating calls write into a fresh tensor through the same ``_out`` kernel: one
     # compiled kernel per block shape and rounding instead of two.
-    name = f"blocks_{rounding}_out"
-    direct = (
-        out is not None and axis == x.dim() - 1 and out.is_contiguous()
-        and out.data_ptr() != x.data_ptr()
-    )
+    _run(f"blocks_{rounding}_out", x4, *args, block_kernels.blocked(target, dims))  # type: ignore[arg-type]
+    return _finish(target, out, direct, axis, x.dim())
+
+
+def _finish(target: torch.Tensor, out: torch.Tensor | None, direct: bool, axis: int, ndim: int) -> torch.Tensor:
+    """The result written into ``target`` (``out`` itself when ``direct``), in x's layout
+    and in ``out`` when one was given."""
     if direct:
-        assert out is not None
-        _run(name, x4, *args, block_kernels.blocked(out, dims))  # type: ignore[arg-type]
-        return out
-    result = torch.empty(moved_shape, dtype=torch.float32, device=x.device)
-    _run(name, x4, *args, block_kernels.blocked(result, dims))  # type: ignore[arg-type]
-    result = restore_layout(result, axis, x.dim())
+        return target
+    result = restore_layout(target, axis, ndim)
     if out is not None:
         return out.copy_(result)
     return result
