@@ -312,3 +312,24 @@ def test_moved_grid_equals_round_then_scale(backend, name, rule, rounding):
         q = mixprec.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(7))
         parts = mixprec.core.block_quantize.block_parts(x, fmt, rounding, generator=torch.Generator().manual_seed(7))
         assert_same(q, parts.dequantize(), x, f"{fmt.name} {rounding}: moved grid vs round then scale")
+
+
+@pytest.mark.parametrize(("name", "tensor_amax"), [("nvfp4", None), ("nvfp4", 1e-30), ("nvfp4_16x16", None),
+                                                   ("fp8_block128", None)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_flushed_product_equals_the_exact_product(backend, name, tensor_amax, rounding):
+    # the compiled path zeroes x under each block's flush floor before one float
+    # multiply; block_parts multiplies without it (_times_block): the same bits, on
+    # blocks of float32 subnormals, tiny blocks whose factor is large, and huge ones
+    fmt = blocks.get(name)
+    generator = torch.Generator().manual_seed(len(name))
+    top = torch.randint(-150, 127, (256, 16, 1), generator=generator).float()
+    below = torch.randint(-40, 1, (256, 16, 16), generator=generator).float()
+    x = (torch.randn(256, 16, 16, generator=generator) * torch.exp2(top + below)).view(256, 256)
+    x[1, :16] = 0.0
+    x[2, 3] = float("nan")
+    q = mixprec.core.block_quantize.quantize_blocks(x, fmt, rounding, generator=torch.Generator().manual_seed(2),
+                                                     tensor_amax=tensor_amax)
+    parts = mixprec.core.block_quantize.block_parts(x, fmt, rounding, generator=torch.Generator().manual_seed(2),
+                                                    tensor_amax=tensor_amax)
+    assert_same(q, parts.dequantize(), x, f"{name} {rounding}: flushed product vs exact product")

@@ -127,6 +127,38 @@ def _times_block(x4: torch.Tensor, r: torch.Tensor, zero_below: bool) -> torch.T
     return torch.where(special, slow, fast)
 
 
+_TINY_PRODUCT = 2.0**-125.5
+"""Products below 2**-125 round to zero in the element formats :func:`zero_below_ok`
+accepts; x is flushed where |x| * r stays under this, half a binade clear of both ends."""
+
+
+def flush_floor(factor: torch.Tensor) -> torch.Tensor:
+    """Per block, the |x| below which :func:`times_flushed` zeroes x: about
+    ``2**-125.5 / factor`` (float32 division, within an ulp); 0 (nothing zeroed) where
+    the factor is not a normal float32 (an all-zero, NaN or overflowed block), whose
+    blocks take the plain product as :func:`_times_block` does."""
+    rbits = factor.view(torch.int32)
+    r_exp = (rbits >> 23) & 0xFF
+    normal = (r_exp != 0) & (r_exp != 0xFF)
+    floor = _TINY_PRODUCT / factor
+    return torch.where(normal, floor, torch.zeros_like(floor))
+
+
+def times_flushed(x4: torch.Tensor, factor: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``x4 * factor`` as :func:`_times_block` gives it to the rounding of an element
+    format that :func:`zero_below_ok` accepts, with one float multiply: x below its
+    block's ``floor`` (:func:`flush_floor`) becomes a signed zero first, so no product
+    is a float32 subnormal, nor is x where the factor is below sqrt(2) (a block whose
+    amax is above about the element's largest, as in bench_input's): no microcode
+    assists there. Zeroed x give a product under 2**-125, which rounds to a signed zero
+    either way; every other product is IEEE's, as _times_block's (those between 2**-126
+    and 2**-125, which it zeroes, round to the same signed zero). A float32 subnormal x
+    above the floor (a block with a factor above sqrt(2)) is multiplied as it is, at
+    the cost of an assist."""
+    flushed = torch.where(x4.abs() < floor, x4 * 0.0, x4)
+    return flushed * factor
+
+
 def zero_below_ok(pe: Sequence[int]) -> bool:
     """Whether the element format with kernel parameters ``pe`` (:func:`mixprec.core.kernels.param_values`) rounds every float32
     below 2**-125 (binade 1 and float32's subnormals) to a signed zero, nearest and
@@ -359,6 +391,20 @@ def _pow2_stochastic_out(x4, sb, largest, past, step, pe, key, out):  # type: ig
     out.copy_(round_pow2_grid(x4, sb, largest, past, step, pe[0], key))
 
 
+def _amax_floor_scales(x4, ps, fp, two_level, tensor_amax):  # type: ignore[no-untyped-def]
+    block, tensor_scale, reciprocal = amax_scales(x4, ps, fp, two_level, tensor_amax)
+    full = block if tensor_scale is None else tensor_scale * block
+    return full, reciprocal, flush_floor(reciprocal)
+
+
+def _flushed_nearest_out(x4, factor, floor, full, pe, out):  # type: ignore[no-untyped-def]
+    out.copy_(_round_bits(times_flushed(x4, factor, floor), pe, None) * full)
+
+
+def _flushed_stochastic_out(x4, factor, floor, full, pe, key, out):  # type: ignore[no-untyped-def]
+    out.copy_(_round_bits(times_flushed(x4, factor, floor), pe, key) * full)
+
+
 def _blocks_nearest_out(x4, factor, full, pe, zb, out):  # type: ignore[no-untyped-def]
     out.copy_(round_elements(x4, factor, pe, None, zb) * full)
 
@@ -371,6 +417,9 @@ _ENTRIES.update(
     {
         "pow2_scales": _pow2_scales,
         "pow2_grid": _pow2_grid,
+        "amax_floor_scales": _amax_floor_scales,
+        "flushed_nearest_out": _flushed_nearest_out,
+        "flushed_stochastic_out": _flushed_stochastic_out,
         "pow2_nearest_out": _pow2_nearest_out,
         "pow2_stochastic_out": _pow2_stochastic_out,
         "amax_scales": _amax_scales,

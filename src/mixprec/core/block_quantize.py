@@ -235,11 +235,21 @@ def quantize_blocks(
             pow2_args = (*pow2_args, key)
         _run(f"pow2_{rounding}_out", x4, *pow2_args, block_kernels.blocked(target, dims))  # type: ignore[arg-type]
         return _finish(target, out, direct, axis, x.dim())
+    zero_below = _zero_below(fmt, pe)
+    if fmt.scale_rule not in block_kernels.RULE_IDS and zero_below:
+        # amax scales: one float multiply by the block's factor, x under the block's
+        # flush floor zeroed first (no subnormal operand or product)
+        full, factor, floor = _run("amax_floor_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[misc, arg-type]
+        flushed_args: tuple[object, ...] = (factor, floor, full, pe)
+        if key is not None:
+            flushed_args = (*flushed_args, key)
+        _run(f"flushed_{rounding}_out", x4, *flushed_args, block_kernels.blocked(target, dims))  # type: ignore[arg-type]
+        return _finish(target, out, direct, axis, x.dim())
     if fmt.scale_rule in block_kernels.RULE_IDS:
         full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
     else:
         full, factor = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[misc, arg-type]
-    args: tuple[object, ...] = (factor, full, pe, _zero_below(fmt, pe))
+    args: tuple[object, ...] = (factor, full, pe, zero_below)
     if key is not None:
         args = (*args, key)
     # Allocating calls write into a fresh tensor through the same ``_out`` kernel: one
