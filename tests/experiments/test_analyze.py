@@ -39,7 +39,8 @@ def test_fp16_run_records_loss_scale_history(tmp_path: Path) -> None:
 
 
 def test_block_recipe_reports_clipped_and_flushed_shares(tmp_path: Path) -> None:
-    plan = AnalyzePlan("transformer", recipe="mxfp4", steps=2, every=1, out=tmp_path, **TINY["transformer"])  # type: ignore[arg-type]
+    plan = AnalyzePlan("transformer", recipe="mxfp4", steps=2, every=1, out=tmp_path,
+                       **TINY["transformer"])  # type: ignore[arg-type]
     result = run_analyze(plan)
     assert result.stats.config.format_names[-1] == "mxfp4_e2m1"
     weights = result.stats.total("weight")

@@ -238,8 +238,9 @@ def round_pow2_grid(
     subnormal x uses the random bits as the scalar kernel does on the normalised
     ``x / X`` (its significand ``n = 1 - E'`` bits further left): the random increment
     shifted right by n, and the tiny-value test on the normalised significand, so that
-    the result is :func:`round_elements`' bit for bit. The element formats here saturate, have a zero and are signed, so no NaN
-    passes through (a block with NaN or Inf is all NaN) and nothing is invalid."""
+    the result is :func:`round_elements`' bit for bit. The element formats here
+    saturate, have a zero and are signed, so no NaN passes through (a block with NaN or
+    Inf is all NaN) and nothing is invalid."""
     bits = x4.view(torch.int32)
     magnitude = bits & _ABS_MASK
     sign = bits & _INT32_MIN

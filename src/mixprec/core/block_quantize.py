@@ -219,43 +219,50 @@ def quantize_blocks(
     key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
-    pe = params[0]
     direct = (
         out is not None and axis == x.dim() - 1 and out.is_contiguous()
         and out.data_ptr() != x.data_ptr()
     )
     target = out if direct else torch.empty(moved_shape, dtype=torch.float32, device=x.device)
     assert target is not None
+    _round_blocks(fmt, x4, params, rounding, key, amax_t, block_kernels.blocked(target, dims))
+    return _finish(target, out, direct, axis, x.dim())
+
+
+def _round_blocks(
+    fmt: BlockFormat,
+    x4: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    rounding: str,
+    key: torch.Tensor | None,
+    amax_t: torch.Tensor | None,
+    out4: torch.Tensor,
+) -> None:
+    """Write blocked ``x4`` quantized to ``fmt`` into ``out4`` (blocked like it), in two
+    compiled calls: the block scales, then one element-wise pass. Allocating calls come
+    here with a fresh ``out4``: one compiled kernel per block shape and rounding."""
+    pe = params[0]
+    stochastic = () if key is None else (key,)
     if _pow2_grid(fmt, pe):
-        # power-of-two scales: x rounded onto each block's moved grid, in one pass that
-        # writes the dequantized values (no multiply by the scale and back)
+        # power-of-two scales: x rounded onto each block's moved grid, one pass writing
+        # the dequantized values (no multiply by the scale and back)
         grid = _run("pow2_grid", x4, params[1], pe)
-        pow2_args: tuple[object, ...] = (*grid, pe)  # type: ignore[misc]
-        if key is not None:
-            pow2_args = (*pow2_args, key)
-        _run(f"pow2_{rounding}_out", x4, *pow2_args, block_kernels.blocked(target, dims))  # type: ignore[arg-type]
-        return _finish(target, out, direct, axis, x.dim())
+        _run(f"pow2_{rounding}_out", x4, *grid, pe, *stochastic, out4)  # type: ignore[misc]
+        return
     zero_below = _zero_below(fmt, pe)
     if fmt.scale_rule not in block_kernels.RULE_IDS and zero_below:
         # amax scales: one float multiply by the block's factor, x under the block's
-        # flush floor zeroed first (no subnormal operand or product)
-        full, factor, floor = _run("amax_floor_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[misc, arg-type]
-        flushed_args: tuple[object, ...] = (factor, floor, full, pe)
-        if key is not None:
-            flushed_args = (*flushed_args, key)
-        _run(f"flushed_{rounding}_out", x4, *flushed_args, block_kernels.blocked(target, dims))  # type: ignore[arg-type]
-        return _finish(target, out, direct, axis, x.dim())
+        # flush floor zeroed first (no subnormal product)
+        scales = _run("amax_floor_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[arg-type]
+        full, factor, floor = scales  # type: ignore[misc]
+        _run(f"flushed_{rounding}_out", x4, factor, floor, full, pe, *stochastic, out4)
+        return
     if fmt.scale_rule in block_kernels.RULE_IDS:
         full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
     else:
-        full, factor = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[misc, arg-type]
-    args: tuple[object, ...] = (factor, full, pe, zero_below)
-    if key is not None:
-        args = (*args, key)
-    # Allocating calls write into a fresh tensor through the same ``_out`` kernel: one
-    # compiled kernel per block shape and rounding instead of two.
-    _run(f"blocks_{rounding}_out", x4, *args, block_kernels.blocked(target, dims))  # type: ignore[arg-type]
-    return _finish(target, out, direct, axis, x.dim())
+        scales = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[arg-type]
+        full, factor = scales  # type: ignore[misc]
+    _run(f"blocks_{rounding}_out", x4, factor, full, pe, zero_below, *stochastic, out4)  # type: ignore[arg-type]
 
 
 def _finish(target: torch.Tensor, out: torch.Tensor | None, direct: bool, axis: int, ndim: int) -> torch.Tensor:
