@@ -22,7 +22,10 @@ tensor size with a vectorised inner loop over ``cols``. Two families of scale ru
   operand, one pass that writes the dequantized values;
 - ``amax`` scales (FP32 or E4M3; DeepSeek-V3, NVFP4): ``X = amax / largest`` rounded to
   the scale format, elements ``round(x * (1 / X))`` (NVFP4: ``x * ((1 / s) / X)`` with
-  the tensor scale s), as torchao's ``nvfp4_quantize`` computes them.
+  the tensor scale s), as torchao's ``nvfp4_quantize`` computes them. The compiled path
+  zeroes x under a per-block floor first (:func:`flush_floor`, :func:`times_flushed`),
+  so that one float multiply gives :func:`_times_block`'s products with no subnormal
+  product.
 """
 
 from __future__ import annotations
