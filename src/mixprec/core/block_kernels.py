@@ -204,15 +204,16 @@ def pow2_grid(
     return subnormal_below, largest, past, step
 
 
-def pow2_grid_ok(pe: torch.Tensor) -> bool:
+def pow2_grid_ok(pe: Sequence[int]) -> bool:
     """Whether :func:`round_pow2_grid` gives :func:`round_elements`' results times the
-    scale for the element format with kernel parameters ``pe`` (saturating): it has a
+    scale for the element format with kernel parameters ``pe``
+    (:func:`mixprec.core.kernels.param_values`, saturating): it has a
     zero, signed values, subnormals whose smallest is a float32 normal, and rounds
     every float32 below 2**-125 to zero (:func:`zero_below_ok`, so the products that
     float32 cannot hold round to zero both ways), its largest value is at least 4 (so
     that ``largest * 2**-127`` is a float32 normal) and its smallest subnormal at least
     2**-22 (so that times 2**-127 it is a float32 value). True for every MX element."""
-    shift, max_bits, _, subnormal_below, step_bits, _, min_bits, invalid_below = (int(v) for v in pe.tolist())
+    shift, max_bits, _, _, step_bits, _, _, invalid_below = (int(v) for v in pe)
     return (zero_below_ok(pe) and invalid_below == _INT32_MIN and (max_bits >> 23) - 127 >= 2
             and (step_bits & _MANTISSA) == 0 and (step_bits >> 23) - 127 >= -22 and shift >= 0)
 

@@ -120,13 +120,15 @@ def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
     return cached
 
 
-def _pow2_grid(fmt: BlockFormat, pe: torch.Tensor) -> bool:
+def _pow2_grid(fmt: BlockFormat) -> bool:
     """Whether ``fmt`` runs the moved-grid kernel (:func:`block_kernels.pow2_grid_ok`;
     power-of-two scale rules only; cached)."""
     cached = _POW2_GRID.get(fmt)
     if cached is None:
-        cached = _POW2_GRID[fmt] = (fmt.scale_rule in block_kernels.RULE_IDS
-                                    and block_kernels.pow2_grid_ok(pe.cpu()))
+        cached = fmt.scale_rule in block_kernels.RULE_IDS and block_kernels.pow2_grid_ok(
+            param_values(fmt.element, "saturate"))
+        if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
+            _POW2_GRID[fmt] = cached
     return cached
 
 
@@ -243,7 +245,7 @@ def _round_blocks(
     here with a fresh ``out4``: one compiled kernel per block shape and rounding."""
     pe = params[0]
     stochastic = () if key is None else (key,)
-    if _pow2_grid(fmt, pe):
+    if _pow2_grid(fmt):
         # power-of-two scales: x rounded onto each block's moved grid, one pass writing
         # the dequantized values (no multiply by the scale and back)
         grid = _run("pow2_grid", x4, params[1], pe)
