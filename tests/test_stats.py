@@ -309,3 +309,57 @@ def test_bad_input_gives_clear_errors(tmp_path) -> None:  # type: ignore[no-unty
         counts.share("fp16", "underflow")
     with pytest.raises(ValueError, match="nothing was recorded"):
         stats.observe(Net()).report(tmp_path)
+
+
+# ---- block formats -------------------------------------------------------------------
+
+
+def test_block_formats_count_against_their_own_blocks_padded() -> None:
+    x = torch.randn(3, 5, 40)  # 40: not a multiple of 32 nor 16, padded with zeros
+    x[1, 2, 0] = 60.0  # 7.5 * 2**3 in E2M1: clips
+    x[0, 0, 1] = 1e-9  # beside values near 1: flushes
+    c = stats.count_tensor(x, ("fp16", "mxfp4_e2m1", "nvfp4_16x16"), scale=2.0**10, exponents=(0, 4))
+    padded = torch.nn.functional.pad(x.reshape(15, 40), (0, 24))
+    want = mixprec.core.block_quantize.block_counts(padded, formats.blocks.mxfp4_e2m1)
+    assert counts_of(c, "mxfp4_e2m1", "seen") == (want.flushed, want.subnormal, want.clipped)
+    assert want.clipped >= 1 and want.flushed >= 1
+    for scale in ("seen", 1.0, 16.0):  # block scales follow any power-of-two scale
+        assert c.count("mxfp4_e2m1", "clip", scale) == want.clipped
+    tiles = mixprec.core.block_quantize.block_counts(
+        torch.nn.functional.pad(x.reshape(15, 40), (0, 8, 0, 1)), formats.blocks.nvfp4_16x16)
+    assert counts_of(c, "nvfp4_16x16", "seen") == (tiles.flushed, tiles.subnormal, tiles.clipped)
+    assert counts_of(c, "fp16", "seen") == counts_of(stats.count_tensor(x, ("fp16",), 2.0**10, (0, 4)), "fp16", "seen")
+    assert c.nonzero == x.numel() and c.share("mxfp4_e2m1", "lost") > 0
+    only_blocks = stats.count_tensor(x, ("mxfp4_e2m1",))
+    assert counts_of(only_blocks, "mxfp4_e2m1", "seen") == counts_of(c, "mxfp4_e2m1", "seen")
+
+
+def test_block_formats_in_the_observer_verdict_advisor_and_report(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = Net()
+    with torch.no_grad():
+        model.fc1.weight.fill_(1.0)
+        model.fc1.weight[:, 0] = 7.5  # one value per row clips in MXFP4 (rows of 6, padded to 32)
+        model.fc1.bias.fill_(1.0)  # counted with the weights: 35 values, 5 clipped
+    config = stats.StatsConfig(formats=("fp16", "e4m3", "mxfp4_e2m1", "mxfp8_e4m3:rceil"))
+    with stats.Observer(model, config) as obs:
+        model(torch.randn(8, 6)).sum().backward()
+        obs.step()
+    summary = obs.summary()
+    weight = summary.get("fc1", "weight")
+    assert weight.share("mxfp4_e2m1", "clip") == pytest.approx(1 / 7)
+    assert weight.share("mxfp8_e4m3:rceil", "clip") == 0
+    rows = {(r.layer, r.cls, r.format): r for r in stats.block_shares(summary)}
+    assert rows[("fc1", "weight", "mxfp4_e2m1")].clipped == pytest.approx(1 / 7)
+    assert ("(model)", "error", "mxfp8_e4m3:rceil") in rows
+    for recipe in ("mxfp8", "nvfp4", "mxfp4", "fp8-blockwise"):
+        verdict = stats.recipe_verdict(summary, recipe)
+        assert not verdict.needs_loss_scale and "block format" in verdict.reason
+    assert "clip at the block's largest value" in stats.recipe_verdict(summary, "mxfp4").reason
+    assert {a.format for a in stats.advise_formats(summary)} <= {"fp16", "e4m3", "fp32"}
+    with pytest.raises(ValueError, match="no loss scale to recommend"):
+        stats.recommend_loss_scale(summary, "mxfp4_e2m1")
+    text = obs.report(tmp_path, recipe="mxfp4").read_text()
+    assert "## Block formats: values clipped and flushed per layer" in text
+    assert "| fc1 | weight | mxfp4_e2m1 | 35 | 14.29% |" in text
+    record = json.loads((tmp_path / "stats.json").read_text())
+    assert any(b["format"] == "mxfp4_e2m1" and b["clipped"] > 0 for b in record["blocks"])

@@ -284,3 +284,52 @@ def test_an_all_zero_tensor_quantizes_to_zeros(name: str) -> None:
     y = torch.zeros(256, 256)
     y[0, :16] = torch.linspace(-3, 3, 16)  # one nonzero block among zero blocks
     assert bool(torch.isfinite(mixprec.quantize(y, name)).all())
+
+
+# ---- the moved-grid kernel of power-of-two scales ------------------------------------------
+
+
+def tiny_blocks(seed: int) -> torch.Tensor:
+    """Blocks whose amax lies between 2**-152 and 2**-95 (float32 subnormals among them,
+    E8M0's smallest scales, moved grids whose normal range reaches below float32's), and
+    values up to 2**30 below their block's amax."""
+    generator = torch.Generator().manual_seed(seed)
+    top = torch.randint(-152, -95, (256, 8, 1), generator=generator).float()
+    below = torch.randint(-30, 1, (256, 8, 32), generator=generator).float()
+    signs = torch.randn(256, 8, 32, generator=generator).sign()
+    return (signs * torch.exp2(top + below)).view(256, 256)
+
+
+@pytest.mark.parametrize("name", MX)
+@pytest.mark.parametrize("rule", ["floor", "rceil"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_moved_grid_equals_round_then_scale(backend, name, rule, rounding):
+    # quantize rounds x onto each block's grid moved by X = 2**k; block_parts rounds
+    # x / X and multiplies back: bit for bit the same, random bits included
+    fmt = blocks.get(name).with_rule(rule)
+    for x in (tiny_blocks(seed=len(name)), spread(64, 256, seed=len(rule))):
+        x[0, 0] = float("nan")
+        q = mixprec.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(7))
+        parts = mixprec.core.block_quantize.block_parts(x, fmt, rounding, generator=torch.Generator().manual_seed(7))
+        assert_same(q, parts.dequantize(), x, f"{fmt.name} {rounding}: moved grid vs round then scale")
+
+
+@pytest.mark.parametrize(("name", "tensor_amax"), [("nvfp4", None), ("nvfp4", 1e-30), ("nvfp4_16x16", None),
+                                                   ("fp8_block128", None)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_flushed_product_equals_the_exact_product(backend, name, tensor_amax, rounding):
+    # the compiled path zeroes x under each block's flush floor before one float
+    # multiply; block_parts multiplies without it (_times_block): the same bits, on
+    # blocks of float32 subnormals, tiny blocks whose factor is large, and huge ones
+    fmt = blocks.get(name)
+    generator = torch.Generator().manual_seed(len(name))
+    top = torch.randint(-150, 127, (256, 16, 1), generator=generator).float()
+    below = torch.randint(-40, 1, (256, 16, 16), generator=generator).float()
+    x = (torch.randn(256, 16, 16, generator=generator) * torch.exp2(top + below)).view(256, 256)
+    x[1, :16] = 0.0
+    x[2, 3] = float("nan")
+    q = mixprec.core.block_quantize.quantize_blocks(x, fmt, rounding, generator=torch.Generator().manual_seed(2),
+                                                     tensor_amax=tensor_amax)
+    parts = mixprec.core.block_quantize.block_parts(x, fmt, rounding, generator=torch.Generator().manual_seed(2),
+                                                    tensor_amax=tensor_amax)
+    assert_same(q, parts.dequantize(), x, f"{name} {rounding}: flushed product vs exact product")

@@ -38,6 +38,21 @@ def test_fp16_run_records_loss_scale_history(tmp_path: Path) -> None:
     assert "loss scale of `model` during the run" in result.report.read_text()
 
 
+def test_block_recipe_reports_clipped_and_flushed_shares(tmp_path: Path) -> None:
+    plan = AnalyzePlan("transformer", recipe="mxfp4", steps=2, every=1, out=tmp_path,
+                       **TINY["transformer"])  # type: ignore[arg-type]
+    result = run_analyze(plan)
+    assert result.stats.config.format_names[-1] == "mxfp4_e2m1"
+    weights = result.stats.total("weight")
+    # OCP's floor rule clips where a block's amax has a significand of 1.75 or more
+    assert weights.share("mxfp4_e2m1", "clip") > 0 and weights.share("mxfp4_e2m1", "flush") > 0
+    record = json.loads((tmp_path / "stats.json").read_text())
+    assert record["verdict"]["needs_loss_scale"] is False and "mxfp4_e2m1" in record["verdict"]["reason"]
+    layers = {row["layer"] for row in record["blocks"] if row["clipped"] > 0}
+    assert "(model)" in layers and len(layers) > 1
+    assert "## Block formats: values clipped and flushed per layer" in result.report.read_text()
+
+
 def test_cli_analyze(tmp_path: Path) -> None:
     code = main(["analyze", "--model", "cnn", "--steps", "1", "--every", "1", "--batch", "8", "--width", "8",
                  "--out", str(tmp_path)])

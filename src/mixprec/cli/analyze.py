@@ -54,14 +54,26 @@ def analyze_command(args: argparse.Namespace, console: Console) -> int:
     for column in ("format", "flushed unscaled", "subnormal unscaled", "recommended S", "flushed at S",
                    "overflow at S"):
         table.add_column(column, justify="left" if column == "format" else "right")
-    from mixprec.stats import recommend_loss_scale
+    from mixprec.stats import block_shares, is_block_format, recommend_loss_scale
 
     for name in result.stats.config.format_names:
+        if is_block_format(name):
+            continue
         advice = recommend_loss_scale(result.stats, name, plan.margin)
         at = advice.scale or 1.0
         table.add_row(name, f"{errors.share(name, 'flush'):.4%}", f"{errors.share(name, 'subnormal'):.4%}",
                       "-" if advice.exponent is None else f"2^{advice.exponent}",
                       f"{errors.share(name, 'flush', at):.4%}", f"{errors.share(name, 'overflow', at):.4%}")
     console.print(table)
+    model_rows = [row for row in block_shares(result.stats) if row.layer == "(model)"]
+    if model_rows:
+        blocks = Table(title="block formats, whole model: values clipped at their block's largest value and "
+                             "flushed to zero in their block (per layer: the report)")
+        for column in ("format", "class", "nonzero values", "clipped", "flushed", "subnormal"):
+            blocks.add_column(column, justify="left" if column in ("format", "class") else "right")
+        for row in sorted(model_rows, key=lambda r: r.format):
+            blocks.add_row(row.format, row.cls, f"{row.nonzero:,}", f"{row.clipped:.4%}", f"{row.flushed:.4%}",
+                           f"{row.subnormal:.4%}")
+        console.print(blocks)
     console.print(f"report: {result.report}")
     return 0

@@ -14,10 +14,18 @@ slower). The block extents ``rows`` and ``cols`` are marked static and ``groups`
 tensor size with a vectorised inner loop over ``cols``. Two families of scale rules:
 
 - power-of-two scales (E8M0; rules floor, ceil, even, rceil): computed exactly from the
-  bits of amax, so ``x / X`` and ``q * X`` are exact float32 operations;
+  bits of amax, so ``x / X`` and ``q * X`` are exact float32 operations. The compiled
+  path does neither: rounding ``x / 2**k`` onto the element grid and multiplying back is
+  rounding ``x`` itself onto the element grid moved up ``k`` binades, so it runs the
+  scalar kernel's bit arithmetic on x with the grid's per-block bounds
+  (:func:`pow2_grid`, :func:`round_pow2_grid`): no float multiply, no subnormal
+  operand, one pass that writes the dequantized values;
 - ``amax`` scales (FP32 or E4M3; DeepSeek-V3, NVFP4): ``X = amax / largest`` rounded to
   the scale format, elements ``round(x * (1 / X))`` (NVFP4: ``x * ((1 / s) / X)`` with
-  the tensor scale s), as torchao's ``nvfp4_quantize`` computes them.
+  the tensor scale s), as torchao's ``nvfp4_quantize`` computes them. The compiled path
+  zeroes x under a per-block floor first (:func:`flush_floor`, :func:`times_flushed`),
+  so that one float multiply gives :func:`_times_block`'s products with no subnormal
+  product.
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mixprec.core.kernels import _ENTRIES, _INT32_MIN, _round_bits
+from mixprec.core.kernels import _ABS_MASK, _ENTRIES, _F32_QNAN_BITS, _INT32_MIN, _hash_bits, _round_bits
 
-__all__ = ["RULE_IDS", "pow2_parts", "amax_parts", "blocked"]
+__all__ = ["RULE_IDS", "pow2_parts", "amax_parts", "range_counts", "blocked"]
 
 RULE_IDS = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
 """The power-of-two scale rules, as the kernel's rule parameter."""
@@ -82,6 +90,7 @@ def blocked(t: torch.Tensor, dims: tuple[int, int, int]) -> torch.Tensor:
 
 
 _F32_INF = 0x7F800000
+_F32_QNAN = _F32_QNAN_BITS
 _F32_ONE = 0x3F800000
 _MANTISSA = 0x7FFFFF
 
@@ -121,6 +130,38 @@ def _times_block(x4: torch.Tensor, r: torch.Tensor, zero_below: bool) -> torch.T
     return torch.where(special, slow, fast)
 
 
+_TINY_PRODUCT = 2.0**-125.5
+"""Products below 2**-125 round to zero in the element formats :func:`zero_below_ok`
+accepts; x is flushed where |x| * r stays under this, half a binade clear of both ends."""
+
+
+def flush_floor(factor: torch.Tensor) -> torch.Tensor:
+    """Per block, the |x| below which :func:`times_flushed` zeroes x: about
+    ``2**-125.5 / factor`` (float32 division, within an ulp); 0 (nothing zeroed) where
+    the factor is not a normal float32 (an all-zero, NaN or overflowed block), whose
+    blocks take the plain product as :func:`_times_block` does."""
+    rbits = factor.view(torch.int32)
+    r_exp = (rbits >> 23) & 0xFF
+    normal = (r_exp != 0) & (r_exp != 0xFF)
+    floor = _TINY_PRODUCT / factor
+    return torch.where(normal, floor, torch.zeros_like(floor))
+
+
+def times_flushed(x4: torch.Tensor, factor: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``x4 * factor`` as :func:`_times_block` gives it to the rounding of an element
+    format that :func:`zero_below_ok` accepts, with one float multiply: x below its
+    block's ``floor`` (:func:`flush_floor`) becomes a signed zero first, so no product
+    is a float32 subnormal, nor is x where the factor is below sqrt(2) (a block whose
+    amax is above about the element's largest, as in bench_input's): no microcode
+    assists there. Zeroed x give a product under 2**-125, which rounds to a signed zero
+    either way; every other product is IEEE's, as _times_block's (those between 2**-126
+    and 2**-125, which it zeroes, round to the same signed zero). A float32 subnormal x
+    above the floor (a block with a factor above sqrt(2)) is multiplied as it is, at
+    the cost of an assist."""
+    flushed = torch.where(x4.abs() < floor, x4 * 0.0, x4)
+    return flushed * factor
+
+
 def zero_below_ok(pe: Sequence[int]) -> bool:
     """Whether the element format with kernel parameters ``pe`` (:func:`mixprec.core.kernels.param_values`) rounds every float32
     below 2**-125 (binade 1 and float32's subnormals) to a signed zero, nearest and
@@ -140,6 +181,96 @@ def pow2_scales(x4: torch.Tensor, bp: torch.Tensor) -> tuple[torch.Tensor, torch
     k = _pow2_exponent(amax, bp)
     nan = torch.full_like(amax, float("nan"))
     return torch.where(bad, nan, _pow2(k)), torch.where(bad, nan, _pow2(-k))
+
+
+def pow2_grid(
+    x4: torch.Tensor, bp: torch.Tensor, pe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The element grid of each block of blocked float32 ``x4`` moved by its power-of-two
+    scale ``X = 2**k``, as the int32 bounds :func:`round_pow2_grid` reads, each of shape
+    ``(groups, 1, h, 1)``: the float32 exponent below which the moved grid's spacing
+    stops shrinking (``pe``'s ``subnormal_below + k``), the bits of ``largest * X`` (-1
+    in a block holding NaN or Inf, so that every value there is past it), what a value
+    past it becomes (``largest * X``; NaN in such a block), and the bits of the smallest
+    subnormal times X (a float32 subnormal for the smallest scales; exact, see
+    :func:`pow2_grid_ok`)."""
+    amax = x4.abs().amax(dim=(1, 3), keepdim=True)
+    bad = ~torch.isfinite(amax)
+    k = _pow2_exponent(amax, bp)
+    subnormal_below = pe[3] + k
+    largest = torch.where(bad, -1, pe[1] + (k << 23))
+    past = torch.where(bad, _F32_QNAN, largest)
+    step = _pow2(((pe[4] >> 23) - 127) + k).view(torch.int32)
+    return subnormal_below, largest, past, step
+
+
+def pow2_grid_ok(pe: Sequence[int]) -> bool:
+    """Whether :func:`round_pow2_grid` gives :func:`round_elements`' results times the
+    scale for the element format with kernel parameters ``pe``
+    (:func:`mixprec.core.kernels.param_values`, saturating): it has a
+    zero, signed values, subnormals whose smallest is a float32 normal, and rounds
+    every float32 below 2**-125 to zero (:func:`zero_below_ok`, so the products that
+    float32 cannot hold round to zero both ways), its largest value is at least 4 (so
+    that ``largest * 2**-127`` is a float32 normal) and its smallest subnormal at least
+    2**-22 (so that times 2**-127 it is a float32 value). True for every MX element."""
+    shift, max_bits, _, _, step_bits, _, _, invalid_below = (int(v) for v in pe)
+    return (zero_below_ok(pe) and invalid_below == _INT32_MIN and (max_bits >> 23) - 127 >= 2
+            and (step_bits & _MANTISSA) == 0 and (step_bits >> 23) - 127 >= -22 and shift >= 0)
+
+
+def round_pow2_grid(
+    x4: torch.Tensor,
+    subnormal_below: torch.Tensor,
+    largest: torch.Tensor,
+    past: torch.Tensor,
+    step: torch.Tensor,
+    shift: torch.Tensor,
+    key: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`.kernels._round_bits` of ``x4`` onto each block's moved grid
+    (:func:`pow2_grid`; ``shift`` is ``23 - element mantissa bits``): the dequantized
+    values ``round(x / X) * X`` bit for bit, computed on x's own bits.
+
+    In float32 binade E the moved grid's spacing is ``2**drop`` ulps with ``drop =
+    shift + max(subnormal_below, E) - E``, the scalar kernel's formula with the bound
+    moved by k. A float32 subnormal x counts in ulps of binade 1 (``2**-149``) but lies
+    in its own binade E' (from an exact int-to-float conversion of its bits), which
+    matters where the moved grid's normal range reaches below float32's (the smallest
+    scales): there ``drop = shift + max(subnormal_below, E') - 1``. The increment, the
+    tie rule, the values below the smallest subnormal and the random bits (the
+    element's flat index) are the scalar kernel's. Stochastic rounding of a float32
+    subnormal x uses the random bits as the scalar kernel does on the normalised
+    ``x / X`` (its significand ``n = 1 - E'`` bits further left): the random increment
+    shifted right by n, and the tiny-value test on the normalised significand, so that
+    the result is :func:`round_elements`' bit for bit. The element formats here
+    saturate, have a zero and are signed, so no NaN passes through (a block with NaN or
+    Inf is all NaN) and nothing is invalid."""
+    bits = x4.view(torch.int32)
+    magnitude = bits & _ABS_MASK
+    sign = bits & _INT32_MIN
+    exponent = torch.clamp(magnitude >> 23, min=1)
+    significand = magnitude - ((exponent - 1) << 23)
+    own = torch.where(magnitude < (1 << 23), (magnitude.to(torch.float32).view(torch.int32) >> 23) - 149, exponent)
+    drop = shift + torch.maximum(subnormal_below, own) - exponent
+    if key is None:
+        drop = torch.clamp(drop, max=25)
+        drop_mask = (1 << drop) - 1
+        increment = (drop_mask >> 1) + ((significand >> drop) & 1 & drop_mask)
+        tiny_up = significand > ((1 << drop) >> 1)
+    else:
+        random = _hash_bits(x4, key)
+        normalise = exponent - own  # 0 for normal x
+        drop = torch.clamp(drop + normalise, max=61)  # the drop of the normalised x / X
+        wide_mask = (1 << torch.clamp(drop, max=24)) - 1
+        increment = (random & wide_mask) >> normalise
+        drop_mask = wide_mask >> normalise
+        significand = significand << normalise
+        threshold = (significand << torch.clamp(30 - drop, min=0)) >> torch.clamp(drop - 30, min=0, max=31)
+        tiny_up = (random & 0x3FFFFFFF) < threshold
+    rounded = (magnitude + increment) & ~drop_mask
+    result = torch.where(drop >= 24, torch.where(tiny_up, step, 0), rounded)
+    result = torch.where(result > largest, past, result)
+    return (result | sign).view(torch.float32)
 
 
 def amax_scales(
@@ -188,6 +319,25 @@ def round_elements(
     return _round_bits(_times_block(x4, factor, zero_below), pe, key)
 
 
+def range_counts(
+    x4: torch.Tensor, factor: torch.Tensor, pe_unsaturated: torch.Tensor, zero_below: bool,
+    smallest_normal: float,
+) -> torch.Tensor:
+    """How many values of blocked ``x4`` flush, land among the element subnormals, and
+    clip, rounded to nearest as :func:`round_elements` rounds them (``factor`` from
+    :func:`pow2_scales` or :func:`amax_scales`), as int64 ``[flushed, subnormal,
+    clipped]``. ``pe_unsaturated`` are the element format's parameters with overflow to
+    Inf: the rounding is the quantizer's except that a value rounding past the
+    element's largest gives Inf instead of the largest, so the Infs are exactly the
+    values saturation changed. Bad blocks (NaN factor) count in none."""
+    rounded = _round_bits(_times_block(x4, factor, zero_below), pe_unsaturated, None)
+    magnitude = rounded.abs()
+    flushed = ((rounded == 0) & (x4 != 0)).sum()
+    subnormal = ((magnitude > 0) & (magnitude < smallest_normal)).sum()
+    clipped = torch.isinf(rounded).sum()
+    return torch.stack([flushed, subnormal, clipped])
+
+
 def pow2_parts(
     x4: torch.Tensor, pe: torch.Tensor, bp: torch.Tensor, key: torch.Tensor | None,
     zero_below: bool = False,
@@ -216,8 +366,10 @@ def amax_parts(
 
 # The compiled path runs in two calls: the block scales (one reduction over x, then
 # the scale math once per block, writing (groups, 1, h, 1) tensors), then one
-# element-wise pass that multiplies, rounds and scales back. In one graph inductor
-# inlines the scale math into the element loop and recomputes it for every vector.
+# element-wise pass that multiplies, rounds and scales back (power-of-two scales: the
+# moved grid's bounds, then one pass that rounds x onto it). In one graph inductor
+# inlines the scale math into the element loop and recomputes it for every vector
+# (measured again for the moved grid: no faster than the two calls).
 # The rounding key is None or a tensor, and ``out`` (blocked like x, see
 # :func:`blocked`; a fresh tensor for allocating calls) is written inside the compiled
 # function so the result is never materialised twice; ``zb`` is :func:`zero_below_ok`
@@ -232,6 +384,32 @@ def _amax_scales(x4, ps, fp, two_level, tensor_amax):  # type: ignore[no-untyped
     return full, reciprocal
 
 
+def _pow2_grid(x4, bp, pe):  # type: ignore[no-untyped-def]
+    return pow2_grid(x4, bp, pe)
+
+
+def _pow2_nearest_out(x4, sb, largest, past, step, pe, out):  # type: ignore[no-untyped-def]
+    out.copy_(round_pow2_grid(x4, sb, largest, past, step, pe[0], None))
+
+
+def _pow2_stochastic_out(x4, sb, largest, past, step, pe, key, out):  # type: ignore[no-untyped-def]
+    out.copy_(round_pow2_grid(x4, sb, largest, past, step, pe[0], key))
+
+
+def _amax_floor_scales(x4, ps, fp, two_level, tensor_amax):  # type: ignore[no-untyped-def]
+    block, tensor_scale, reciprocal = amax_scales(x4, ps, fp, two_level, tensor_amax)
+    full = block if tensor_scale is None else tensor_scale * block
+    return full, reciprocal, flush_floor(reciprocal)
+
+
+def _flushed_nearest_out(x4, factor, floor, full, pe, out):  # type: ignore[no-untyped-def]
+    out.copy_(_round_bits(times_flushed(x4, factor, floor), pe, None) * full)
+
+
+def _flushed_stochastic_out(x4, factor, floor, full, pe, key, out):  # type: ignore[no-untyped-def]
+    out.copy_(_round_bits(times_flushed(x4, factor, floor), pe, key) * full)
+
+
 def _blocks_nearest_out(x4, factor, full, pe, zb, out):  # type: ignore[no-untyped-def]
     out.copy_(round_elements(x4, factor, pe, None, zb) * full)
 
@@ -243,6 +421,12 @@ def _blocks_stochastic_out(x4, factor, full, pe, zb, key, out):  # type: ignore[
 _ENTRIES.update(
     {
         "pow2_scales": _pow2_scales,
+        "pow2_grid": _pow2_grid,
+        "amax_floor_scales": _amax_floor_scales,
+        "flushed_nearest_out": _flushed_nearest_out,
+        "flushed_stochastic_out": _flushed_stochastic_out,
+        "pow2_nearest_out": _pow2_nearest_out,
+        "pow2_stochastic_out": _pow2_stochastic_out,
         "amax_scales": _amax_scales,
         "blocks_nearest_out": _blocks_nearest_out,
         "blocks_stochastic_out": _blocks_stochastic_out,

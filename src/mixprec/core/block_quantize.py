@@ -26,7 +26,7 @@ from mixprec.core.formats.blocks import BlockFormat
 from mixprec.core.kernels import _params, _run, param_values
 from mixprec.core.quantize import Rounding, _check_tensor, _key
 
-__all__ = ["BlockParts", "quantize_blocks", "block_parts", "blocked_view"]
+__all__ = ["BlockParts", "BlockCounts", "quantize_blocks", "block_parts", "block_counts", "blocked_view"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ def restore_layout(moved: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 _PARAMS_CACHE: dict[tuple[BlockFormat, torch.device], tuple[torch.Tensor, ...]] = {}
 _ZERO_BELOW: dict[BlockFormat, bool] = {}
+_POW2_GRID: dict[BlockFormat, bool] = {}
 
 
 def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
@@ -116,6 +117,18 @@ def _zero_below(fmt: BlockFormat, pe: torch.Tensor) -> bool:
         cached = block_kernels.zero_below_ok(param_values(fmt.element, "saturate"))
         if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
             _ZERO_BELOW[fmt] = cached
+    return cached
+
+
+def _pow2_grid(fmt: BlockFormat) -> bool:
+    """Whether ``fmt`` runs the moved-grid kernel (:func:`block_kernels.pow2_grid_ok`;
+    power-of-two scale rules only; cached)."""
+    cached = _POW2_GRID.get(fmt)
+    if cached is None:
+        cached = fmt.scale_rule in block_kernels.RULE_IDS and block_kernels.pow2_grid_ok(
+            param_values(fmt.element, "saturate"))
+        if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
+            _POW2_GRID[fmt] = cached
     return cached
 
 
@@ -208,28 +221,58 @@ def quantize_blocks(
     key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
-    pe = params[0]
-    if fmt.scale_rule in block_kernels.RULE_IDS:
-        full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
-    else:
-        full, factor = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[misc, arg-type]
-    args: tuple[object, ...] = (factor, full, pe, _zero_below(fmt, pe))
-    if key is not None:
-        args = (*args, key)
-    # Allocating calls write into a fresh tensor through the same ``_out`` kernel: one
-    # compiled kernel per block shape and rounding instead of two.
-    name = f"blocks_{rounding}_out"
     direct = (
         out is not None and axis == x.dim() - 1 and out.is_contiguous()
         and out.data_ptr() != x.data_ptr()
     )
+    target = out if direct else torch.empty(moved_shape, dtype=torch.float32, device=x.device)
+    assert target is not None
+    _round_blocks(fmt, x4, params, rounding, key, amax_t, block_kernels.blocked(target, dims))
+    return _finish(target, out, direct, axis, x.dim())
+
+
+def _round_blocks(
+    fmt: BlockFormat,
+    x4: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    rounding: str,
+    key: torch.Tensor | None,
+    amax_t: torch.Tensor | None,
+    out4: torch.Tensor,
+) -> None:
+    """Write blocked ``x4`` quantized to ``fmt`` into ``out4`` (blocked like it), in two
+    compiled calls: the block scales, then one element-wise pass. Allocating calls come
+    here with a fresh ``out4``: one compiled kernel per block shape and rounding."""
+    pe = params[0]
+    stochastic = () if key is None else (key,)
+    if _pow2_grid(fmt):
+        # power-of-two scales: x rounded onto each block's moved grid, one pass writing
+        # the dequantized values (no multiply by the scale and back)
+        grid = _run("pow2_grid", x4, params[1], pe)
+        _run(f"pow2_{rounding}_out", x4, *grid, pe, *stochastic, out4)  # type: ignore[misc]
+        return
+    zero_below = _zero_below(fmt, pe)
+    if fmt.scale_rule not in block_kernels.RULE_IDS and zero_below:
+        # amax scales: one float multiply by the block's factor, x under the block's
+        # flush floor zeroed first (no subnormal product)
+        scales = _run("amax_floor_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[arg-type]
+        full, factor, floor = scales  # type: ignore[misc]
+        _run(f"flushed_{rounding}_out", x4, factor, floor, full, pe, *stochastic, out4)
+        return
+    if fmt.scale_rule in block_kernels.RULE_IDS:
+        full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
+    else:
+        scales = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[arg-type]
+        full, factor = scales  # type: ignore[misc]
+    _run(f"blocks_{rounding}_out", x4, factor, full, pe, zero_below, *stochastic, out4)  # type: ignore[arg-type]
+
+
+def _finish(target: torch.Tensor, out: torch.Tensor | None, direct: bool, axis: int, ndim: int) -> torch.Tensor:
+    """The result written into ``target`` (``out`` itself when ``direct``), in x's layout
+    and in ``out`` when one was given."""
     if direct:
-        assert out is not None
-        _run(name, x4, *args, block_kernels.blocked(out, dims))  # type: ignore[arg-type]
-        return out
-    result = torch.empty(moved_shape, dtype=torch.float32, device=x.device)
-    _run(name, x4, *args, block_kernels.blocked(result, dims))  # type: ignore[arg-type]
-    result = restore_layout(result, axis, x.dim())
+        return target
+    result = restore_layout(target, axis, ndim)
     if out is not None:
         return out.copy_(result)
     return result
@@ -263,3 +306,64 @@ def block_parts(
                 x4, params[0], params[1], params[2], key, fmt.tensor_scale, amax_t, zero_below
             )
     return BlockParts(elements, scales, tensor_scale, moved_shape, tuple(x.shape), axis)
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """What rounding to a block format does to a tensor's values (round to nearest even,
+    each value against its own block's scale, as :func:`quantize_blocks` picks it):
+
+    - ``flushed``: nonzero values that round to zero in their block (below half the
+      element format's smallest subnormal times the block scale);
+    - ``subnormal``: values that round to a nonzero element below the element format's
+      smallest normal (fewer significant bits);
+    - ``clipped``: values that saturate at the block's largest value: to nearest they
+      would round past ``element.largest`` times the block scale. Only scale rules that
+      do not round the scale up clip: OCP's floor rule when amax's significand exceeds
+      the element's largest one (an E2M1 block whose amax is ``7.5 * 2**k`` clips it to
+      ``6 * 2**k``); never ``rceil`` or ``ceil``, and the ``amax`` rule only where the
+      scale's own rounding goes down by more than half an element step.
+
+    ``numel`` counts every value and ``nonzero`` those that are not zero (NaN and Inf
+    included, as :class:`mixprec.stats.TensorCounts` counts them); blocks holding NaN
+    or Inf read back NaN and count in neither share."""
+
+    numel: int
+    nonzero: int
+    flushed: int
+    subnormal: int
+    clipped: int
+
+
+def block_counts(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    axis: int = -1,
+    tensor_amax: torch.Tensor | float | None = None,
+) -> BlockCounts:
+    """Count the values of ``x`` that flush, are subnormal or clip in ``fmt``
+    (:class:`BlockCounts`), with the block scales :func:`block_parts` uses (same
+    kernels) and rounding to nearest even. Raises as :func:`quantize_blocks` does for a
+    dimension that is not a multiple of the block extent. Synchronises with x's device
+    once."""
+    x = _check_tensor(x)
+    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    moved, dims, _, _ = blocked_view(x, fmt, axis)
+    numel = moved.numel()
+    if numel == 0:
+        return BlockCounts(0, 0, 0, 0, 0)
+    x4 = moved.reshape(-1, *dims)
+    params = _block_params(fmt, x.device)
+    elem = fmt.element
+    with torch.no_grad():
+        zero_below = _zero_below(fmt, params[0])
+        if fmt.scale_rule in block_kernels.RULE_IDS:
+            _, factor = block_kernels.pow2_scales(x4, params[1])
+        else:
+            _, _, factor = block_kernels.amax_scales(x4, params[1], params[2], fmt.tensor_scale, amax_t)
+        counts = block_kernels.range_counts(
+            x4, factor, _params(elem, "inf", x.device), zero_below, elem.smallest_normal
+        )
+        nonzero = (x4 != 0).sum()
+        flushed, subnormal, clipped, nonzero_ = torch.cat([counts, nonzero.reshape(1)]).tolist()
+    return BlockCounts(numel, nonzero_, flushed, subnormal, clipped)

@@ -19,9 +19,9 @@ from mixprec.experiments.data import load_fashion_mnist, load_kjv
 from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, resnet_style_cnn
 from mixprec.experiments.steps import classifier_loss, gan_step, language_loss, optimizer_step
 from mixprec.amp import MixedPrecisionOptimizer, prepare
-from mixprec.recipe import get_recipe
+from mixprec.recipe import Recipe, get_recipe
 
-__all__ = ["MODELS", "AnalyzePlan", "AnalyzeResult", "run_analyze"]
+__all__ = ["MODELS", "AnalyzePlan", "AnalyzeResult", "run_analyze", "recipe_block_formats"]
 
 MODELS = ("cnn", "lstm", "gan", "transformer")
 _SIZES = {"cnn": (128, 24), "lstm": (32, 256), "gan": (128, 32), "transformer": (32, 256)}  # batch, width
@@ -150,16 +150,32 @@ def _gan(plan: AnalyzePlan, sampler: torch.Generator) -> _Session:
     return _Session(observed, step, {"generator": opt_g, "critic": opt_d}, lambda: current[0].loss_scale)
 
 
+def recipe_block_formats(recipe: str | Recipe) -> tuple[str, ...]:
+    """The block formats ``recipe``'s operands use (scale rule included, e.g.
+    ``"mxfp8_e4m3:rceil"``), in the order forward, dgrad, wgrad, each once: the formats
+    whose clipped and flushed shares ``mixprec analyze`` reports."""
+    recipe = get_recipe(recipe)
+    names: list[str] = []
+    for gemm in (recipe.forward, recipe.dgrad, recipe.wgrad):
+        for operand in (gemm.left, gemm.right):
+            if operand.is_block and operand.fmt.name not in names:
+                names.append(operand.fmt.name)
+    return tuple(names)
+
+
 def run_analyze(plan: AnalyzePlan, on_step: Callable[[int, float], None] | None = None) -> AnalyzeResult:
     """Train ``plan.model`` for ``plan.steps`` steps under ``plan.recipe``, observing every
-    ``plan.every``-th step, and write the report into ``plan.out``. ``on_step(step,
+    ``plan.every``-th step (fp16, bf16, e5m2, e4m3 and the recipe's block formats), and
+    write the report into ``plan.out``. ``on_step(step,
     loss)`` is called after each step (progress display)."""
     torch.manual_seed(plan.seed)
     sampler = torch.Generator().manual_seed(plan.seed + 1)
     builders = {"cnn": _cnn, "lstm": _language, "transformer": _language, "gan": _gan}
     session = builders[plan.model](plan, sampler)
     losses = []
-    config = stats.StatsConfig(every=plan.every)
+    # a block recipe's formats are counted too: their clipped and flushed shares per layer
+    config = stats.StatsConfig(every=plan.every,
+                               formats=stats.StatsConfig().formats + recipe_block_formats(plan.recipe))
     with stats.Observer(session.observed, config, loss_scale=session.loss_scale, model_name=plan.model) as obs:
         for index in range(plan.steps):
             losses.append(session.step(index))

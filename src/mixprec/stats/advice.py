@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from mixprec.core import formats as formats_module
 from mixprec.recipe import Recipe, get_recipe
-from mixprec.stats.counting import TensorCounts
+from mixprec.stats.counting import TensorCounts, is_block_format
 from mixprec.stats.observer import SCALED_CLASSES, ModelStats
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "rank_layers",
     "FormatAdvice",
     "advise_formats",
+    "BlockShare",
+    "block_shares",
 ]
 
 DEFAULT_MARGIN = 3
@@ -62,9 +64,15 @@ def recommend_loss_scale(stats: ModelStats, fmt: str, margin: int = DEFAULT_MARG
     """The largest power-of-two loss scale that keeps the largest sampled gradient
     (errors and weight gradients, unscaled) times S under ``fmt``'s largest value with
     ``margin`` binades to spare, clamped to the what-if scales recorded, and the errors'
-    shares without it and with it."""
+    shares without it and with it. Block formats have no loss scale to recommend (each
+    block's scale follows its values): ValueError."""
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ValueError(f"margin must be an int >= 0 (binades of headroom), got {margin!r}")
+    if is_block_format(fmt):
+        raise ValueError(
+            f"{fmt} is a block format: each block's scale follows its values, so there is no loss scale to "
+            "recommend; read its flushed and clipped shares with counts.share(fmt, 'flush') and "
+            "counts.share(fmt, 'clip')")
     fmt_obj = formats_module.get(fmt)
     errors = stats.total("error")
     amax = max(errors.amax, stats.total("weight_grad").amax)
@@ -106,16 +114,37 @@ def _describe_scaling(recipe: Recipe) -> str:
     return f"it has dynamic loss scaling (from {scaling.init_scale:g})"  # type: ignore[union-attr]
 
 
+def _block_verdict(stats: ModelStats, recipe: Recipe, has: str, tolerance: float) -> RecipeVerdict:
+    """A recipe whose errors are in a block format: a loss scale moves every block's scale
+    with the values and changes nothing, so the verdict is no, with what the blocks lose."""
+    name = recipe.dgrad.left.fmt.name
+    reason = (f"no: its errors are in the block format {name}, whose block scales follow the values, so a "
+              f"power-of-two loss scale changes nothing")
+    if name in stats.config.format_names:
+        errors = stats.total("error")
+        flushed, clipped = errors.share(name, "flush"), errors.share(name, "clip")
+        reason += (f"; in their blocks {flushed:.3%} of the errors' nonzero values flush to zero and {clipped:.3%} "
+                   f"clip at the block's largest value")
+        if flushed > tolerance:
+            reason += (f" (more than the tolerance of {tolerance:.2%} flush: the block formats' narrow element "
+                       "range, not the loss scale, is what loses them)")
+    return RecipeVerdict(recipe.name, False, f"{reason} ({has})")
+
+
 def recipe_verdict(
     stats: ModelStats, recipe: str | Recipe, tolerance: float = DEFAULT_TOLERANCE, margin: int = DEFAULT_MARGIN
 ) -> RecipeVerdict:
     """Whether ``recipe`` needs a loss scale: yes when more than ``tolerance`` of the
     unscaled errors' nonzero values would flush to zero in its error format; no for FP32
-    errors, for per-tensor scaling (each tensor is scaled onto the format's range), or
-    when the unscaled errors fit."""
+    errors, for per-tensor scaling (each tensor is scaled onto the format's range), for
+    block formats (each block is, and the reason gives the errors' flushed and clipped
+    shares where the format was observed), or when the unscaled errors fit."""
     recipe = get_recipe(recipe)
-    fmt = recipe.dgrad.left.fmt
     has = _describe_scaling(recipe)
+    if recipe.dgrad.left.is_block:
+        return _block_verdict(stats, recipe, has, tolerance)
+    fmt = recipe.dgrad.left.fmt
+    assert isinstance(fmt, formats_module.FloatFormat)
     if recipe.dgrad.left.scaling is not None:
         return RecipeVerdict(recipe.name, False, f"no: per-tensor scaling maps each tensor's amax onto {fmt.name}'s "
                              f"range, so a loss scale adds nothing ({has})")
@@ -150,7 +179,7 @@ class LayerLoss:
 def rank_layers(stats: ModelStats, fmt: str = "fp16", classes: tuple[str, ...] = ("error",)) -> list[LayerLoss]:
     """Layers (and classes) ordered by the unscaled share of their nonzero values lost
     in ``fmt``, the worst first."""
-    name = formats_module.get(fmt).name
+    name = formats_module.resolve(fmt).name
     rows = []
     for (layer, cls), counts in stats.counts.items():
         if cls not in classes or counts.nonzero == 0:
@@ -178,7 +207,8 @@ class FormatAdvice:
 
 
 def _candidates(names: tuple[str, ...]) -> list[str]:
-    return sorted(names, key=lambda n: formats_module.get(n).total_bits)
+    """The scalar formats among ``names``, narrowest first."""
+    return sorted((n for n in names if not is_block_format(n)), key=lambda n: formats_module.get(n).total_bits)
 
 
 def advise_formats(
@@ -188,11 +218,14 @@ def advise_formats(
     ``tolerance`` of the nonzero values (at equal width, the one that loses less);
     "fp32" when none does. Errors and weight gradients are judged at the format's
     recommended loss scale (one scale for the model, as loss scaling works), the other
-    classes unscaled. A "(model)" row per class judges the whole model's values."""
+    classes unscaled. A "(model)" row per class judges the whole model's values. Block
+    formats are not candidates: what they lose depends on each block's spread, not on
+    a range a loss scale can move, and their shares are reported per layer apart
+    (:func:`block_shares`)."""
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be a share in [0, 1), got {tolerance}")
     scales = {}
-    for name in stats.config.format_names:
+    for name in _candidates(stats.config.format_names):
         exponent = recommend_loss_scale(stats, name, margin).exponent
         scales[name] = 1.0 if exponent is None else 2.0**exponent
     advice = []
@@ -213,3 +246,40 @@ def advise_formats(
         else:
             advice.append(FormatAdvice(layer, cls, chosen[2], chosen[1], chosen[3]))
     return advice
+
+
+@dataclass(frozen=True)
+class BlockShare:
+    """One layer and tensor class in one block format: its nonzero values and the shares
+    of them flushed to zero in their block, subnormal elements, and clipped at their
+    block's largest value (to nearest, blocks along the tensor's last dimension)."""
+
+    layer: str
+    cls: str
+    format: str
+    nonzero: int
+    flushed: float
+    subnormal: float
+    clipped: float
+
+
+def block_shares(stats: ModelStats, classes: tuple[str, ...] = ("weight", "activation", "error", "weight_grad"),
+                 ) -> list[BlockShare]:
+    """For every observed block format, each layer's and class's shares flushed,
+    subnormal and clipped, in layer order (then class, then format), and a "(model)" row
+    per class and format over the whole model. Empty when no block format was observed."""
+    names = [n for n in stats.config.format_names if is_block_format(n)]
+    rows: list[BlockShare] = []
+    if not names:
+        return rows
+    order = {layer: i for i, layer in enumerate(stats.layers)}
+    entries = sorted(((layer, cls, c) for (layer, cls), c in stats.counts.items() if cls in classes),
+                     key=lambda e: (order.get(e[0], len(order)), classes.index(e[1])))
+    entries += [("(model)", cls, stats.total(cls)) for cls in classes]
+    for layer, cls, counts in entries:
+        if counts.nonzero == 0:
+            continue
+        for name in names:
+            rows.append(BlockShare(layer, cls, name, counts.nonzero, counts.share(name, "flush"),
+                                   counts.share(name, "subnormal"), counts.share(name, "clip")))
+    return rows

@@ -10,6 +10,12 @@ tensors) answers "how many values are below T" and "how many are at or below T" 
 for every threshold T on that grid. The thresholds of formats with up to 10 mantissa bits
 (fp16, bf16, e5m2, e4m3), times any power of two, are on it, except below 2^-137 (in
 float32's own subnormal range), where they are resolved to the next grid point.
+
+Block formats (``"mxfp4_e2m1"``, ``"nvfp4"``, ...) are counted by quantizing: each
+value against its own block's scale (:func:`mixprec.core.block_quantize.block_counts`),
+blocks along the tensor's last dimension, zero-padded to whole blocks as the engine
+pads them inside its ops. For them "overflow" is a value *clipped* at its block's
+largest value.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 import torch
 
 from mixprec.core import formats as formats_module
-from mixprec.core.formats import FloatFormat
+from mixprec.core.block_quantize import block_counts
+from mixprec.core.formats import BlockFormat, FloatFormat
 
 __all__ = [
     "LOG2_MIN",
@@ -32,6 +39,8 @@ __all__ = [
     "thresholds",
     "TensorCounts",
     "count_tensor",
+    "count_blocks",
+    "is_block_format",
 ]
 
 LOG2_MIN = -190
@@ -43,7 +52,12 @@ KINDS = ("flush", "subnormal", "overflow")
 """What can happen to a nonzero value rounded (to nearest even) into a format:
 ``flush``: it becomes 0; ``subnormal``: it stays nonzero but below the smallest normal
 value (fewer significant bits); ``overflow``: it rounds past the largest finite value
-(to Inf, NaN, or the saturated largest value, as the format's overflow rule says)."""
+(to Inf, NaN, or the saturated largest value, as the format's overflow rule says).
+In a block format the three are taken in each value's block: ``flush`` is a nonzero
+value rounding to zero in its block, ``subnormal`` an element below the element
+format's smallest normal, and ``overflow`` a value *clipped* at its block's largest
+value (saturated: to nearest it would round past the element format's largest value
+times the block scale)."""
 
 _DROPPED_BITS = 12  # keys keep 8 exponent and 11 mantissa bits
 _GRID = 1 << _DROPPED_BITS
@@ -93,6 +107,39 @@ def thresholds(fmt: str | FloatFormat) -> FormatThresholds:
         overflow_from=fmt.largest + top_ulp / 2,
         overflow_inclusive=significand % 2 == 1,
     )
+
+
+def is_block_format(fmt: str | FloatFormat | BlockFormat) -> bool:
+    """Whether ``fmt`` names a block-scaled format (``"mxfp8_e4m3"``, ``"nvfp4"``, ...)."""
+    return isinstance(formats_module.resolve(fmt), BlockFormat)
+
+
+def _padded_to_blocks(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """float32 ``x`` as a matrix by its last dimension (a scalar as 1 x 1), zero-padded
+    to whole blocks: 1-D blocks run along the rows, 2-D tiles tile the matrix."""
+    flat = x.detach().float()
+    last = flat.shape[-1] if flat.dim() else 1
+    matrix = flat.reshape(-1, last)
+    cols = fmt.block_shape[-1]
+    rows = fmt.block_shape[0] if len(fmt.block_shape) == 2 else 1
+    pad_cols, pad_rows = -matrix.shape[1] % cols, -matrix.shape[0] % rows
+    if pad_cols or pad_rows:
+        matrix = torch.nn.functional.pad(matrix, (0, pad_cols, 0, pad_rows))
+    return matrix
+
+
+def count_blocks(x: torch.Tensor, fmt: str | BlockFormat) -> np.ndarray:
+    """``[flushed, subnormal, clipped]`` (the :data:`KINDS` order, int64) of ``x`` in
+    block format ``fmt``, rounded to nearest even against each block's own scale
+    (:func:`mixprec.core.block_quantize.block_counts`). Blocks run along x's last
+    dimension (2-D tiles over x as a matrix by its last dimension), zero-padded to whole
+    blocks as the engine pads them: zeros change no block's scale and count in no share.
+    Synchronises with x's device once."""
+    block_fmt = formats_module.resolve(fmt)
+    if not isinstance(block_fmt, BlockFormat):
+        raise ValueError(f"count_blocks takes a block format (mxfp8_e4m3, nvfp4, ...), not {block_fmt.name}")
+    counts = block_counts(_padded_to_blocks(x, block_fmt), block_fmt)
+    return np.array([counts.flushed, counts.subnormal, counts.clipped], dtype=np.int64)
 
 
 def _f32_bits(values: np.ndarray, upward: bool) -> np.ndarray:
@@ -170,6 +217,12 @@ class TensorCounts:
     times ``2**exponents[e]`` (exponent 0: unscaled). Counts are exact for every threshold
     at or above 2^-137 as seen; thresholds below it (in float32's subnormal range: bf16's
     flush point under a what-if scale of 2^4 or more) are resolved to 2^-137 steps.
+
+    A block format's counts (:data:`KINDS`: flushed, subnormal and clipped in each
+    value's block) are taken on the values as seen and stand for every scale: a
+    power-of-two loss scale moves each block's scale with its values, so what rounding
+    does to them is the same at any scale (away from the ends of the scale format's
+    range).
     """
 
     formats: tuple[str, ...]
@@ -207,20 +260,23 @@ class TensorCounts:
         )
 
     def _format_index(self, fmt: str | FloatFormat) -> int:
-        name = formats_module.get(fmt).name
+        name = formats_module.resolve(fmt).name
         if name not in self.formats:
             raise ValueError(f"format {name} was not observed; observed: {', '.join(self.formats)}")
         return self.formats.index(name)
 
     def count(self, fmt: str | FloatFormat, kind: str, scale: float | str = 1.0) -> int:
         """How many values ``kind`` ("flush", "subnormal", "overflow" or "lost" = flush +
-        overflow) in ``fmt``: ``scale="seen"`` for the values as recorded (with the loss
-        scale they carried), or a power of two for the unscaled values times it (1.0:
-        unscaled)."""
+        overflow; "clip" is "overflow", the word for block formats) in ``fmt``:
+        ``scale="seen"`` for the values as recorded (with the loss scale they carried), or
+        a power of two for the unscaled values times it (1.0: unscaled; a block format's
+        counts are the same at every scale)."""
+        if kind == "clip":
+            kind = "overflow"
         if kind == "lost":
             return self.count(fmt, "flush", scale) + self.count(fmt, "overflow", scale)
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)} or 'lost', not {kind!r}")
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, 'lost' or 'clip', not {kind!r}")
         f, k = self._format_index(fmt), KINDS.index(kind)
         if scale == "seen":
             return int(self.seen[f, k])
@@ -253,7 +309,7 @@ def _probe_indices(
 
     def not_overflowing(values: np.ndarray) -> np.ndarray:
         # |v| < T when the tie overflows, |v| <= T when it stays
-        incl = np.repeat(inclusive, len(values) // len(bounds))
+        incl = np.repeat(inclusive, len(values) // max(len(bounds), 1))
         return np.where(incl, _below_index(values), _at_or_below_index(values))
 
     groups = {
@@ -275,6 +331,24 @@ def _probe_indices(
     return np.concatenate(list(groups.values())), slices
 
 
+def _with_blocks(
+    x: torch.Tensor, fmts: tuple[FloatFormat | BlockFormat, ...], seen: np.ndarray, what_if: np.ndarray, n_exp: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scalar formats' rows with the block formats' rows put in their places."""
+    rows_seen, rows_if = [], []
+    scalar = 0
+    for fmt in fmts:
+        if isinstance(fmt, BlockFormat):
+            row = count_blocks(x, fmt)
+            rows_seen.append(row)
+            rows_if.append(np.repeat(row[:, None], n_exp, axis=1))
+        else:
+            rows_seen.append(seen[scalar])
+            rows_if.append(what_if[scalar])
+            scalar += 1
+    return np.stack(rows_seen), np.stack(rows_if)
+
+
 def count_tensor(
     x: torch.Tensor,
     fmts: Sequence[str | FloatFormat] = ("fp16", "bf16", "e5m2", "e4m3"),
@@ -284,12 +358,15 @@ def count_tensor(
     """Count ``x``'s values, which carry the loss scale ``scale`` (1.0: none): zeros, Inf,
     NaN, the unscaled amax and log2 histogram, and for each format how many values flush,
     are subnormal, or overflow, as seen and at ``unscaled * 2**e`` for each ``e`` in
-    ``exponents``. One pass over x plus a bincount; synchronises with x's device once."""
+    ``exponents``. One pass over x plus a bincount; synchronises with x's device once.
+    Block formats among ``fmts`` are counted by :func:`count_blocks` (one more pass and
+    synchronisation each), the same counts at every exponent."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"count_tensor takes a floating-point torch.Tensor, not {type(x).__name__}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and > 0, got {scale}")
-    fmt_objs = tuple(formats_module.get(f) for f in fmts)
+    all_fmts = tuple(formats_module.resolve(f) for f in fmts)
+    fmt_objs = tuple(f for f in all_fmts if isinstance(f, FloatFormat))
     exps = tuple(int(e) for e in exponents)
     indices, where = _probe_indices(fmt_objs, float(scale), exps)
     keys, bits = _keys(x)
@@ -306,8 +383,10 @@ def count_tensor(
     seen = kinds(c[where["flush_seen"]], c[where["sub_seen"]], c[where["over_seen"]])
     what_if = kinds(c[where["flush_if"]], c[where["sub_if"]], c[where["over_if"]])
     what_if = what_if.reshape(n_fmt, n_exp, 3).transpose(0, 2, 1).copy()
+    if len(fmt_objs) != len(all_fmts):
+        seen, what_if = _with_blocks(x, all_fmts, seen, what_if, n_exp)
     return TensorCounts(
-        formats=tuple(f.name for f in fmt_objs), exponents=exps, numel=numel, zeros=zeros,
+        formats=tuple(f.name for f in all_fmts), exponents=exps, numel=numel, zeros=zeros,
         infs=at_or_below_inf - below_inf, nans=numel - at_or_below_inf, amax=_amax(bits) / scale,
         samples=1, scales=(float(scale),), hist=hist.astype(np.int64), seen=seen.astype(np.int64),
         what_if=what_if.astype(np.int64),

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mixprec.core import formats as formats_module
-from mixprec.stats.counting import TensorCounts, count_tensor, thresholds
+from mixprec.stats.counting import TensorCounts, count_tensor, is_block_format, thresholds
 
 __all__ = [
     "TENSOR_CLASSES",
@@ -41,7 +41,9 @@ callable returning the scale."""
 @dataclass(frozen=True)
 class StatsConfig:
     """What the observer records. ``every``: sample one step in N (steps 0, N, 2N, ...);
-    ``formats``: the formats whose flush, subnormal and overflow counts are kept;
+    ``formats``: the formats whose flush, subnormal and overflow counts are kept (block
+    formats too, ``"mxfp4_e2m1"``, ``"nvfp4"``: flushed, subnormal and clipped in each
+    value's block, blocks along the tensor's last dimension);
     ``scale_exponents``: errors and weight gradients are also counted at the unscaled
     values times 2^e for each e here (what-if loss scales); ``classes``: the tensor
     classes to record; ``record_without_grad``: also record forward passes run under
@@ -59,7 +61,8 @@ class StatsConfig:
         if not self.formats:
             raise ValueError("formats must name at least one format, e.g. ('fp16', 'bf16', 'e5m2', 'e4m3')")
         for name in self.formats:
-            thresholds(name)  # an unknown or unsupported format fails here, with the reason
+            if not is_block_format(name):  # an unknown name fails here, with the list of names
+                thresholds(name)  # an unsupported scalar format fails here, with the reason
         unknown = [c for c in self.classes if c not in TENSOR_CLASSES]
         if unknown or not self.classes:
             raise ValueError(f"unknown tensor classes {unknown}; choose from {', '.join(TENSOR_CLASSES)}")
@@ -70,7 +73,7 @@ class StatsConfig:
     @property
     def format_names(self) -> tuple[str, ...]:
         """The canonical names of ``formats``."""
-        return tuple(formats_module.get(name).name for name in self.formats)
+        return tuple(formats_module.resolve(name).name for name in self.formats)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from mixprec.stats.advice import (
     DEFAULT_TOLERANCE,
     LossScaleAdvice,
     advise_formats,
+    block_shares,
     rank_layers,
     recipe_verdict,
     recommend_loss_scale,
 )
-from mixprec.stats.counting import LOG2_MAX, LOG2_MIN, TensorCounts
+from mixprec.stats.counting import LOG2_MAX, LOG2_MIN, TensorCounts, is_block_format
 from mixprec.stats.observer import TENSOR_CLASSES, ModelStats
 
 __all__ = ["write_report"]
@@ -210,13 +211,15 @@ def write_report(
                          "block, and call obs.step() after each training step")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fmts = list(stats.config.format_names)
+    observed = list(stats.config.format_names)
+    block_names = [name for name in observed if is_block_format(name)]
+    fmts = [name for name in observed if name not in block_names]  # the ranges, loss scales and advisor
     recipe_name = recipe or stats.recipe
     verdict = recipe_verdict(stats, recipe_name, tolerance, margin) if recipe_name else None
     if primary_format is None:
         error_fmt = get_recipe(recipe_name).dgrad.left.fmt.name if recipe_name else "fp16"
-        primary_format = error_fmt if error_fmt in fmts else ("fp16" if "fp16" in fmts else fmts[0])
-    primary_format = formats_module.get(primary_format).name
+        primary_format = error_fmt if error_fmt in observed else ("fp16" if "fp16" in observed else observed[0])
+    primary_format = formats_module.resolve(primary_format).name
     advice = {name: recommend_loss_scale(stats, name, margin) for name in fmts}
     errors = stats.total("error")
     figures: dict[str, str] = {}
@@ -225,11 +228,11 @@ def write_report(
     lines += [
         f"- recipe: `{recipe_name or 'not prepared (FP32)'}`; steps sampled: {stats.steps_sampled}; "
         f"loss scales the errors carried: {scales}",
-        f"- layers observed: {len(stats.layers)}; formats: {', '.join(fmts)}; advisor tolerance: "
+        f"- layers observed: {len(stats.layers)}; formats: {', '.join(observed)}; advisor tolerance: "
         f"{tolerance:.2%} of nonzero values lost; loss-scale margin: {margin} binades",
         "",
     ]
-    if errors.samples:
+    if errors.samples and fmts:
         _histogram_figure(errors, fmts, advice, f"{title or stats.model_name}\nactivation gradients (errors) of the "
                           f"whole model, unscaled: {errors.nonzero:,} nonzero values "
                           f"({errors.zeros / max(errors.numel, 1):.1%} zeros apart)", out / "errors_histogram.png")
@@ -262,19 +265,20 @@ def write_report(
                      f"{curve['skipped_steps']} skipped steps" + (" (dynamic)" if curve["dynamic"] else ""))
     if history:
         lines.append("")
-    if errors.samples:
+    if errors.samples and fmts:
         _sweep_figure(errors, fmts, advice, out / "loss_scale_sweep.png")
         figures["loss_scale_sweep"] = "loss_scale_sweep.png"
         lines += ["![loss-scale sweep](loss_scale_sweep.png)", ""]
     ranked = rank_layers(stats, primary_format, classes=TENSOR_CLASSES)
     lines += [f"## Layers ranked by the share of values lost in {primary_format}", "",
-              "Lost = flushed to zero or overflowing, unscaled, as a share of the nonzero values.", "",
-              "| layer | class | nonzero values | max\\|x\\| | " + " | ".join(f"{f} lost" for f in fmts)
+              "Lost = flushed to zero or overflowing (block formats: clipped at the block's largest value), unscaled, "
+              "as a share of the nonzero values.", "",
+              "| layer | class | nonzero values | max\\|x\\| | " + " | ".join(f"{f} lost" for f in observed)
               + f" | {primary_format} subnormal |",
-              "|---|---|---|---|" + "---|" * len(fmts) + "---|"]
+              "|---|---|---|---|" + "---|" * len(observed) + "---|"]
     for row in ranked[:25]:
         lines.append(f"| {row.layer} | {row.cls} | {row.nonzero:,} | {row.amax:.3g} | "
-                     + " | ".join(_pct(row.lost[f]) for f in fmts) + f" | {_pct(row.subnormal[primary_format])} |")
+                     + " | ".join(_pct(row.lost[f]) for f in observed) + f" | {_pct(row.subnormal[primary_format])} |")
     if len(ranked) > 25:
         lines.append(f"\n({len(ranked) - 25} more rows in stats.json)")
     lines.append("")
@@ -284,6 +288,23 @@ def write_report(
         if _layers_figure(stats, cls, fmts, out / name):
             figures[f"{cls}_layers"] = name
             lines += [f"![{cls} per layer]({name})", ""]
+    shares = block_shares(stats)
+    if shares:
+        lines += ["## Block formats: values clipped and flushed per layer", "",
+                  "Each value rounded to nearest against its own block's scale (blocks along the tensor's last "
+                  "dimension, zero-padded to whole blocks as the engine pads them). *Clipped*: saturated at the "
+                  "block's largest value (it would round past the element format's largest value times the block "
+                  "scale: OCP's floor scale rule clips when amax's significand exceeds the element's largest one; "
+                  "round-up rules such as rceil never clip). *Flushed*: a nonzero value that rounds to zero in its "
+                  "block (below half the smallest element subnormal times the block scale). *Subnormal*: an "
+                  "element below the element format's smallest normal. Shares of the nonzero values; a loss "
+                  "scale changes none of them.", "",
+                  "| layer | class | format | nonzero values | clipped | flushed | subnormal |",
+                  "|---|---|---|---|---|---|---|"]
+        for share in shares:
+            lines.append(f"| {share.layer} | {share.cls} | {share.format} | {share.nonzero:,} | "
+                         f"{_pct(share.clipped)} | {_pct(share.flushed)} | {_pct(share.subnormal)} |")
+        lines.append("")
     advised = advise_formats(stats, tolerance, margin)
     table: dict[str, dict[str, str]] = {}
     for item in advised:
@@ -319,6 +340,8 @@ def write_report(
                     "subnormal": r.subnormal} for r in ranked],
         "advice": [{"layer": a.layer, "class": a.cls, "format": a.format, "lost": a.lost, "scale": a.scale}
                    for a in advised],
+        "blocks": [{"layer": b.layer, "class": b.cls, "format": b.format, "nonzero": b.nonzero,
+                    "clipped": b.clipped, "flushed": b.flushed, "subnormal": b.subnormal} for b in shares],
         "figures": figures,
         **stats.extra,
     }
