@@ -78,7 +78,7 @@ from mixprec.core.formats import BlockFormat, FloatFormat
 from mixprec.recipe import Operand
 
 __all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
-           "fused_bias_exact", "bf16_exact", "choose", "bf16_values", "linear_bf16"]
+           "fused_bias_exact", "probe", "bf16_exact", "choose", "bf16_values", "linear_bf16"]
 
 GemmPath = Literal["fp32", "bf16"]
 """The kernel an emulated GEMM runs: torch's FP32 GEMM or its BF16 GEMM."""
@@ -216,6 +216,15 @@ def fused_bias_exact() -> bool:
     return _capabilities[key]
 
 
+def probe(device: torch.device | str = "cpu") -> None:
+    """Fill the capability cache for ``device`` now (``convert`` calls this, so that a
+    model compiled before its first eager forward still finds the answers: the checks
+    do not run while torch.compile traces)."""
+    native_bf16(device)
+    if torch.device(device).type == "cpu":
+        fused_bias_exact()
+
+
 # ---- which operands and results the BF16 path serves exactly --------------------------------
 
 
@@ -290,10 +299,21 @@ def bf16_values(q: object) -> torch.Tensor:
     return q.values().to(torch.bfloat16)  # type: ignore[attr-defined]
 
 
+@torch.library.custom_op("mixprec::linear_bf16", mutates_args=())
+def _linear_bf16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    op = _linear_op()
+    assert op is not None, "linear_bf16 runs only where fused_bias_exact() is True"
+    return op(x.contiguous(), weight.contiguous(), bias, "none", [], "")  # type: ignore[operator]
+
+
+@_linear_bf16_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T + bias`` of BF16 ``x`` and ``weight`` (out x in) and an FP32
     ``bias``, accumulated in FP32 with the bias and rounded once to BF16 (oneDNN's
-    linear; only where :func:`fused_bias_exact`)."""
-    op = _linear_op()
-    assert op is not None, "linear_bf16 runs only where fused_bias_exact() is True"
-    return op(x.contiguous(), weight.contiguous(), bias.float(), "none", [], "")  # type: ignore[operator]
+    linear; only where :func:`fused_bias_exact`). A custom op, so that torch.compile
+    calls it as it is (inductor lowers oneDNN's linear only for frozen weights)."""
+    return _linear_bf16_op(x, weight, bias.float())
