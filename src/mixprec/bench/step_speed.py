@@ -190,7 +190,7 @@ def run_step_bench(
     left out where torchao does not import (:func:`torchao_float8_available` says why)."""
     rows = []
     notify = on_step or (lambda label: None)
-    skip = {TORCHAO_FLOAT8} if torchao_float8_available() is not None else set()
+    skip = {TORCHAO_FLOAT8} if TORCHAO_FLOAT8 in configs and torchao_float8_available() is not None else set()
     for model_name in models:
         names = ("fp32", *[c for c in configs if c != "fp32" and c not in skip])
         runs = {}

@@ -169,8 +169,11 @@ def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: tor
     the kernel) and is only cast."""
     if y.dtype == torch.bfloat16 and operand == _BF16_RESULT:
         return y.to(dtype or result_dtype(operand, call.recipe.compute))
-    rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True).values()
-    return rounded.to(dtype or result_dtype(operand, call.recipe.compute))
+    rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True)
+    dtype = dtype or result_dtype(operand, call.recipe.compute)
+    if rounded.cached_values is None and rounded.scale is None and rounded.layout is None:
+        return rounded.storage.to(dtype)  # FP16/BF16 storage: no float32 round trip
+    return rounded.values().to(dtype)
 
 
 def _grad_result_operand(call: _Call, weight: bool) -> Operand:
@@ -278,11 +281,15 @@ class _Gemm(torch.autograd.Function):
                     left, g = left.reshape(-1, left.shape[-1]), g.reshape(-1, g.shape[-1])
                 rows = max(left.shape[-2], g.shape[-2])  # Hadamard-padded rows: pad the other with zeros
                 left, g = _pad_dim(left, -2, rows), _pad_dim(g, -2, rows)
+                # the product in b's own layout (g^T a for F.linear's out x in weight), not a
+                # transposed copy of it
                 if ctx.flatten:
-                    product = left.t() @ g
+                    product = g.t() @ left if ctx.transpose_b else left.t() @ g
+                elif ctx.transpose_b:
+                    product = torch.matmul(g.transpose(-1, -2), left)
                 else:
                     product = torch.matmul(left.transpose(-1, -2), g)
-                product = _reduce_to(product.transpose(-1, -2) if ctx.transpose_b else product, ctx.shapes[1])
+                product = _reduce_to(product, ctx.shapes[1])
                 grad_b = _grad_result(call, product.contiguous(), ctx.weights[1], ctx.dtypes[1])
             if need_bias:
                 # block recipes: summed from the high-precision error, as Transformer Engine's dbias
