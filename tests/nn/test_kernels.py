@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mixprec
 from mixprec.nn import kernels
 from mixprec.nn.kernels import KernelPolicy, bf16_exact, choose, gemm_kernels
+from mixprec.nn.state import EngineState, quantize_operand
 from mixprec.recipe import Operand, TensorScaling
 
 AUTO, FORCED, FP32 = KernelPolicy("auto"), KernelPolicy("bf16"), KernelPolicy("fp32")
@@ -92,6 +93,20 @@ def test_fp16_values_are_not_all_bf16_values() -> None:
     values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
     values = values[torch.isfinite(values)]
     assert not torch.equal(values.bfloat16().float(), values)
+
+
+@pytest.mark.parametrize("operand", [
+    BF16, Operand("e4m3"), E4M3_POW2, Operand("e5m2", scaling=TensorScaling("current")),
+    Operand("mxfp8_e4m3:rceil"), Operand("mxfp4_e2m1"),
+])
+def test_bf16_values_are_the_operands_values_exactly(operand: Operand) -> None:
+    state = EngineState(mixprec.get_recipe("fp8-hybrid"), None)
+    x = torch.randn(16, 64) * 100
+    q = quantize_operand(x, operand, state, "site")
+    for held in (q, q.drop_values()):  # fresh (float32 values held) and as saved for backward
+        values = kernels.bf16_values(held)
+        assert values.dtype == torch.bfloat16
+        assert torch.equal(values.float(), q.values())
 
 
 # ---- the choice -------------------------------------------------------------------------
@@ -259,6 +274,16 @@ def test_fp16_operands_keep_fp32_kernels_even_when_forced() -> None:
     results = run_both(lambda: nn.Linear(32, 16), [torch.randn(8, 32)], "fp16")
     assert results["bf16"][2].dtypes == {torch.float32}
     assert torch.equal(results["bf16"][0], results["fp32"][0])
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_follows_the_capability_check(capabilities, native: bool) -> None:
+    capabilities(native=native)
+    model = mixprec.convert(nn.Linear(32, 16), "bf16")
+    log = GemmLog()
+    with log:
+        model(torch.randn(8, 32, requires_grad=True)).float().sum().backward()
+    assert log.dtypes == ({torch.bfloat16} if native else {torch.float32})
 
 
 def test_backward_keeps_the_forward_policy() -> None:

@@ -77,6 +77,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from mixprec.core.formats import BlockFormat, FloatFormat
+from mixprec.nn.state import Quantized
 from mixprec.recipe import Operand
 
 __all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
@@ -285,22 +286,18 @@ def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, d
 # ---- the BF16 path's pieces ---------------------------------------------------------------
 
 
-def bf16_values(q: object) -> torch.Tensor:
-    """A rounded operand's values (a :class:`~mixprec.nn.state.Quantized` that
-    :func:`bf16_exact` accepts) as a BF16 tensor, exactly: from its float32 values
-    where it holds them, else from its storage times its power-of-two scale."""
-    storage, scale, layout = getattr(q, "storage"), getattr(q, "scale"), getattr(q, "layout")
-    if layout is None and scale is None and storage.dtype == torch.bfloat16:
-        return storage  # BF16 values in BF16 storage: no copy
-    cached = getattr(q, "cached_values")
-    if cached is not None:
-        return cached.to(torch.bfloat16)
-    if layout is None and storage.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-        values = storage.to(torch.bfloat16)
-        if scale is not None:
-            values = values.mul_(scale.to(torch.bfloat16))  # a power of two: exact
-        return values
-    return q.values().to(torch.bfloat16)  # type: ignore[attr-defined]
+def bf16_values(q: Quantized) -> torch.Tensor:
+    """A rounded operand's values (one :func:`bf16_exact` accepts) as a BF16 tensor,
+    exactly: its BF16 storage itself, else from its float32 values where it holds them,
+    else from its FP8 storage times its power-of-two scale."""
+    if q.layout is None and q.scale is None and q.storage.dtype == torch.bfloat16:
+        return q.storage  # BF16 values in BF16 storage: no copy
+    if q.cached_values is not None:
+        return q.cached_values.to(torch.bfloat16)
+    if q.layout is None and q.storage.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        values = q.storage.to(torch.bfloat16)
+        return values if q.scale is None else values.mul_(q.scale.to(torch.bfloat16))  # a power of two: exact
+    return q.values().to(torch.bfloat16)
 
 
 @torch.library.custom_op("mixprec::linear_bf16", mutates_args=())
