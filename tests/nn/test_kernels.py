@@ -26,12 +26,14 @@ E4M3_POW2 = Operand("e4m3", scaling=TensorScaling("delayed"))
 
 @pytest.fixture
 def capabilities(monkeypatch: pytest.MonkeyPatch):
-    """A fresh capability cache whose probes the test sets: ``set(native=..., bias=...)``."""
+    """A fresh capability cache whose probes the test sets: ``set(native=..., bias=...)``
+    (``bias=None``: the real fused-bias probe, so a mocked True never calls a missing op)."""
     monkeypatch.setattr(kernels, "_capabilities", {})
 
-    def set_probes(native: bool = True, bias: bool = True) -> None:
+    def set_probes(native: bool = True, bias: bool | None = None) -> None:
         monkeypatch.setattr(kernels, "_probe_native_bf16", lambda device_type: native and device_type == "cpu")
-        monkeypatch.setattr(kernels, "_probe_fused_bias", lambda: bias)
+        if bias is not None:
+            monkeypatch.setattr(kernels, "_probe_fused_bias", lambda: bias)
 
     return set_probes
 
@@ -115,6 +117,7 @@ def test_bf16_values_are_the_operands_values_exactly(operand: Operand) -> None:
 def test_auto_takes_bf16_only_where_exact_with_a_bf16_result(capabilities) -> None:
     capabilities(native=True)
     assert choose((BF16, BF16), BF16, AUTO, "cpu") == "bf16"
+    assert choose((BF16, BF16), BF16, AUTO, "cpu", bias=True) == ("bf16" if kernels.fused_bias_exact() else "fp32")
     assert choose((E4M3_POW2, Operand("e5m2", scaling=TensorScaling("delayed"))), BF16, AUTO, "cpu") == "bf16"
     assert choose((Operand("mxfp8_e4m3:rceil"),) * 2, BF16, AUTO, "cpu") == "bf16"
     assert choose((FP16, FP16), FP16, AUTO, "cpu") == "fp32"  # FP16 operands are not BF16 values
