@@ -26,7 +26,10 @@ rounds the FP32 sum once to BF16 -- when
   process on a case where adding after the rounding gives another result; where the op
   is missing or rounds twice, GEMMs with a bias keep the FP32 kernel. Convolutions with
   a bias always do (torch's BF16 convolution takes no FP32 bias); convolutions without
-  one (the usual conv + norm) do not;
+  one (the usual conv + norm) do not. A convolution's weight gradient always runs on
+  the FP32 kernel (:mod:`mixprec.nn.ops`): oneDNN's BF16 backward-weights convolution
+  ran 20-40x slower than FP32 for some shapes (7x7 outputs, strided 1x1) on a CPU with
+  native BF16, and which shapes is not knowable in advance;
 - no broadcast operand makes autograd sum a gradient over batch dimensions (that sum
   would run on BF16 values).
 

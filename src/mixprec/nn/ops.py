@@ -387,7 +387,9 @@ class _Convolution(torch.autograd.Function):
                     output_padding, groups, [True, False, False])
                 grad_x = _grad_result(call, grad_x, False, ctx.dtypes[0])
             if need_w:
-                path = _path(call, _grad_result_operand(call, ctx.weight_role), g_weight, saved_x)
+                # FP32 kernel: oneDNN's BF16 backward-weights convolution ran 20-40x slower
+                # than FP32 on some shapes (7x7 outputs, strided 1x1) on a CPU with native BF16
+                path = "fp32"
                 _, grad_w, _ = torch.ops.aten.convolution_backward(
                     _values(path, g_weight), _values(path, saved_x), _values(path, saved_w), None, stride,
                     padding, dilation, transposed, output_padding, groups, [False, True, False])
