@@ -68,7 +68,7 @@ def test_bench_step_writes_rows_for_every_configuration(tmp_path):
     rows = json.loads(path.read_text())
     assert [row["config"] for row in rows] == ["fp32", "autocast-bf16", "fp16", "fp8"]
     by_config = {row["config"]: row for row in rows}
-    assert by_config["fp32"]["ratio_to_fp32"] == 1.0
+    assert by_config["fp32"]["x_fp32"] == 1.0
     # paper 1: FP32 masters plus 2-byte weight operands (batch norms have none): under 6 of 4 bytes
     assert 1.4 < by_config["fp16"]["param_bytes"] / by_config["fp32"]["param_bytes"] <= 1.5
     # paper 2: masters on the FP16 grid (held in FP32) plus 1-byte E5M2 weight operands (the kept
@@ -76,4 +76,29 @@ def test_bench_step_writes_rows_for_every_configuration(tmp_path):
     assert 1.15 < by_config["fp8"]["param_bytes"] / by_config["fp32"]["param_bytes"] <= 1.25
     assert by_config["fp8"]["saved_bytes"] < 0.75 * by_config["fp32"]["saved_bytes"]
     assert by_config["fp32"]["bytes_per_parameter"] == pytest.approx(8.0)  # weights + SGD momentum
-    assert all(row["step_ms"] > 0 and row["saved_bytes"] > 0 for row in rows)
+    assert all(row["ms"] > 0 and row["saved_bytes"] > 0 for row in rows)
+
+
+def test_bench_step_times_the_mlp_against_torchao_and_says_whether_bf16_is_native(tmp_path):
+    path = tmp_path / "step.json"
+    result = run("bench", "step", "--repeats", "1", "--batch-scale", "0.0625", "--models", "mlp",
+                 "--configs", "fp32,autocast-bf16,torchao-float8,bf16,fp8-hybrid", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "native BF16 dot products on this CPU: " in result.stdout
+    rows = json.loads(path.read_text())
+    configs = [row["config"] for row in rows]
+    expected = ["fp32", "autocast-bf16", "torchao-float8", "bf16", "fp8-hybrid"]
+    if "skipping torchao-float8" in result.stdout:  # torchao is an optional peer
+        expected.remove("torchao-float8")
+    assert configs == expected
+    assert {"model", "config", "ms", "x_fp32", "param_bytes", "saved_bytes", "bytes_per_parameter"} <= set(rows[0])
+    assert all(row["model"] == "mlp" and row["ms"] > 0 for row in rows)
+
+
+def test_bench_step_skips_torchao_where_it_does_not_import(monkeypatch):
+    from mixprec.bench import step_speed
+
+    monkeypatch.setattr(step_speed, "torchao_float8_available", lambda: "torchao.float8 does not import")
+    rows = step_speed.run_step_bench(models=["mlp"], configs=["fp32", "torchao-float8"], repeats=1,
+                                     batch_scale=0.0625)
+    assert [row.config for row in rows] == ["fp32"]

@@ -29,6 +29,7 @@ from mixprec.recipe import (
 )
 from mixprec.scaling import DynamicScaling, StaticScaling
 from mixprec.nn import UnsupportedOpError, convert
+from mixprec.nn.kernels import gemm_kernels
 from mixprec.nn.coverage import Coverage, coverage
 from mixprec.amp import GradScaler, MixedPrecisionOptimizer, prepare
 from mixprec import stats
@@ -60,6 +61,7 @@ __all__ = [
     "coverage",
     "formats",
     "from_storage",
+    "gemm_kernels",
     "get_recipe",
     "kernel_backend",
     "prepare",

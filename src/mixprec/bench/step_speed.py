@@ -1,7 +1,11 @@
-"""``mixprec bench step``: one training step of a ResNet-style CNN and of a Transformer
-block under FP32, torch.autocast (bf16, fp16) and every mixprec recipe, in one run:
-median step time, its ratio to FP32, and the bytes of parameters, optimizer state
-(master weights included) and tensors saved for backward."""
+"""``mixprec bench step``: one training step of a ResNet-style CNN, a Transformer (GPT)
+block and an MLP (4 x Linear(1024), batch 512) under FP32 eager, torch.autocast (bf16,
+fp16), torchao's float8 training emulation (an optional peer, where torchao imports) and
+every mixprec recipe, in one run with interleaved rounds: median step time, its ratio to
+FP32, and the bytes of parameters, optimizer state (master weights included) and
+tensors saved for backward. The mixprec recipes run their GEMMs under a
+:func:`mixprec.nn.kernels.gemm_kernels` policy (``"auto"`` by default: BF16 kernels where
+exact and native)."""
 
 from __future__ import annotations
 
@@ -20,20 +24,37 @@ from mixprec.stats.memory import SavedBytesCounter
 from mixprec.recipe import RECIPES
 from mixprec.amp import prepare
 from mixprec.nn.convert import engine_state
+from mixprec.nn.kernels import KernelMode, gemm_kernels
 
-__all__ = ["StepRow", "run_step_bench", "CONFIGS", "transformer_block"]
+__all__ = ["StepRow", "run_step_bench", "CONFIGS", "MODELS", "TORCHAO_FLOAT8", "torchao_float8_available",
+           "transformer_block", "mlp"]
 
-CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", *[name for name in RECIPES if name != "fp32"])
+TORCHAO_FLOAT8 = "torchao-float8"
+"""torchao's float8 training (``convert_to_float8_training``, tensorwise dynamic scaling)
+with ``emulate=True``: its FP8 GEMMs emulated in high precision, as on a CPU."""
+
+CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", TORCHAO_FLOAT8, *[name for name in RECIPES if name != "fp32"])
+MODELS = ("cnn", "transformer", "mlp")
+
+
+def torchao_float8_available() -> str | None:
+    """None where torchao's float8 training imports, else why not (torchao is optional)."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure means: skip the peer
+        return f"torchao.float8 does not import ({type(error).__name__}: {error})"
+    return None
 
 
 @dataclass(frozen=True)
 class StepRow:
-    """One model under one configuration."""
+    """One model under one configuration: ``ms`` the median step, ``x_fp32`` its ratio
+    to FP32 eager's in the same run."""
 
     model: str
     config: str
-    step_ms: float
-    ratio_to_fp32: float
+    ms: float
+    x_fp32: float
     param_bytes: int
     optimizer_bytes: int
     saved_bytes: int
@@ -67,15 +88,32 @@ def transformer_block(width: int = 256, heads: int = 4) -> nn.Module:
     return _BlockWithHead(width, heads)
 
 
+def mlp(width: int = 1024, layers: int = 4) -> nn.Module:
+    """The benchmark's MLP: ``layers`` x Linear(width) with ReLUs between."""
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        modules += [nn.Linear(width, width)] + ([nn.ReLU()] if i < layers - 1 else [])
+    return nn.Sequential(*modules)
+
+
 def _workload(name: str, batch_scale: float) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     if name == "cnn":
         batch = max(2, int(128 * batch_scale))
         x = torch.randn(batch, 1, 28, 28, generator=generator)
         return resnet_style_cnn, x, torch.randint(0, 10, (batch,), generator=generator)
+    if name == "mlp":
+        batch = max(2, int(512 * batch_scale))
+        x = torch.randn(batch, 1024, generator=generator)
+        return mlp, x, torch.randint(0, 1024, (batch,), generator=generator)
     batch = max(2, int(32 * batch_scale))
     x = torch.randn(batch, 128, 256, generator=generator)
     return transformer_block, x, torch.randint(0, 96, (batch, 128), generator=generator)
+
+
+def _float8_filter(module: nn.Module, name: str) -> bool:
+    # torchao's float8 GEMMs need both dimensions a multiple of 16
+    return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -89,21 +127,27 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 class _Run:
     """One model under one configuration, built and ready to step."""
 
-    def __init__(self, model_name: str, config: str, batch_scale: float) -> None:
+    def __init__(self, model_name: str, config: str, batch_scale: float, kernels: KernelMode = "auto") -> None:
         build, self.x, self.y = _workload(model_name, batch_scale)
         torch.manual_seed(0)
         self.model = build()
+        if config == TORCHAO_FLOAT8:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+            convert_to_float8_training(self.model, config=Float8LinearConfig(emulate=True),
+                                       module_filter_fn=_float8_filter)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.autocast = None
         if config.startswith("autocast-"):
             self.autocast = torch.bfloat16 if config.endswith("bf16") else torch.float16
         self.wrapped = None
+        self.kernels = kernels
         if config in RECIPES and config != "fp32":
             self.model, self.wrapped = prepare(self.model, self.optimizer, config)
 
     def loss(self) -> torch.Tensor:
         context = torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else nullcontext()
-        with context:
+        with context, gemm_kernels(self.kernels):
             out = self.model(self.x)
         return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), self.y.reshape(-1))
 
@@ -132,23 +176,27 @@ class _Run:
 
 
 def run_step_bench(
-    models: Sequence[str] = ("cnn", "transformer"),
+    models: Sequence[str] = MODELS,
     configs: Sequence[str] = CONFIGS,
-    repeats: int = 5,
+    repeats: int = 3,
     batch_scale: float = 1.0,
     on_step: Callable[[str], None] | None = None,
+    kernels: KernelMode = "auto",
 ) -> list[StepRow]:
     """Every model under every configuration, FP32 first (the baseline of the ratios).
     The configurations of a model are timed in interleaved rounds (one step of each per
-    round, median over rounds), so drift of the shared machine hits them alike."""
+    round, median over rounds), so drift of the shared machine hits them alike.
+    ``kernels`` is the GEMM kernel policy of the mixprec recipes. The torchao peer is
+    left out where torchao does not import (:func:`torchao_float8_available` says why)."""
     rows = []
     notify = on_step or (lambda label: None)
+    skip = {TORCHAO_FLOAT8} if TORCHAO_FLOAT8 in configs and torchao_float8_available() is not None else set()
     for model_name in models:
-        names = ("fp32", *[c for c in configs if c != "fp32"])
+        names = ("fp32", *[c for c in configs if c != "fp32" and c not in skip])
         runs = {}
         for config in names:
             notify(f"{model_name} {config}")
-            run = runs[config] = _Run(model_name, config, batch_scale)
+            run = runs[config] = _Run(model_name, config, batch_scale, kernels)
             median_seconds(run.step, repeats=1, warmup=1)  # warm-up (and compilation)
         times: dict[str, list[float]] = {config: [] for config in names}
         for _ in range(repeats):
@@ -158,8 +206,8 @@ def run_step_bench(
         sizes = {config: runs[config].bytes() for config in names}
         for config in names:
             rows.append(StepRow(
-                model=model_name, config=config, step_ms=medians[config] * 1e3,
-                ratio_to_fp32=medians[config] / medians["fp32"],
+                model=model_name, config=config, ms=medians[config] * 1e3,
+                x_fp32=medians[config] / medians["fp32"],
                 param_bytes=sizes[config]["param_bytes"], optimizer_bytes=sizes[config]["optimizer_bytes"],
                 saved_bytes=sizes[config]["saved_bytes"],
                 saved_ratio_to_fp32=sizes[config]["saved_bytes"] / max(sizes["fp32"]["saved_bytes"], 1),

@@ -88,15 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     step = benches.add_parser(
         "step",
-        help="one training step of a CNN and a Transformer block under fp32, torch.autocast and every recipe",
+        help="one training step of a CNN, a Transformer block and an MLP under fp32, torch.autocast, "
+        "torchao float8 (emulated) and every recipe",
     )
     step.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
-    step.add_argument("--repeats", type=int, default=5, help="timed steps per row; the median counts")
-    step.add_argument("--models", default="cnn,transformer", help="comma-separated: cnn, transformer")
+    step.add_argument("--repeats", type=int, default=3, help="timed rounds; the median counts (default: %(default)s)")
+    step.add_argument("--models", default="cnn,transformer,mlp", help="comma-separated: cnn, transformer, mlp")
     step.add_argument("--configs", default=",".join(_step_configs()),
                       help="comma-separated configurations (default: all)")
     step.add_argument("--batch-scale", type=float, default=1.0,
-                      help="multiply the batch sizes (128 images, 32 sequences) by this")
+                      help="multiply the batch sizes (128 images, 32 sequences, 512 MLP rows) by this")
+    step.add_argument("--gemm-kernels", choices=("auto", "fp32", "bf16"), default="auto",
+                      help="GEMM kernels of the mixprec recipes: auto (BF16 where exact and native), "
+                      "fp32, or bf16 wherever exact (default: %(default)s)")
     from mixprec.cli.distributed import add_comm_bench_arguments
 
     add_comm_bench_arguments(benches.add_parser(
@@ -128,26 +132,33 @@ def _step_configs() -> tuple[str, ...]:
 
 
 def _bench_step(args: argparse.Namespace, console: Console) -> int:
-    from mixprec.bench.step_speed import run_step_bench
+    from mixprec.bench.step_speed import MODELS, TORCHAO_FLOAT8, run_step_bench, torchao_float8_available
     from mixprec.bench.timing import thread_settings
+    from mixprec.nn.kernels import native_bf16
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in _step_configs()] + [m for m in models if m not in ("cnn", "transformer")]
+    unknown = [c for c in configs if c not in _step_configs()] + [m for m in models if m not in MODELS]
     if unknown or args.repeats < 1 or args.batch_scale <= 0:
         console.print(f"[red]unknown models or configurations {unknown}, or a bad --repeats/--batch-scale; "
-                      f"configurations: {', '.join(_step_configs())}[/red]")
+                      f"models: {', '.join(MODELS)}; configurations: {', '.join(_step_configs())}[/red]")
         return 2
     console.print("settings: " + ", ".join(f"{k}={v}" for k, v in thread_settings().items()))
+    console.print(f"native BF16 dot products on this CPU: {'yes' if native_bf16('cpu') else 'no'} "
+                  f"(mixprec GEMM kernels: {args.gemm_kernels})")
+    missing = torchao_float8_available()
+    if missing is not None and TORCHAO_FLOAT8 in configs:
+        console.print(f"skipping {TORCHAO_FLOAT8}: {missing}")
+        configs = [c for c in configs if c != TORCHAO_FLOAT8]
     total = len(models) * len({"fp32", *configs})
     with _labelled_progress(console, total) as on_step:
         rows = run_step_bench(models=models, configs=configs, repeats=args.repeats,
-                              batch_scale=args.batch_scale, on_step=on_step)
-    table = Table(title=f"one training step (median of {args.repeats}); bytes in MB")
+                              batch_scale=args.batch_scale, on_step=on_step, kernels=args.gemm_kernels)
+    table = Table(title=f"one training step (median of {args.repeats} interleaved rounds); bytes in MB")
     for column in ("model", "config", "step ms", "x fp32", "params", "optimizer", "B/param", "saved", "saved x fp32"):
         table.add_column(column, justify="left" if column in ("model", "config") else "right")
     for row in rows:
-        table.add_row(row.model, row.config, f"{row.step_ms:.1f}", f"{row.ratio_to_fp32:.2f}",
+        table.add_row(row.model, row.config, f"{row.ms:.1f}", f"{row.x_fp32:.2f}",
                       f"{row.param_bytes / 1e6:.2f}", f"{row.optimizer_bytes / 1e6:.2f}",
                       f"{row.bytes_per_parameter:.1f}", f"{row.saved_bytes / 1e6:.1f}", f"{row.saved_ratio_to_fp32:.2f}")
     console.print(table)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mixprec.core.quantize import quantize
+from mixprec.nn import kernels
 from mixprec.nn.intercept import EmulationMode
 from mixprec.nn.state import EngineState, random_state_from
 from mixprec.recipe import Recipe, get_recipe
@@ -138,6 +139,8 @@ def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator |
     model._mixprec = state  # type: ignore[assignment]
     if recipe.is_fp32:
         return model
+    # probe the GEMM kernels' capabilities now, eagerly: a compiled forward cannot
+    kernels.probe(params[0].device if params else "cpu")
     _attach(model, state)
     return model
 

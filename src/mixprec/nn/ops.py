@@ -10,6 +10,11 @@ format mixprec emulates, and their pairwise products, are exact in FP32. What an
 saves for backward is its rounded operands in their real storage (1 byte for FP8, 2
 for FP16/BF16), never the FP32 input.
 
+Each product runs on torch's FP32 kernels, or on its BF16 kernels where those give the
+same result (operands exact in BF16, a BF16 result, a CPU with native BF16 dot
+products): :mod:`mixprec.nn.kernels` chooses per GEMM, under the policy in force when
+the forward ran (:func:`mixprec.nn.kernels.gemm_kernels`).
+
 State lives in the :class:`~mixprec.nn.state.EngineState` the call passes in (the
 model's) and in the autograd context; these functions hold none.
 """
@@ -18,16 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mixprec.nn import kernels
+from mixprec.nn.kernels import GemmPath, KernelPolicy
 from mixprec.nn.state import CallRecord, EngineState, Quantized, block_axis_key, quantize_operand, result_dtype
 from mixprec.recipe import Operand, Recipe
 
 __all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "lstm", "gru", "batch_norm"]
+
+
+_BF16_RESULT = Operand("bf16")
 
 
 def _is_weight(t: torch.Tensor | None) -> bool:
@@ -36,13 +46,15 @@ def _is_weight(t: torch.Tensor | None) -> bool:
 
 @dataclass
 class _Call:
-    """One call's context: the model's engine state, the call site's name and the
-    recipe the call runs under (the model's, or its fallback for this GEMM family)."""
+    """One call's context: the model's engine state, the call site's name, the
+    recipe the call runs under (the model's, or its fallback for this GEMM family) and
+    the kernel policy in force when the forward ran (its backward GEMMs keep it)."""
 
     state: EngineState
     site: str
     recipe_for_call: Recipe | None = None
     forward_key: torch.Tensor | None = None  # the random key of the forward the call ran in
+    policy: KernelPolicy = field(default_factory=kernels.current_policy)
 
     def __post_init__(self) -> None:
         if self.forward_key is None:
@@ -142,22 +154,52 @@ def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return F.pad(x, padding)
 
 
+def _path(call: _Call, result: Operand, *operands: Quantized | Operand | None, bias: bool = False) -> GemmPath:
+    """The kernel of a GEMM of ``operands`` (None: not needed) rounded to ``result``
+    (:func:`mixprec.nn.kernels.choose`, under the policy of the call's forward)."""
+    ops = [q if isinstance(q, Operand) else q.operand for q in operands if q is not None]
+    device = next((q.storage.device for q in operands if isinstance(q, Quantized)), torch.device("cpu"))
+    return kernels.choose(ops, result, call.policy, device, bias=bias)
+
+
+def _values(path: GemmPath, q: Quantized) -> torch.Tensor:
+    """An operand's values in the dtype its kernel multiplies (exact either way)."""
+    return kernels.bf16_values(q) if path == "bf16" else q.values()
+
+
+def _batch_sum(left: torch.Size, right: torch.Size, target: torch.Size) -> bool:
+    """Whether torch.matmul of these shapes gives more batch entries than ``target``
+    has (autograd then sums a broadcast gradient: in FP32, so on the FP32 kernel)."""
+    return tuple(torch.broadcast_shapes(left[:-2], right[:-2])) != tuple(target[:-2])
+
+
 def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A fresh FP32 result rounded once to its format, in its holding dtype (or ``dtype``)."""
+    """A fresh FP32 result rounded once to its format, in its holding dtype (or
+    ``dtype``); a BF16 kernel's output for a BF16 result is already rounded (once, by
+    the kernel) and is only cast."""
+    if y.dtype == torch.bfloat16 and operand == _BF16_RESULT:
+        return y.to(dtype or result_dtype(operand, call.recipe.compute))
     rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True,
-                               forward_key=call.forward_key).values()
-    return rounded.to(dtype or result_dtype(operand, call.recipe.compute))
+                               forward_key=call.forward_key)
+    dtype = dtype or result_dtype(operand, call.recipe.compute)
+    if rounded.cached_values is None and rounded.scale is None and rounded.layout is None:
+        return rounded.storage.to(dtype)  # FP16/BF16 storage: no float32 round trip
+    return rounded.values().to(dtype)
+
+
+def _grad_result_operand(call: _Call, weight: bool) -> Operand:
+    """The format of a gradient result: wgrad's for a weight, dgrad's for anything else."""
+    return call.recipe.wgrad.result if weight else call.recipe.dgrad.result
 
 
 def _grad_result(call: _Call, y: torch.Tensor, weight: bool, dtype: torch.dtype) -> torch.Tensor:
-    recipe = call.recipe
-    operand = recipe.wgrad.result if weight else recipe.dgrad.result
+    operand = _grad_result_operand(call, weight)
     return _finish(call, y, operand, "grad_weight" if weight else "grad_input", dtype)
 
 
 def _no_autocast() -> contextlib.AbstractContextManager[None]:
-    """Run the op's own FP32 kernels whatever autocast the caller has on (a plain
-    ``with`` on torch.autocast where one is on, so torch.compile traces through)."""
+    """Run the op's own kernels whatever autocast the caller has on (a plain ``with`` on
+    torch.autocast where one is on, so torch.compile traces through)."""
     if torch.is_autocast_enabled("cpu"):
         return torch.autocast("cpu", enabled=False)
     if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
@@ -186,12 +228,18 @@ class _Gemm(torch.autograd.Function):
         b_axis = -1 if transpose_b else -2
         qa = _forward_operand(call, a, weights[0], "a", axis=-1)
         qb = _forward_operand(call, b, weights[1], "b", axis=b_axis)
+        # a bias goes into the BF16 kernel only as oneDNN's linear: a 2-D weight, a 1-D bias
+        fusable = bias is None or (b.dim() == 2 and bias.dim() == 1)
+        path = _path(call, call.recipe.forward.result, qa, qb, bias=bias is not None) if fusable else "fp32"
         with _no_autocast():
-            right = qb.values()
-            right = right.transpose(-1, -2) if transpose_b else right
-            y = torch.matmul(qa.values(), right)
-            if bias is not None:
-                y.add_(bias.float())
+            right = _values(path, qb)
+            if path == "bf16" and bias is not None:
+                y = kernels.linear_bf16(_values(path, qa), right if transpose_b else right.t(), bias)
+            else:
+                right = right.transpose(-1, -2) if transpose_b else right
+                y = torch.matmul(_values(path, qa), right)
+                if bias is not None:
+                    y.add_(bias.float())
         out = _finish(call, y, call.recipe.forward.result, "output")
         flatten = len(b.shape) == 2 and a.dim() > 2  # a weight under batched inputs: one wgrad GEMM
         ctx.call, ctx.transpose_b, ctx.weights, ctx.flatten = call, transpose_b, weights, flatten
@@ -221,25 +269,34 @@ class _Gemm(torch.autograd.Function):
             ga = next(rounded) if need_a else None
             gb = next(rounded) if need_b else None
             gbias = next(rounded) if need_bias else None
+        a_shape, b_shape = ctx.shapes
         with _no_autocast():
             if need_a:
-                g = ga.values()
-                right = saved_b.values()
+                path = ("fp32" if _batch_sum(grad_output.shape, b_shape, a_shape)
+                        else _path(call, _grad_result_operand(call, ctx.weights[0]), ga, saved_b))
+                g = _values(path, ga)
+                right = _values(path, saved_b)
                 right = right if ctx.transpose_b else right.transpose(-1, -2)
-                grad_a = _grad_result(call, _reduce_to(torch.matmul(g, right), ctx.shapes[0]), ctx.weights[0],
+                grad_a = _grad_result(call, _reduce_to(torch.matmul(g, right), a_shape), ctx.weights[0],
                                       ctx.dtypes[0])
             if need_b:
-                g = gb.values()
-                left = saved_a.values()
+                path = ("fp32" if not ctx.flatten and _batch_sum(a_shape, grad_output.shape, b_shape)
+                        else _path(call, _grad_result_operand(call, ctx.weights[1]), gb, saved_a))
+                g = _values(path, gb)
+                left = _values(path, saved_a)
                 if ctx.flatten:
                     left, g = left.reshape(-1, left.shape[-1]), g.reshape(-1, g.shape[-1])
                 rows = max(left.shape[-2], g.shape[-2])  # Hadamard-padded rows: pad the other with zeros
                 left, g = _pad_dim(left, -2, rows), _pad_dim(g, -2, rows)
+                # the product in b's own layout (g^T a for F.linear's out x in weight), not a
+                # transposed copy of it
                 if ctx.flatten:
-                    product = left.t() @ g
+                    product = g.t() @ left if ctx.transpose_b else left.t() @ g
+                elif ctx.transpose_b:
+                    product = torch.matmul(g.transpose(-1, -2), left)
                 else:
                     product = torch.matmul(left.transpose(-1, -2), g)
-                product = _reduce_to(product.transpose(-1, -2) if ctx.transpose_b else product, ctx.shapes[1])
+                product = _reduce_to(product, ctx.shapes[1])
                 grad_b = _grad_result(call, product.contiguous(), ctx.weights[1], ctx.dtypes[1])
             if need_bias:
                 # block recipes: summed from the high-precision error, as Transformer Engine's dbias
@@ -303,9 +360,11 @@ class _Convolution(torch.autograd.Function):
     def forward(ctx: Any, x, weight, bias, call: _Call, geometry: tuple):  # type: ignore[override]
         qx = _forward_operand(call, x, False, "input")
         qw = _forward_operand(call, weight, _is_weight(weight), "weight")
+        # torch's BF16 convolution takes no FP32 bias: with a bias, the FP32 kernel
+        path = _path(call, call.recipe.forward.result, qx, qw) if bias is None else "fp32"
         with _no_autocast():
-            y = torch.ops.aten.convolution(qx.values(), qw.values(), None if bias is None else bias.float(),
-                                           *geometry)
+            y = torch.ops.aten.convolution(_values(path, qx), _values(path, qw),
+                                           None if bias is None else bias.float(), *geometry)
         out = _finish(call, y, call.recipe.forward.result, "output")
         ctx.call, ctx.geometry, ctx.weight_role = call, geometry, _is_weight(weight)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -323,27 +382,29 @@ class _Convolution(torch.autograd.Function):
         out_channels = shape[1] * groups if transposed else shape[0]
         g_data, g_weight = _grad_operands(call, grad_output, (False, ctx.weight_role))
         saved_x, saved_w = _load(ctx)
-        w = saved_w.values()
         grad_x = grad_w = grad_b = None
         with _no_autocast():
             if need_x:
+                path = _path(call, _grad_result_operand(call, False), g_data, saved_w)
+                w = _values(path, saved_w)
                 # the input gradient needs only the input's shape: pass an empty stand-in
                 x_shape = w.new_zeros(()).expand(ctx.input_shape)
                 grad_x, _, _ = torch.ops.aten.convolution_backward(
-                    g_data.values(), x_shape, w, None, stride, padding, dilation, transposed, output_padding,
-                    groups, [True, False, False])
+                    _values(path, g_data), x_shape, w, None, stride, padding, dilation, transposed,
+                    output_padding, groups, [True, False, False])
                 grad_x = _grad_result(call, grad_x, False, ctx.dtypes[0])
-            if need_w or need_b:
-                x = saved_x.values() if saved_x is not None else None
+            if need_w:
+                # FP32 kernel: oneDNN's BF16 backward-weights convolution ran 20-40x slower
+                # than FP32 on some shapes (7x7 outputs, strided 1x1) on a CPU with native BF16
+                path = "fp32"
+                _, grad_w, _ = torch.ops.aten.convolution_backward(
+                    _values(path, g_weight), _values(path, saved_x), _values(path, saved_w), None, stride,
+                    padding, dilation, transposed, output_padding, groups, [False, True, False])
+                grad_w = _grad_result(call, grad_w, ctx.weight_role, ctx.dtypes[1])
+            if need_b:
                 g = g_weight.values()
-                if need_w:
-                    _, grad_w, _ = torch.ops.aten.convolution_backward(
-                        g, x, w, None, stride, padding, dilation, transposed, output_padding, groups,
-                        [False, True, False])
-                    grad_w = _grad_result(call, grad_w, ctx.weight_role, ctx.dtypes[1])
-                if need_b:
-                    dims = [0] + list(range(2, g.dim()))
-                    grad_b = _grad_result(call, g.sum(dims), True, ctx.dtypes[2])
+                dims = [0] + list(range(2, g.dim()))
+                grad_b = _grad_result(call, g.sum(dims), True, ctx.dtypes[2])
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -425,10 +486,13 @@ class _Attention(torch.autograd.Function):
                        causal: bool, scales: list[torch.Tensor | None]) -> tuple[torch.Tensor, Quantized]:
         recipe = call.recipe
         scores = torch.matmul(q, k.transpose(-1, -2))
-        rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores", in_place=True,
-                                   scale=scales[0], forward_key=call.forward_key)
-        scales[0] = rounded.scale
-        scores = rounded.values().to(result_dtype(recipe.forward.result, recipe.compute)).float() * factor
+        if scores.dtype == torch.bfloat16 and recipe.forward.result == _BF16_RESULT:
+            scores = scores.float() * factor  # the BF16 kernel rounded them (once)
+        else:
+            rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores",
+                                       in_place=True, scale=scales[0], forward_key=call.forward_key)
+            scales[0] = rounded.scale
+            scores = rounded.values().to(result_dtype(recipe.forward.result, recipe.compute)).float() * factor
         if causal:
             length, source = scores.shape[-2], scores.shape[-1]
             keep = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
@@ -445,9 +509,12 @@ class _Attention(torch.autograd.Function):
     def forward(ctx: Any, q, k, v, mask, call: _Call, factor: float, causal: bool):  # type: ignore[override]
         qq, qk, qv = (_forward_operand(call, t, False, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
         scales: list[torch.Tensor | None] = [None, None]
+        # P is rounded as an input: the same operand format as Q, K and V
+        path = _path(call, call.recipe.forward.result, qq, qk, qv)
         with _no_autocast():
-            _, p = _Attention._probabilities(call, qq.values(), qk.values(), mask, factor, causal, scales)
-            y = torch.matmul(p.values(), qv.values())
+            _, p = _Attention._probabilities(call, _values(path, qq), _values(path, qk), mask, factor, causal,
+                                             scales)
+            y = torch.matmul(_values(path, p), _values(path, qv))
         out = _finish(call, y, call.recipe.forward.result, "output")
         ctx.call, ctx.factor, ctx.causal, ctx.scales = call, factor, causal, scales
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
@@ -459,21 +526,28 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output):  # type: ignore[override]
         call: _Call = ctx.call
+        recipe = call.recipe
         saved = _load(ctx)
-        q, k, v = (t.values() for t in saved)  # type: ignore[union-attr]
         (g,) = _grad_operands(call, grad_output, (False,))
+        # one kernel for the recomputed scores and the four gradient GEMMs: their operands
+        # are the saved Q, K, V, P (an input) and the errors (dG and dS, dgrad's left)
+        path = _path(call, recipe.forward.result, *saved, recipe.forward.left, recipe.dgrad.left)
+        if path == "bf16":
+            path = _path(call, recipe.dgrad.result, *saved, recipe.forward.left, recipe.dgrad.left)
+        q, k, v = (_values(path, t) for t in saved)  # type: ignore[arg-type]
         with _no_autocast():
             probabilities, p = _Attention._probabilities(call, q, k, ctx.mask, ctx.factor, ctx.causal,
                                                          list(ctx.scales))
-            g32 = g.values()
-            grad_v = _grad_result(call, torch.matmul(p.values().transpose(-1, -2), g32), False, torch.float32)
-            grad_p = _grad_result(call, torch.matmul(g32, v.transpose(-1, -2)), False, torch.float32)
+            g_lp = _values(path, g)
+            grad_v = _grad_result(call, torch.matmul(_values(path, p).transpose(-1, -2), g_lp), False,
+                                  torch.float32)
+            grad_p = _grad_result(call, torch.matmul(g_lp, v.transpose(-1, -2)), False, torch.float32)
             # softmax backward in FP32 on the FP32 probabilities, then the scaling
             grad_scores = probabilities * (grad_p - (grad_p * probabilities).sum(-1, keepdim=True)) * ctx.factor
-            (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores", call.recipe, call.forward_key), grad_scores, (False,))
-            s32 = gs.values()
-            grad_q = _grad_result(call, torch.matmul(s32, k), False, ctx.dtypes[0])
-            grad_k = _grad_result(call, torch.matmul(s32.transpose(-1, -2), q), False, ctx.dtypes[1])
+            (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores", recipe, call.forward_key, call.policy), grad_scores, (False,))
+            s_lp = _values(path, gs)
+            grad_q = _grad_result(call, torch.matmul(s_lp, k), False, ctx.dtypes[0])
+            grad_k = _grad_result(call, torch.matmul(s_lp.transpose(-1, -2), q), False, ctx.dtypes[1])
         return grad_q, grad_k, grad_v.to(ctx.dtypes[2]), None, None, None, None
 
 

@@ -1,0 +1,329 @@
+"""Which torch kernel runs an emulated GEMM: its FP32 GEMM, or its BF16 GEMM where that
+gives the same result.
+
+An emulated GEMM is defined as FP32 accumulation of the exact products of its rounded
+operands, rounded once to the result format (:mod:`mixprec.nn.ops`). torch's FP32 GEMM
+gives that up to the order of the FP32 summation, for every recipe. torch's BF16 GEMM
+gives the same -- products of two BF16 values are exact in FP32, the native dot-product
+instructions (x86 ``VDPBF16PS``, AMX ``TDPBF16PS``) accumulate them in FP32, and oneDNN
+rounds the FP32 sum once to BF16 -- when
+
+- both operands' values are exactly BF16 values (:func:`bf16_exact`): BF16 itself; the
+  FP8 formats E4M3 and E5M2 and any ``eXmY`` with X <= 8 and Y <= 7, unscaled or times a
+  power-of-two per-tensor scale (``TensorScaling(power_of_two=True)``, the default);
+  MX elements times E8M0 block scales; NVFP4-style elements times E4M3 block scales
+  without the FP32 tensor scale. Not FP16 (11 significant bits), not FP32, not a
+  non-power-of-two per-tensor scale, not FP32 block scales (``fp8_block128``) nor
+  NVFP4's FP32 tensor scale: those values carry more than 8 significant bits, and
+  multiplying the scales out after a BF16 GEMM would be a second rounding of the
+  already-rounded BF16 result;
+- the result format is BF16 rounded to nearest without a scale (fp8-hybrid, bf16, the
+  MX recipes' results): the kernel's own output rounding is then the emulation's one
+  rounding. A stochastically rounded or scaled result needs the FP32 sum: FP32 kernel;
+- a bias, added to the FP32 sum before the rounding, is fused into the kernel: oneDNN's
+  linear (``torch.ops.mkldnn._linear_pointwise``) adds an FP32 bias to the FP32
+  accumulator before converting to BF16. :func:`fused_bias_exact` checks that once per
+  process on a case where adding after the rounding gives another result; where the op
+  is missing or rounds twice, GEMMs with a bias keep the FP32 kernel. Convolutions with
+  a bias always do (torch's BF16 convolution takes no FP32 bias); convolutions without
+  one (the usual conv + norm) do not. A convolution's weight gradient always runs on
+  the FP32 kernel (:mod:`mixprec.nn.ops`): oneDNN's BF16 backward-weights convolution
+  ran 20-40x slower than FP32 for some shapes (7x7 outputs, strided 1x1) on a CPU with
+  native BF16, and which shapes is not knowable in advance;
+- no broadcast operand makes autograd sum a gradient over batch dimensions (that sum
+  would run on BF16 values).
+
+Where the result format is narrower than BF16 (paper 2's E5M2 outputs, recipe ``fp8``),
+a BF16 GEMM rounds the FP32 sum to BF16 and the emulation then rounds that to E5M2: a
+double rounding, which differs from the single one where the FP32 sum lies within half
+a BF16 step of an E5M2 rounding boundary. That path is off by default and opt-in with
+``gemm_kernels(double_rounding=True)``; measured on random E5M2 operands (K=256, round
+to nearest), 1.58% of outputs land one E5M2 step away (``tests/nn/test_kernels.py``
+measures and bounds it).
+
+Deviations of the BF16 path, besides the order of the FP32 summation: the native
+instructions treat BF16 subnormal inputs (|x| < 2**-126) as zero and flush subnormal
+sums to zero, where the FP32 GEMM keeps FP32 subnormals. Values that small occur only
+far outside the range any recipe scales tensors into.
+
+Which path runs: :func:`gemm_kernels` sets the policy for the GEMMs called inside it
+(a context manager, per thread, restored on exit, as torch.autocast): ``"auto"`` (the
+default, or the ``MIXPREC_GEMM_KERNELS`` environment variable's value) takes the BF16
+path where it is exact and the device has native BF16 dot products
+(:func:`native_bf16`: on CPU ``avx512_bf16`` or AMX-BF16 with oneDNN; decided by
+torch's own capability checks at first use and cached per process, never at import and
+never from the CPU's name); ``"bf16"`` takes it wherever it is exact, on any machine
+(tests: slow where the CPU lacks native BF16); ``"fp32"`` never takes it. The policy a
+forward ran under is kept with its call, so the backward GEMMs of that forward run
+under it too, wherever ``backward()`` is called.
+
+CUDA: ``"auto"`` keeps FP32 kernels on CUDA (no BF16 or ``torch._scaled_mm`` FP8 path
+is taken there yet; a BF16 cuBLAS GEMM may reduce split-K partial sums in BF16 unless
+``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is off, which
+this module would have to check). ``"bf16"`` forced on CUDA runs torch's BF16 GEMM
+there; that path is untested.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from mixprec.core.formats import BlockFormat, FloatFormat
+from mixprec.nn.state import Quantized
+from mixprec.recipe import Operand
+
+__all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
+           "fused_bias_exact", "probe", "bf16_exact", "choose", "bf16_values", "linear_bf16"]
+
+GemmPath = Literal["fp32", "bf16"]
+"""The kernel an emulated GEMM runs: torch's FP32 GEMM or its BF16 GEMM."""
+
+KernelMode = Literal["auto", "fp32", "bf16"]
+"""``"auto"``: BF16 kernels where exact and native; ``"bf16"``: wherever exact;
+``"fp32"``: never."""
+
+_MODES = ("auto", "fp32", "bf16")
+_ENV = "MIXPREC_GEMM_KERNELS"
+# BF16's grid: 8 significant bits, FP32's exponent range (subnormals down to 2**-133)
+_BF16_MANTISSA = 7
+_BF16_SMALLEST_SUBNORMAL = 2.0**-133
+_BF16_LARGEST = float(torch.finfo(torch.bfloat16).max)
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    """Which kernels emulated GEMMs may use: ``mode`` (:data:`KernelMode`) and whether a
+    result narrower than BF16 may be rounded from a BF16 GEMM's output
+    (``double_rounding``, off by default: see the module docstring)."""
+
+    mode: KernelMode = "auto"
+    double_rounding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"GEMM kernel mode must be one of {', '.join(_MODES)}, not {self.mode!r}")
+        if not isinstance(self.double_rounding, bool):
+            raise TypeError(f"double_rounding is a bool, not {type(self.double_rounding).__name__}")
+
+
+class _PolicyState(threading.local):
+    """The policy in force in this thread: the environment's mode until a
+    :func:`gemm_kernels` block changes it (and restores it on exit)."""
+
+    def __init__(self) -> None:
+        mode = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+        if mode not in _MODES:
+            warnings.warn(f"{_ENV}={mode!r} is not one of {_MODES}; using 'auto'", RuntimeWarning, stacklevel=2)
+            mode = "auto"
+        self.policy = KernelPolicy(mode)  # type: ignore[arg-type]
+
+
+_state = _PolicyState()
+
+
+def current_policy() -> KernelPolicy:
+    """The :class:`KernelPolicy` in force in this thread."""
+    return _state.policy
+
+
+@contextmanager
+def gemm_kernels(mode: KernelMode = "auto", *, double_rounding: bool = False) -> Iterator[KernelPolicy]:
+    """Run the emulated GEMMs of the forwards inside the block (and their backward GEMMs,
+    wherever ``backward()`` runs) under ``mode``: ``"auto"`` (BF16 kernels where they give
+    the emulation's result and the device has native BF16 dot products), ``"bf16"``
+    (BF16 kernels wherever they give it, on any machine), ``"fp32"`` (FP32 kernels
+    only). ``double_rounding=True`` also lets results narrower than BF16 (E5M2) be
+    rounded from a BF16 GEMM's output, which differs from the emulation's single
+    rounding on a small share of outputs (see :mod:`mixprec.nn.kernels`). The previous
+    policy is restored on exit; the ``MIXPREC_GEMM_KERNELS`` environment variable sets
+    the mode outside any block."""
+    policy = KernelPolicy(mode, double_rounding)
+    previous = _state.policy
+    _state.policy = policy
+    try:
+        yield policy
+    finally:
+        _state.policy = previous
+
+
+# ---- capabilities: probed at first use, cached per process ---------------------------------
+
+_capabilities: dict[str, bool] = {}
+
+
+def _probe_native_bf16(device_type: str) -> bool:
+    if device_type != "cpu":
+        return False  # CUDA: FP32 kernels under "auto" (see the module docstring)
+    if not torch.backends.mkldnn.is_available():
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs torch's BF16 GEMMs on native BF16 dot products (CPU:
+    ``avx512_bf16`` or AMX-BF16, through oneDNN), by torch's own capability checks at
+    the first call, cached for the process. Always False on CUDA (FP32 kernels there)."""
+    device_type = torch.device(device).type
+    key = f"native_bf16:{device_type}"
+    if key not in _capabilities:
+        if torch.compiler.is_compiling():
+            return False  # no probing while tracing; the eager warm-up fills the cache
+        _capabilities[key] = _probe_native_bf16(device_type)
+    return _capabilities[key]
+
+
+def _linear_op() -> object | None:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        return getattr(mkldnn, "_linear_pointwise") if mkldnn is not None else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _probe_fused_bias() -> bool:
+    op = _linear_op()
+    if op is None:
+        return False
+    # x @ w = 1 + 2**-8: a tie between BF16 neighbours 1 and 1 + 2**-7 (RNE gives 1). A
+    # bias of 2**-20 added before the rounding breaks the tie upwards; added after a
+    # BF16 rounding it is lost.
+    x = torch.tensor([[1.0, 2.0**-8]], dtype=torch.bfloat16)
+    w = torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16)
+    bias = torch.tensor([2.0**-20])
+    try:
+        with torch.no_grad():
+            y = op(x, w, bias, "none", [], "")  # type: ignore[operator]
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return y.dtype == torch.bfloat16 and float(y.float().reshape(())) == 1.0 + 2.0**-7
+
+
+def fused_bias_exact() -> bool:
+    """Whether oneDNN's BF16 linear (``torch.ops.mkldnn._linear_pointwise``) exists and
+    adds an FP32 bias before its one rounding to BF16 (checked once per process on a
+    case that tells the two orders apart)."""
+    key = "fused_bias"
+    if key not in _capabilities:
+        if torch.compiler.is_compiling():
+            return False
+        _capabilities[key] = _probe_fused_bias()
+    return _capabilities[key]
+
+
+def probe(device: torch.device | str = "cpu") -> None:
+    """Fill the capability cache for ``device`` now (``convert`` calls this, so that a
+    model compiled before its first eager forward still finds the answers: the checks
+    do not run while torch.compile traces)."""
+    native_bf16(device)
+    if torch.device(device).type == "cpu":
+        fused_bias_exact()
+
+
+# ---- which operands and results the BF16 path serves exactly --------------------------------
+
+
+def _scalar_in_bf16(fmt: FloatFormat) -> bool:
+    return (fmt.mantissa_bits <= _BF16_MANTISSA and fmt.smallest_subnormal >= _BF16_SMALLEST_SUBNORMAL
+            and fmt.largest <= _BF16_LARGEST)
+
+
+@lru_cache(maxsize=None)
+def bf16_exact(operand: Operand) -> bool:
+    """Whether every value ``operand`` can produce is a BF16 value: a scalar format of
+    at most 7 mantissa bits inside BF16's range, unscaled or with a power-of-two
+    per-tensor scale; or a block format whose element times block scale has at most 8
+    significant bits (E8M0 scales: MX; E4M3 scales over E2M1: NVFP4's blocks) and no
+    FP32 tensor scale. (A power-of-two scale can push values below 2**-126, where the
+    native instructions flush them: see the module docstring.)"""
+    fmt = operand.fmt
+    if isinstance(fmt, BlockFormat):
+        significant = (fmt.element.mantissa_bits + 1) + (fmt.scale.mantissa_bits + 1) - 1
+        return (not fmt.tensor_scale and fmt.scale.exponent_bits <= 8 and significant <= _BF16_MANTISSA + 1
+                and fmt.element.mantissa_bits <= _BF16_MANTISSA)
+    if not _scalar_in_bf16(fmt):
+        return False
+    return operand.scaling is None or operand.scaling.power_of_two
+
+
+def _single_rounding(result: Operand) -> bool:
+    """The kernel's own rounding is the emulation's: BF16, to nearest, no scale."""
+    fmt = result.fmt
+    return (isinstance(fmt, FloatFormat) and fmt.torch_dtype == torch.bfloat16 and result.rounding == "nearest"
+            and result.scaling is None)
+
+
+def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, device: torch.device | str,
+           bias: bool = False) -> GemmPath:
+    """The kernel for a GEMM of ``operands`` (every operand entering the product) whose
+    FP32 sum is rounded to ``result``, with a ``bias`` added before that rounding or
+    not, under ``policy`` on ``device``: ``"bf16"`` where that path gives the
+    emulation's result up to summation order (or, opted in, a double rounding to a
+    narrower result), else ``"fp32"``."""
+    if policy.mode == "fp32" or not all(bf16_exact(op) for op in operands):
+        return "fp32"
+    if not _single_rounding(result):
+        narrower = (policy.double_rounding and isinstance(result.fmt, FloatFormat) and bf16_exact(result)
+                    and result.fmt.torch_dtype != torch.bfloat16)
+        if not narrower:
+            return "fp32"
+    device = torch.device(device)
+    if bias and (device.type != "cpu" or not fused_bias_exact()):
+        return "fp32"
+    if policy.mode == "bf16":
+        return "bf16"
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+# ---- the BF16 path's pieces ---------------------------------------------------------------
+
+
+def bf16_values(q: Quantized) -> torch.Tensor:
+    """A rounded operand's values (one :func:`bf16_exact` accepts) as a BF16 tensor,
+    exactly: its BF16 storage itself, else from its float32 values where it holds them,
+    else from its FP8 storage times its power-of-two scale."""
+    if q.layout is None and q.scale is None and q.storage.dtype == torch.bfloat16:
+        return q.storage  # BF16 values in BF16 storage: no copy
+    if q.cached_values is not None:
+        return q.cached_values.to(torch.bfloat16)
+    if q.layout is None and q.storage.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        values = q.storage.to(torch.bfloat16)
+        return values if q.scale is None else values.mul_(q.scale.to(torch.bfloat16))  # a power of two: exact
+    return q.values().to(torch.bfloat16)
+
+
+@torch.library.custom_op("mixprec::linear_bf16", mutates_args=())
+def _linear_bf16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    op = _linear_op()
+    assert op is not None, "linear_bf16 runs only where fused_bias_exact() is True"
+    return op(x.contiguous(), weight.contiguous(), bias, "none", [], "")  # type: ignore[operator]
+
+
+@_linear_bf16_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@register_flop_formula(torch.ops.mixprec.linear_bf16)
+def _linear_bf16_flops(x_shape: Sequence[int], w_shape: Sequence[int], *args: object, **kwargs: object) -> int:
+    # what torch's FlopCounterMode (and mixprec.coverage) counts for it: the GEMM's
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias`` of BF16 ``x`` and ``weight`` (out x in) and an FP32
+    ``bias``, accumulated in FP32 with the bias and rounded once to BF16 (oneDNN's
+    linear; only where :func:`fused_bias_exact`). A custom op, so that torch.compile
+    calls it as it is (inductor lowers oneDNN's linear only for frozen weights)."""
+    return _linear_bf16_op(x, weight, bias.float())
