@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.bench.timing import median_seconds
+from mixprec.experiments.steps import optimizer_step
 from mixprec.experiments.models import TransformerBlock, resnet_style_cnn
 from mixprec.stats.memory import SavedBytesCounter
 from mixprec.recipe import RECIPES
@@ -154,9 +155,7 @@ class _Run:
     def step(self) -> None:
         loss = self.loss()
         if self.wrapped is not None:
-            self.wrapped.backward(loss)
-            self.wrapped.step()
-            self.wrapped.zero_grad()
+            optimizer_step(self.wrapped, loss)  # the step compare, analyze and train take
         else:
             loss.backward()
             self.optimizer.step()
