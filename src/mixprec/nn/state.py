@@ -32,6 +32,7 @@ from mixprec.core.block_quantize import block_parts
 from mixprec.core.block_storage import PackedBlocks, _element_codes, unpack_blocks
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
+from mixprec.core.kernels import _MIX1, _MIX2  # murmur3's finaliser, as the rounding kernel's hash
 from mixprec.core.quantize import quantize, scale_from_amax, tensor_scale
 from mixprec.core.storage import from_storage, to_storage
 from mixprec.recipe import Operand, Recipe
@@ -398,9 +399,6 @@ def random_state_from(generator: torch.Generator) -> torch.Tensor:
     seed = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32, device=generator.device,
                          generator=generator)
     return torch.cat([seed, seed.new_zeros(1)])
-
-
-_MIX1, _MIX2 = 0x85EBCA6B - 2**32, 0xC2B2AE35 - 2**32
 
 
 def _site_hash(name: str) -> int:
