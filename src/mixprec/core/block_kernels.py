@@ -428,6 +428,7 @@ _ENTRIES.update(
         "pow2_nearest_out": _pow2_nearest_out,
         "pow2_stochastic_out": _pow2_stochastic_out,
         "amax_scales": _amax_scales,
+        "amax_block_scales": amax_scales,
         "blocks_nearest_out": _blocks_nearest_out,
         "blocks_stochastic_out": _blocks_stochastic_out,
     }

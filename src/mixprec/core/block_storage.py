@@ -15,14 +15,25 @@ alone makes the block read back as NaN, and FP4/FP6 codes have no NaN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from mixprec.core.block_quantize import block_parts, restore_layout
+from mixprec.core import block_kernels
+from mixprec.core.block_quantize import (
+    _block_params,
+    _check_rounding,
+    _check_tensor_amax,
+    _zero_below,
+    blocked_view,
+    restore_layout,
+)
 from mixprec.core.formats import BlockFormat, FloatFormat
+from mixprec.core.kernels import _run, run_variant
+from mixprec.core.quantize import Rounding, _check_tensor, _key
 
-__all__ = ["PackedBlocks", "pack_blocks", "unpack_blocks"]
+__all__ = ["PackedBlocks", "pack_blocks", "quantize_packed", "unpack_blocks"]
 
 
 @dataclass(frozen=True)
@@ -90,16 +101,63 @@ def _element_values(codes: torch.Tensor, element: FloatFormat) -> torch.Tensor:
 
 def pack_blocks(x: torch.Tensor, fmt: BlockFormat, axis: int = -1) -> PackedBlocks:
     """Quantize ``x`` to ``fmt`` (nearest) and pack elements and scales into bytes."""
-    parts = block_parts(x, fmt, axis=axis)
-    groups, _, h, _ = parts.elements.shape
-    nan_block = torch.isnan(parts.scales)
-    elements = torch.where(nan_block, 0.0, parts.elements)  # the NaN scale carries the NaN
-    codes = _element_codes(elements.reshape(-1), fmt.element)
-    scales = parts.scales.reshape(groups, h)
+    return quantize_packed(x, fmt, axis=axis)[1]
+
+
+def _pack_kernel(element: FloatFormat, zero_below: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The element pass of :func:`quantize_packed` for one element format: blocked
+    ``x4`` times its block's ``factor`` rounded onto the element grid ``pe``, returned
+    both as dequantized values (``element * full``) and as packed codes (zero in a block
+    whose scale is NaN)."""
+
+    def pack(x4: torch.Tensor, factor: torch.Tensor, full: torch.Tensor, pe: torch.Tensor,
+             key: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        elements = block_kernels.round_elements(x4, factor, pe, key, zero_below)
+        bad = torch.isnan(full) | torch.isnan(elements)
+        return elements * full, _element_codes(torch.where(bad, 0.0, elements).reshape(-1), element)
+
+    return pack
+
+
+def quantize_packed(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    rounding: Rounding = "nearest",
+    axis: int = -1,
+    generator: torch.Generator | None = None,
+    tensor_amax: torch.Tensor | float | None = None,
+    random_key: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, PackedBlocks]:
+    """``x`` quantized to block format ``fmt`` as :func:`mixprec.core.block_quantize.quantize_blocks`
+    quantizes it (same arguments), returned twice: the dequantized float32 values (x's
+    shape) and their real storage (:class:`PackedBlocks`), made in two passes over x (the
+    block scales, then one pass writing values and codes; compiled where
+    :func:`mixprec.core.kernels.run_variant` compiles), which is what training needs
+    of each operand: values to multiply, bytes to keep for backward."""
+    x = _check_tensor(x)
+    _check_rounding(rounding)
+    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
+    x4 = block_kernels.blocked(moved, dims)
+    params = _block_params(fmt, x.device)
+    if fmt.scale_rule in block_kernels.RULE_IDS:
+        scales, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
+        full, tensor_scale = scales, None
+    else:
+        scales, tensor_scale, factor = _run(  # type: ignore[misc]
+            "amax_block_scales", x4, *params[1:], fmt.tensor_scale, amax_t)
+        full = scales if tensor_scale is None else tensor_scale * scales
+    zero_below = _zero_below(fmt, params[0])
+    kernel = _pack_kernel(fmt.element, zero_below)
+    values4, codes = run_variant(f"pack_{fmt.element.name}_{int(zero_below)}_{rounding}", kernel, x4, factor, full,
+                                 params[0], key)
+    groups, _, h, _ = x4.shape
     scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32
-    scales = scales.to(scale_dtype)  # exact: the scales are on the scale format's grid
-    tensor_scale = None if parts.tensor_scale is None else parts.tensor_scale.reshape(1).clone()
-    return PackedBlocks(fmt, codes, scales, tensor_scale, parts.shape, parts.moved_shape, parts.axis)
+    packed = PackedBlocks(fmt, codes, scales.reshape(groups, h).to(scale_dtype),  # exact: on the scale grid
+                          None if tensor_scale is None else tensor_scale.reshape(1).clone(),
+                          tuple(x.shape), moved_shape, axis)
+    return restore_layout(values4.reshape(moved_shape), axis, x.dim()), packed
 
 
 def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object) -> torch.Tensor:
@@ -116,9 +174,26 @@ def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object) -> torch.Tens
         )
     block = packed.format.block_shape
     rows, cols = (1, block[0]) if len(block) == 1 else block
-    groups, h = packed.scales.shape
-    elements = _element_values(packed.codes, packed.format.element).view(groups, rows, h, cols)
-    scales = packed.scales.float().view(groups, 1, h, 1)
-    full = scales if packed.tensor_scale is None else packed.tensor_scale.reshape(()) * scales
-    moved = (elements * full).reshape(packed.moved_shape)
-    return restore_layout(moved, packed.axis, len(packed.shape))
+    element = packed.format.element
+    two_level = packed.tensor_scale is not None
+    kernel = _unpack_kernel(element, rows, cols, two_level)
+    scales = (packed.scales,) if not two_level else (packed.scales, packed.tensor_scale)
+    moved = run_variant(f"unpack_{element.name}_{rows}x{cols}_{int(two_level)}", kernel, packed.codes, *scales)
+    return restore_layout(moved.reshape(packed.moved_shape), packed.axis, len(packed.shape))
+
+
+def _unpack_kernel(element: FloatFormat, rows: int, cols: int, two_level: bool) -> Callable[..., torch.Tensor]:
+    """The decoding pass of :func:`unpack_blocks` for one element format and block
+    shape: codes times their block's scale (and the tensor scale), blocked
+    ``(groups, rows, h, cols)``."""
+
+    def unpack(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+        groups, h = scales.shape
+        elements = _element_values(codes, element).view(groups, rows, h, cols)
+        full = scales.float().view(groups, 1, h, 1)
+        if two_level:
+            assert tensor_scale is not None
+            full = tensor_scale.reshape(()) * full
+        return elements * full
+
+    return unpack

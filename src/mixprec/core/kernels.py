@@ -18,16 +18,17 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from mixprec.core.formats import FloatFormat, Overflow
 
-__all__ = ["Backend", "kernel_backend", "current_backend", "round_to_format", "COMPILE_MIN_NUMEL"]
+__all__ = ["Backend", "kernel_backend", "current_backend", "round_to_format", "run_variant", "COMPILE_MIN_NUMEL"]
 
 Backend = Literal["auto", "eager", "compiled"]
 """``"eager"``: plain torch ops. ``"compiled"``: always the ``torch.compile`` kernel
@@ -270,13 +271,21 @@ _ENTRIES: dict[str, Callable[..., torch.Tensor | None]] = {
 }
 
 
-def _compiled_entry(name: str) -> Callable[..., torch.Tensor | None]:
-    fn = _compiled.get(name)
-    if fn is None:
+def _own_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` with a code object of its own: dynamo keeps its compiled graphs and its
+    recompile limit per code object, so closures of one factory (a kernel per format)
+    would otherwise evict each other's graphs."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def _compiled_entry(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    compiled = _compiled.get(name)
+    if compiled is None:
         # Compiled lazily on first use and cached by inductor on disk across processes.
-        fn = torch.compile(_ENTRIES[name], dynamic=True, fullgraph=True)
-        _compiled[name] = fn
-    return fn
+        compiled = torch.compile(_own_code(fn, f"mixprec_{name}"), dynamic=True, fullgraph=True)
+        _compiled[name] = compiled
+    return compiled
 
 
 def _wants_compiled(x: torch.Tensor) -> bool:
@@ -296,11 +305,20 @@ def _wants_compiled(x: torch.Tensor) -> bool:
 
 
 def _run(name: str, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor | None:
+    return run_variant(name, _ENTRIES[name], x, *args)
+
+
+def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
+    """``fn(x, *args)``, compiled by ``torch.compile`` where the backend and ``x``'s size
+    and device call for it (see :data:`Backend`), else eagerly: the same results. ``name``
+    identifies ``fn`` among every kernel: one compiled function per name, so a kernel
+    made per format (a closure) names its format. Non-tensor ``args`` are constants to
+    dynamo: each new value recompiles."""
     if _wants_compiled(x):
         try:
             # One grad mode for every call: a change of it is a recompilation for dynamo.
             with torch.no_grad():
-                return _compiled_entry(name)(x, *args)
+                return _compiled_entry(name, fn)(x, *args)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":
                 raise
@@ -318,7 +336,7 @@ def _run(name: str, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor
                     RuntimeWarning,
                     stacklevel=3,
                 )
-    return _ENTRIES[name](x, *args)
+    return fn(x, *args)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

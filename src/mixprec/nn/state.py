@@ -28,8 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mixprec.core.block_quantize import block_parts
-from mixprec.core.block_storage import PackedBlocks, _element_codes, unpack_blocks
+from mixprec.core.block_storage import PackedBlocks, quantize_packed, unpack_blocks
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
 from mixprec.core.kernels import _MIX1, _MIX2  # murmur3's finaliser, as the rounding kernel's hash
@@ -368,20 +367,11 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
         shape[axis] = x32.shape[axis]  # the rotated padding is part of the product
     # one key per site and axis: the dgrad and wgrad copies of an error draw apart
     random_key = state.random_key(f"{key}@{axis}", forward_key) if operand.rounding == "stochastic" else None
-    parts = block_parts(x32, fmt, operand.rounding, axis=axis, random_key=random_key)
-    values = _crop(parts.dequantize(), tuple(shape))
-    groups, _, h, _ = parts.elements.shape
-    # a block holding NaN (an overflowing step's gradient, a NaN tensor scale) is stored
-    # as a NaN scale over zero codes: the element formats have no NaN code
-    nan_element = torch.isnan(parts.elements)
-    nan_block = torch.isnan(parts.scales.reshape(groups, h)) | nan_element.any(dim=3).any(dim=1)
-    elements = torch.where(nan_element | nan_block[:, None, :, None], 0.0, parts.elements)
-    codes = _element_codes(elements.reshape(-1), fmt.element)
-    scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32
-    scales = torch.where(nan_block, float("nan"), parts.scales.reshape(groups, h)).to(scale_dtype)
-    tensor_scale = None if parts.tensor_scale is None else parts.tensor_scale.reshape(1).clone()
-    layout = BlockLayout(tuple(x32.shape), parts.moved_shape, parts.axis, tuple(shape))
-    return Quantized(codes, scales, operand, values, tensor_scale, layout)
+    # a block holding NaN or Inf (an overflowing step's gradient) is stored as a NaN
+    # scale over zero codes: the element formats have no NaN code
+    values, packed = quantize_packed(x32, fmt, operand.rounding, axis=axis, random_key=random_key)
+    layout = BlockLayout(tuple(x32.shape), packed.moved_shape, packed.axis, tuple(shape))
+    return Quantized(packed.codes, packed.scales, operand, _crop(values, tuple(shape)), packed.tensor_scale, layout)
 
 
 def _lcm(a: int, b: int) -> int:
