@@ -19,7 +19,7 @@ import torch
 
 from mixprec.core import formats
 from mixprec.core.formats import FloatFormat
-from mixprec.core.quantize import scale_from_amax
+from mixprec.core.quantize import abs_max, scale_from_amax
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -226,7 +226,7 @@ class AmaxHistory:
     def record(self, x: torch.Tensor) -> None:
         """Push ``x``'s absolute maximum (as a device tensor; no synchronisation); a
         non-finite amax is pushed as 0."""
-        current = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+        current = abs_max(x)
         # an overflowing step's Inf/NaN is not a range to scale for (the step is skipped):
         # recorded as 0, it leaves the history's maximum to the finite steps around it
         current = torch.where(torch.isfinite(current), current, torch.zeros_like(current))

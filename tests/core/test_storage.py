@@ -172,3 +172,41 @@ def test_compiled_quantize_packed_is_eager_bit_for_bit(name, rounding):
         assert torch.equal(cp.scales.float().nan_to_num(-1.0), ep.scales.float().nan_to_num(-1.0))
         assert_same(cu, ev, x, f"{name} unpacked axis {axis}")
         assert_same(ev, mixprec.quantize(x, name, rounding, axis=axis, random_key=key), x, f"{name} quantize")
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_stored_is_quantize_then_to_storage(name, rounding, scaled, dtype):
+    """The one-pass FP8 kernel of training (values and 1-byte storage together, x
+    widened inside) equals quantize then to_storage, eager and compiled, and
+    stored_values decodes it back into float32 and BF16 exactly."""
+    from mixprec.core.kernels import kernel_backend
+    from mixprec.core.storage import quantize_stored, stored_values
+
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(96, 64, generator=generator) * 10.0 ** torch.randint(-12, 6, (96, 1), generator=generator))
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e30])
+    x = x.to(dtype)
+    scale = torch.tensor([2.0**-5 if scaled else 1.0]) if scaled else None
+    key = torch.tensor([5, 6], dtype=torch.int32)
+    saturate = True if scaled else None
+    expected = mixprec.quantize(x, name, rounding, scale=scale, saturate=saturate, random_key=key)
+    unscaled = expected if scale is None else expected * torch.reciprocal(scale)
+    expected_storage = mixprec.to_storage(unscaled, name)
+    # compiled for two of the cases: each variant compiles for seconds
+    compiled = (name, rounding, scaled, dtype) in (("e4m3", "stochastic", True, torch.bfloat16),
+                                                   ("e5m2", "nearest", False, torch.float32))
+    for backend in ("eager", "compiled") if compiled else ("eager",):
+        with kernel_backend(backend):
+            values, stored = quantize_stored(x, name, rounding, scale=scale, saturate=saturate, random_key=key)
+            _, only_stored = quantize_stored(x, name, rounding, scale=scale, saturate=saturate, random_key=key,
+                                             with_values=False)
+            decoded = stored_values(stored, name, scale)
+            decoded_bf16 = stored_values(stored, name, scale, torch.bfloat16)
+        assert_same(values, expected, x.float(), f"{name} {backend} values")
+        assert torch.equal(stored.view(torch.uint8), expected_storage.view(torch.uint8)), backend
+        assert torch.equal(only_stored.view(torch.uint8), stored.view(torch.uint8)), backend
+        assert_same(decoded, expected, x.float(), f"{name} {backend} decoded")
+        assert_same(decoded_bf16.float(), expected, x.float(), f"{name} {backend} decoded to bf16")

@@ -17,7 +17,8 @@ from mixprec.core import formats
 from mixprec.core.formats import BlockFormat, FloatFormat, Overflow
 from mixprec.core.kernels import round_to_format
 
-__all__ = ["Rounding", "quantize", "scale_from_amax", "tensor_scale", "resolve_overflow"]
+__all__ = [
+    "Rounding", "quantize", "scale_from_amax", "tensor_scale", "abs_max", "resolve_overflow"]
 
 Rounding = Literal["nearest", "stochastic"]
 """``"nearest"``: round to nearest, ties to even (IEEE 754's default).
@@ -258,5 +259,14 @@ def tensor_scale(
 ) -> torch.Tensor:
     """:func:`scale_from_amax` of ``x``'s current absolute maximum ("current scaling")."""
     x = _check_tensor(x)
-    amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
-    return scale_from_amax(amax, fmt, margin=margin, power_of_two=power_of_two)
+    return scale_from_amax(abs_max(x), fmt, margin=margin, power_of_two=power_of_two)
+
+
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s largest absolute value as a float32 0-d tensor (0 for an empty tensor; NaN
+    if x holds one), in one pass over x with no temporary: the maximum of ``-min`` and
+    ``max`` (``x.abs().amax()`` reads x, writes |x| and reads it again)."""
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    low, high = torch.aminmax(x.detach())
+    return torch.maximum(-low, high).float().abs()  # abs: -0.0 from an all-zero x reads +0

@@ -12,14 +12,19 @@ Block formats pack into a :class:`PackedBlocks` (see :mod:`mixprec.core.block_st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mixprec.core import formats
 from mixprec.core.block_storage import PackedBlocks
 from mixprec.core.formats import BlockFormat, FloatFormat
-from mixprec.core.quantize import quantize
+from mixprec.core.kernels import _params, _round_bits, run_variant
+from mixprec.core.quantize import Rounding, _key, quantize, resolve_overflow
 
-__all__ = ["storage_dtype", "to_storage", "from_storage", "PackedBlocks"]
+__all__ = ["storage_dtype", "to_storage", "from_storage", "quantize_stored", "stored_values", "PackedBlocks"]
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # torch's casts round exactly as quantize does for these; others (e8m0fnu: torch maps 0
 # and negatives onto codes, ml_dtypes and mixprec give NaN) are quantized first.
@@ -158,3 +163,90 @@ def _decode(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     elif fmt.nan_encoding == "all_ones":
         bits = torch.where((exp_field == top) & (mantissa == 2**m - 1), _F32_QNAN_BITS, bits)
     return (bits | sign).view(torch.float32)
+
+
+def quantize_stored(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    rounding: Rounding = "nearest",
+    scale: torch.Tensor | None = None,
+    saturate: bool | None = None,
+    random_key: torch.Tensor | None = None,
+    with_values: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``quantize(x, fmt, rounding, scale=scale, saturate=saturate, random_key=random_key)``
+    and the same values divided by ``scale`` in ``fmt``'s storage (:func:`to_storage`),
+    returned together: what training keeps of an operand (values to multiply, bytes to
+    save for backward); ``with_values=False`` returns None for the values (a caller that
+    decodes the storage later with :func:`stored_values`, in the dtype its GEMM wants).
+    For the FP8 dtypes both come out of one compiled pass over x, whose float16 or
+    bfloat16 x is widened inside the pass (:func:`mixprec.core.kernels.run_variant`);
+    other formats take quantize, then to_storage. ``scale`` is a one-element float32
+    tensor on x's device."""
+    resolved = formats.get(fmt)
+    dtype = resolved.torch_dtype
+    if dtype not in _FP8_DTYPES or x.numel() == 0:
+        values = quantize(x, resolved, rounding, scale=scale, saturate=saturate, random_key=random_key)
+        unscaled = values if scale is None else values * torch.reciprocal(scale)
+        return values if with_values else None, to_storage(unscaled, resolved)  # type: ignore[return-value]
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"quantize_stored takes float32, float16 or bfloat16 tensors, not {x.dtype}")
+    flat = x.detach().contiguous().reshape(-1)
+    overflow = resolve_overflow(resolved, saturate)
+    p = _params(resolved, overflow, x.device)
+    key = _key(None, x.device, random_key) if rounding == "stochastic" else None
+    scales = () if scale is None else (torch.reciprocal(scale), scale)
+    name = (f"stored_{resolved.name}_{overflow}_{rounding}_{'scaled' if scales else 'unscaled'}_"
+            f"{str(x.dtype)[6:]}{'_values' if with_values else ''}")
+    values, stored = run_variant(name, _stored_kernel(dtype, bool(scales), with_values), flat, p, key, *scales)
+    return None if values is None else values.view(x.shape), stored.view(x.shape)
+
+
+def _stored_kernel(dtype: torch.dtype, scaled: bool,
+                   with_values: bool) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor]]:
+    """One pass of :func:`quantize_stored`: ``q(x * scale_inv)`` (the rounding kernel)
+    as storage ``q`` in ``dtype`` and (``with_values``) as values ``q * scale``."""
+
+    def stored(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None, scale_inv: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        x = x.float()
+        if not scaled:
+            rounded = _round_bits(x, p, key)
+            return (rounded if with_values else None), rounded.to(dtype)
+        assert scale_inv is not None and scale is not None
+        rounded = _round_bits(x * scale_inv, p, key)
+        return (rounded * scale if with_values else None), rounded.to(dtype)
+
+    return stored
+
+
+def stored_values(
+    stored: torch.Tensor, fmt: str | FloatFormat, scale: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """What :func:`from_storage` gives, times ``scale`` where there is one, as ``dtype``
+    (float32, or bfloat16 where the values are exact in it, as FP8 values times a
+    power-of-two scale are): the inverse of :func:`quantize_stored`. FP8 storage decodes
+    in one compiled pass (torch's eager E4M3 to float32 cast is a per-element software
+    conversion, ~10x slower)."""
+    resolved = formats.get(fmt)
+    if stored.dtype not in _FP8_DTYPES or stored.numel() == 0:
+        values = from_storage(stored, resolved)
+        values = values if scale is None else values * scale
+        return values.to(dtype)
+    scales = () if scale is None else (scale,)
+    name = f"decode_{str(stored.dtype)[6:]}_{str(dtype)[6:]}_{'scaled' if scales else 'unscaled'}"
+    return run_variant(name, _decode_kernel(dtype, bool(scales)), stored, *scales)
+
+
+def _decode_kernel(dtype: torch.dtype, scaled: bool) -> Callable[..., torch.Tensor]:
+    """One pass of :func:`stored_values`."""
+
+    def decode(stored: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        values = stored.float()
+        if scaled:
+            assert scale is not None
+            values = values * scale
+        return values.to(dtype)
+
+    return decode

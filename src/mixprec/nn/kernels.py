@@ -295,12 +295,7 @@ def bf16_values(q: Quantized) -> torch.Tensor:
     else from its FP8 storage times its power-of-two scale."""
     if q.layout is None and q.scale is None and q.storage.dtype == torch.bfloat16:
         return q.storage  # BF16 values in BF16 storage: no copy
-    if q.cached_values is not None:
-        return q.cached_values.to(torch.bfloat16)
-    if q.layout is None and q.storage.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        values = q.storage.to(torch.bfloat16)
-        return values if q.scale is None else values.mul_(q.scale.to(torch.bfloat16))  # a power of two: exact
-    return q.values().to(torch.bfloat16)
+    return q.values_as(torch.bfloat16)  # FP8 storage: decoded straight into BF16
 
 
 @torch.library.custom_op("mixprec::linear_bf16", mutates_args=())

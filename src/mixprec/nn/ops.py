@@ -181,10 +181,7 @@ def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: tor
         return y.to(dtype or result_dtype(operand, call.recipe.compute))
     rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True,
                                forward_key=call.forward_key)
-    dtype = dtype or result_dtype(operand, call.recipe.compute)
-    if rounded.cached_values is None and rounded.scale is None and rounded.layout is None:
-        return rounded.storage.to(dtype)  # FP16/BF16 storage: no float32 round trip
-    return rounded.values().to(dtype)
+    return rounded.values_as(dtype or result_dtype(operand, call.recipe.compute))
 
 
 def _grad_result_operand(call: _Call, weight: bool) -> Operand:

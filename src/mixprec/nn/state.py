@@ -32,8 +32,8 @@ from mixprec.core.block_storage import PackedBlocks, quantize_packed, unpack_blo
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
 from mixprec.core.kernels import _MIX1, _MIX2  # murmur3's finaliser, as the rounding kernel's hash
-from mixprec.core.quantize import quantize, scale_from_amax, tensor_scale
-from mixprec.core.storage import from_storage, to_storage
+from mixprec.core.quantize import abs_max, quantize, scale_from_amax, tensor_scale
+from mixprec.core.storage import quantize_stored, stored_values, to_storage
 from mixprec.recipe import Operand, Recipe
 from mixprec.scaling import AmaxHistory
 
@@ -81,9 +81,19 @@ class Quantized:
             return _crop(unpack_blocks(packed, fmt), self.layout.shape)
         if self.operand.is_fp32 or self.storage.dtype in (torch.float16, torch.bfloat16, torch.float32):
             values = self.storage.float()
-        else:
-            values = from_storage(self.storage, self.operand.fmt)  # type: ignore[arg-type]
-        return values if self.scale is None else values * self.scale
+            return values if self.scale is None else values * self.scale
+        return stored_values(self.storage, self.operand.fmt, self.scale)  # type: ignore[arg-type]
+
+    def values_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """``values().to(dtype)``, without the float32 copy where the storage is decoded
+        straight into ``dtype`` (FP8 storage, in one pass) or already is it."""
+        if self.cached_values is not None:
+            return self.cached_values.to(dtype)
+        if self.layout is None and self.scale is None and self.storage.dtype in (torch.float16, torch.bfloat16):
+            return self.storage.to(dtype)
+        if self.layout is None and self.storage.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return stored_values(self.storage, self.operand.fmt, self.scale, dtype)  # type: ignore[arg-type]
+        return self.values().to(dtype)
 
     def tensors(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The tensors of its real storage: values or codes, scale(s), tensor scale."""
@@ -209,7 +219,7 @@ class EngineState:
         fmt = operand.fmt
         if scaling.mode == "current":
             if self.amax_reduce is not None and self.recording:
-                return scale_from_amax(self.amax_reduce(_amax(x)), fmt, margin=scaling.margin,
+                return scale_from_amax(self.amax_reduce(abs_max(x)), fmt, margin=scaling.margin,
                                        power_of_two=scaling.power_of_two)
             return tensor_scale(x, fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
         history = self.histories.get(key)
@@ -217,7 +227,7 @@ class EngineState:
             history = self.histories[key] = AmaxHistory(scaling.history, x.device)
         scale = history.scale(fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
         if self.recording:
-            history.record(x if self.amax_reduce is None else self.amax_reduce(_amax(x)))
+            history.record(x if self.amax_reduce is None else self.amax_reduce(abs_max(x)))
         return scale
 
     # ---- weights ----------------------------------------------------------------------
@@ -282,10 +292,6 @@ class EngineState:
             self.random_state.copy_(state["random_state"])
 
 
-def _amax(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
-
-
 def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
     """The torch dtype a GEMM result in ``operand``'s format is held in: its own dtype
     for FP32, BF16 and FP16; the compute dtype for narrower formats it holds exactly
@@ -327,13 +333,20 @@ def quantize_operand(
         return Quantized(x.detach().to(fmt.torch_dtype), None, operand)
     if scale is None:
         scale = state.scale(x, operand, key)
+    random_key = state.random_key(key, forward_key) if operand.rounding == "stochastic" else None
+    saturate = True if scale is not None else None
+    if fmt.torch_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # the 1-byte storage in one pass over x; the values are decoded from it when a
+        # GEMM asks, in the dtype of its kernel (BF16: 3 bytes an element, not 6)
+        _, stored = quantize_stored(x, fmt, operand.rounding, scale=scale, saturate=saturate,
+                                    random_key=random_key, with_values=False)
+        return Quantized(stored, scale, operand)
     x32 = x.detach()
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
     if x32.dtype != torch.float32:
         x32, fresh = x32.float(), x32.is_contiguous()
-    random_key = state.random_key(key, forward_key) if operand.rounding == "stochastic" else None
-    values = quantize(x32, fmt, operand.rounding, scale=scale, saturate=True if scale is not None else None,
-                      out=x32 if fresh else None, random_key=random_key)
+    values = quantize(x32, fmt, operand.rounding, scale=scale, saturate=saturate, out=x32 if fresh else None,
+                      random_key=random_key)
     unscaled = values if scale is None else values * torch.reciprocal(scale)
     return Quantized(to_storage(unscaled, fmt), scale, operand, values)
 
