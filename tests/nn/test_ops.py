@@ -254,3 +254,35 @@ def test_a_weight_used_twice_is_rounded_once_per_step() -> None:
         model.w.add_(1)
     model(torch.randn(2, 8))
     assert rounded() is not first
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, "same"])
+def test_batch_norm_on_16_bit_inputs_normalises_in_fp32(dtype, param_dtype):
+    """A 16-bit input: statistics and normalisation in FP32, the output and the input's
+    gradient in the input's dtype, within one rounding of the FP32 computation; the
+    running statistics update in FP32. FP32 parameters take torch's mixed-dtype
+    kernel, 16-bit ones (FP16 masters) the FP32 copies."""
+    from mixprec.nn.ops import batch_norm
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 6, 5, 5, generator=generator) * 3 + 1).to(dtype)
+    pd = dtype if param_dtype == "same" else param_dtype
+    weight = (torch.rand(6, generator=generator) + 0.5).to(pd).requires_grad_()
+    bias = torch.randn(6, generator=generator).to(pd).requires_grad_()
+    mean, var = torch.zeros(6), torch.ones(6)
+    xg = x.clone().requires_grad_()
+    out = batch_norm(xg, mean, var, weight, bias, training=True)
+    grad = torch.randn(out.shape, generator=generator).to(dtype)
+    out.backward(grad)
+    x64 = x.double().requires_grad_()
+    w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref_mean, ref_var = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    ref = F.batch_norm(x64, ref_mean, ref_var, w64, b64, training=True)
+    ref.backward(grad.double())
+    ulp = torch.finfo(dtype).eps
+    assert out.dtype == dtype and xg.grad.dtype == dtype and weight.grad.dtype == pd
+    assert ((out.double() - ref).abs() <= ulp * ref.abs() + 1e-6).all()  # one rounding of FP32's result
+    assert torch.allclose(xg.grad.double(), x64.grad, rtol=2 * ulp, atol=1e-3)
+    assert mean.dtype == torch.float32 and torch.allclose(mean.double(), ref_mean, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(var.double(), ref_var, rtol=1e-5)

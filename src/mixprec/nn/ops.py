@@ -595,10 +595,10 @@ def scaled_dot_product_attention(
 
 
 class _BatchNorm(torch.autograd.Function):
-    """Batch norm on a 16-bit input as cuDNN runs it under torch.autocast: statistics
-    and normalisation in FP32, the output in the input's dtype, and only the 16-bit
-    input saved for backward (torch's CPU kernels take no 16-bit input with FP32
-    parameters)."""
+    """Batch norm on a 16-bit input with 16-bit parameters, as cuDNN runs it under
+    torch.autocast: statistics and normalisation in FP32, the output in the input's
+    dtype, and only the 16-bit input saved for backward (torch's mixed-dtype kernel
+    takes 16-bit inputs only with FP32 parameters and statistics)."""
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, running_mean, running_var, training: bool, momentum: float,  # type: ignore[override]
@@ -627,9 +627,17 @@ class _BatchNorm(torch.autograd.Function):
 def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
-    """F.batch_norm for a 16-bit input (see :class:`_BatchNorm`); FP32 inputs go to torch."""
+    """F.batch_norm for a 16-bit input. With FP32 parameters and statistics (or none)
+    torch's own mixed-dtype CPU/CUDA kernel runs it (statistics and normalisation in
+    FP32, the output in the input's dtype, as torch.autocast leaves it; one pass, no
+    FP32 copy of the input); with 16-bit parameters (FP16 masters), which that kernel
+    refuses, :class:`_BatchNorm` does the same through FP32 copies. FP32 inputs go to
+    torch."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if all(t is None or t.dtype == torch.float32 for t in (weight, bias, running_mean, running_var)):
+        with _no_autocast():
+            return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
