@@ -286,3 +286,33 @@ def test_batch_norm_on_16_bit_inputs_normalises_in_fp32(dtype, param_dtype):
     assert torch.allclose(xg.grad.double(), x64.grad, rtol=2 * ulp, atol=1e-3)
     assert mean.dtype == torch.float32 and torch.allclose(mean.double(), ref_mean, rtol=1e-6, atol=1e-7)
     assert torch.allclose(var.double(), ref_var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "bf16"])
+def test_conv2d_and_transposed_gradients_against_float64(recipe: str) -> None:
+    """Input, weight and bias gradients of a (grouped, transposed) convolution: float64
+    products of the rounded error and rounded operands, rounded once to the format."""
+    torch.manual_seed(0)
+    for layer in (nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2), nn.ConvTranspose2d(4, 6, 3, stride=2)):
+        plain = copy.deepcopy(layer)
+        model = mixprec.convert(nn.Sequential(layer), recipe)
+        x = torch.randn(2, 4, 9, 9, requires_grad=True)
+        y = model(x)
+        grad = torch.randn(y.shape)
+        y.backward(grad.to(y.dtype))
+        conv = F.conv2d if isinstance(layer, nn.Conv2d) else F.conv_transpose2d
+        kwargs = ({"padding": 1, "stride": 2, "groups": 2} if isinstance(layer, nn.Conv2d) else {"stride": 2})
+        grads, bounds = [], []
+        for sign in (lambda t: t, torch.abs):  # the gradients, and the sums of |terms| they cancel from
+            x64 = sign(cast(x.detach(), recipe)).requires_grad_()
+            w64 = sign(cast(plain.weight.detach(), recipe)).requires_grad_()
+            b64 = sign(plain.bias.detach().double()).requires_grad_()
+            conv(x64, w64, b64, **kwargs).backward(sign(cast(grad, recipe)))
+            (grads if not bounds and not grads else bounds).append((x64.grad, w64.grad, b64.grad))
+        assert on_grid(x.grad, recipe) and on_grid(layer.weight.grad, recipe)
+        for got, exact, terms in zip((x.grad, layer.weight.grad, layer.bias.grad), grads[0], bounds[0]):
+            expected = cast(exact, recipe)
+            step = expected.abs() * {"fp16": 2**-10, "bf16": 2**-7}[recipe]
+            # one rounding, plus FP32 summation's error where terms cancel
+            assert bool(((got.double() - expected).abs() <= step + 2**-20 * terms).all())
+            assert float((got.double() == expected).double().mean()) > 0.9
