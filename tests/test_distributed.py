@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
-from mixprec.distributed import COMM_FORMATS, comm_hook, resolve_comm_format, run_processes, wrap_ddp
+from mixprec.distributed import COMM_FORMATS, WorkerFailedError, comm_hook, resolve_comm_format, run_processes, wrap_ddp
 from mixprec.experiments.distributed_train import DistributedTrainConfig, train
 from mixprec.core.kernels import kernel_backend
 from mixprec.scaling import StaticScaling
@@ -258,9 +259,7 @@ def test_wrap_ddp_refuses_an_unprepared_model() -> None:
 
 
 def _wrap_in_world_of_one(model: nn.Module, optimizer: Any) -> None:
-    from mixprec.distributed import free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         wrap_ddp(model, optimizer, "fp16")
     finally:
@@ -284,10 +283,37 @@ def test_process_count_must_be_positive() -> None:
         run_processes(copy.copy, 0)
 
 
-def test_prepare_refuses_a_model_already_wrapped_in_ddp() -> None:
-    from mixprec.distributed import free_port
+# ---- the launcher (torchrun's elastic_launch): errors and the time bound ------------------
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+def _fail_on_rank1() -> None:
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 gives up on purpose")
+    dist.all_reduce(torch.ones(1))  # rank 0 waits in a collective that rank 1 never joins
+
+
+def _hang_on_rank1() -> None:
+    if dist.get_rank() == 1:
+        time.sleep(600)
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_failing_rank_raises_in_the_caller_with_its_own_error() -> None:
+    # rank 0's collective breaks as a consequence; the error named first is rank 1's
+    with pytest.raises(WorkerFailedError, match="rank 1 of 2 failed:(.|\n)*rank 1 gives up on purpose") as caught:
+        run_processes(_fail_on_rank1, WORLD, backend="gloo", timeout_s=TIMEOUT_S)
+    assert caught.value.rank == 1 and "_fail_on_rank1" in caught.value.traceback
+
+
+def test_a_hung_run_is_stopped_after_its_timeout() -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="ran past 4 s"):
+        run_processes(_hang_on_rank1, WORLD, backend="gloo", timeout_s=4.0)
+    assert time.monotonic() - started < 60  # the bound counts from each process's start
+
+
+def test_prepare_refuses_a_model_already_wrapped_in_ddp() -> None:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         float_model = _model()
         wrapped = nn.parallel.DistributedDataParallel(float_model)

@@ -22,7 +22,6 @@ from mixprec.core.kernels import kernel_backend
 from mixprec.nn.convert import engine_state
 from mixprec.distributed import (
     agree_on_scales,
-    free_port,
     fully_shard,
     load_checkpoint,
     run_processes,
@@ -289,7 +288,7 @@ def test_checkpoint_of_another_recipe_is_refused_and_nothing_changes(ranks: Any)
 
 
 def test_checkpoint_of_another_world_size_is_refused_and_nothing_changes(ranks: Any) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = mixprec.convert(_mlp(), "fp8-hybrid")
@@ -320,7 +319,7 @@ def test_ranks_with_different_recipes_are_refused(ranks: Any) -> None:
 def test_fully_shard_needs_a_process_group_and_a_converted_model() -> None:
     with pytest.raises(ValueError, match="init_process_group"):
         fully_shard(mixprec.convert(_mlp(), "fp16"))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="call mixprec.convert"):
             fully_shard(_mlp())
@@ -336,7 +335,7 @@ def test_collectives_work_on_nccl() -> None:  # pragma: no cover - GPU only
     from mixprec.distributed import sync_from_rank0
 
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = mixprec.convert(_mlp().cuda(), "fp8")
         scaler = mixprec.GradScaler("fp8")
@@ -388,7 +387,7 @@ def test_shard_refuses_a_ddp_communication_format() -> None:
 
 @pytest.mark.parametrize("comm", ["bf16", "e5m2"])
 def test_ddp_hooks_step_in_a_world_of_one(comm: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = _mlp()
