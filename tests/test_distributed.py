@@ -6,6 +6,9 @@ and resumes from rank 0's checkpoint on every rank."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -233,6 +236,37 @@ def test_cnn_trains_on_two_processes_and_resumes_from_rank0_checkpoint(tmp_path:
         train(_config(checkpoint=checkpoint, resume=True), nproc=1)
 
 
+def test_transformer_trains_on_two_processes_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIXPREC_KERNEL", "eager")  # at these sizes loading the compiled kernels costs 2 s a step
+    config = DistributedTrainConfig(model="transformer", recipe="bf16", comm="bf16", steps=3, global_batch=8,
+                                    width=32, sequence=32, eval_examples=32)
+    result = train(config, nproc=WORLD, timeout_s=TIMEOUT_S)
+    assert result["ranks_bitwise_equal"] and not result["sharded"] and result["last_step"] == 3
+    assert result["metric_name"] == "validation_bpc" and 0 < result["metric_value"] < 8
+    # bf16 gradients: 2 bytes for each of the model's parameters, every step
+    assert result["comm_payload_bytes_per_step"] == 2 * sum(
+        p.numel() for p in _language_model(config).parameters())
+
+
+def test_mixprec_train_runs_under_torchrun(tmp_path: Path) -> None:
+    # torchrun itself (python -m torch.distributed.run), as a user launches it
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               "-m", "mixprec", "train", "--steps", "2", "--global-batch", "8", "--width", "4",
+               "--eval-examples", "100", "--json", str(tmp_path / "result.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "MIXPREC_KERNEL": "eager"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{WORLD} processes, DDP" in done.stdout and "ranks identical" in done.stdout
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == WORLD and result["ranks_bitwise_equal"] and result["last_step"] == 2
+
+
+def _language_model(config: DistributedTrainConfig) -> nn.Module:
+    from mixprec.experiments.distributed_train import _TextTask
+
+    return _TextTask(config).build()
+
+
 # ---- misuse --------------------------------------------------------------------------
 
 
@@ -272,7 +306,8 @@ def test_global_batch_must_split_over_the_processes() -> None:
         config.check_world(2)
 
 
-@pytest.mark.parametrize("changes", [{"comm": "int8"}, {"model": "lstm"}, {"resume": True}, {"steps": 0}])
+@pytest.mark.parametrize("changes", [{"comm": "int8"}, {"model": "lstm"}, {"resume": True}, {"steps": 0},
+                                     {"model": "transformer", "width": 30}, {"sequence": 1}])
 def test_bad_training_configuration_is_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         DistributedTrainConfig(**changes)
