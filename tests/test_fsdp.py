@@ -400,6 +400,15 @@ def test_ddp_hooks_step_in_a_world_of_one(comm: str) -> None:
         assert state.elements == elements
         assert state.payload_bytes == (2 * elements if comm == "bf16" else elements + 4 * state.calls)
         assert state.wire_bytes == 0  # nothing leaves a world of one
+        # Teardown order. The hooks' futures run Python callbacks on gloo's worker
+        # threads, which take the GIL once more to release them just after the result is
+        # set. Dropping the last reference to the process group joins those threads while
+        # holding the GIL: if that happens in that window (the DDP model freed as this
+        # test returns, right after the step), the two wait on each other for ever (seen
+        # under load). A barrier releases the GIL while it waits, so the workers finish
+        # first; the DDP model goes while the group is still registered.
+        dist.barrier()
+        del ddp_model
     finally:
         dist.destroy_process_group()
 

@@ -145,17 +145,22 @@ def run_processes(
     Failures: if a process raises, the others are stopped and this raises
     :class:`WorkerFailedError` with the first failing rank's traceback (torch's
     ``ChildFailedError`` as its cause; that error itself where a process died without a
-    Python exception). Time: ``timeout_s`` bounds every collective (the process group's timeout)
-    and each process's whole run: past it a watchdog in the process (``faulthandler``)
-    prints every thread's stack to stderr and exits it, the agent stops the rest, and
-    this raises ``TimeoutError``. A run is therefore never left hanging, and it is
-    stopped from inside the workers, so the caller needs no signal or thread of its own."""
+    Python exception). Ctrl-C stops the processes and raises ``KeyboardInterrupt``.
+
+    Time: ``elastic_launch`` itself waits without a bound, so ``timeout_s`` is enforced
+    inside the processes: it is the process group's timeout (every collective raises past
+    it), and a watchdog in each process (``faulthandler``, a C thread that fires even in
+    a collective that never returns) prints every thread's stack to stderr and exits the
+    process ``timeout_s`` after it started (the spawn itself, a few seconds, comes on
+    top); the agent then stops the rest (SIGTERM, SIGKILL 5 s later) and this raises
+    ``TimeoutError``. A run is never left hanging, and the caller needs no signal or
+    thread of its own."""
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive number of processes, got {nproc!r}")
     backend = backend or default_backend()
     if backend == "nccl" and nproc > torch.cuda.device_count():
         raise ValueError(f"{nproc} processes on nccl need {nproc} GPUs; this machine has {torch.cuda.device_count()}")
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -179,3 +184,7 @@ def run_processes(
             if failure is None:  # died without a Python error (a signal, os._exit): torch's report
                 raise
             raise failure from error
+        except SignalException as error:  # the agent's handler, installed for the run
+            if error.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from error
+            raise
