@@ -6,7 +6,11 @@ and resumes from rank 0's checkpoint on every rank."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
-from mixprec.distributed import COMM_FORMATS, comm_hook, resolve_comm_format, run_processes, wrap_ddp
+from mixprec.distributed import COMM_FORMATS, WorkerFailedError, comm_hook, resolve_comm_format, run_processes, wrap_ddp
 from mixprec.experiments.distributed_train import DistributedTrainConfig, train
 from mixprec.core.kernels import kernel_backend
 from mixprec.scaling import StaticScaling
@@ -232,6 +236,37 @@ def test_cnn_trains_on_two_processes_and_resumes_from_rank0_checkpoint(tmp_path:
         train(_config(checkpoint=checkpoint, resume=True), nproc=1)
 
 
+def test_transformer_trains_on_two_processes_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIXPREC_KERNEL", "eager")  # at these sizes loading the compiled kernels costs 2 s a step
+    config = DistributedTrainConfig(model="transformer", recipe="bf16", comm="bf16", steps=3, global_batch=8,
+                                    width=32, sequence=32, eval_examples=32)
+    result = train(config, nproc=WORLD, timeout_s=TIMEOUT_S)
+    assert result["ranks_bitwise_equal"] and not result["sharded"] and result["last_step"] == 3
+    assert result["metric_name"] == "validation_bpc" and 0 < result["metric_value"] < 8
+    # bf16 gradients: 2 bytes for each of the model's parameters, every step
+    assert result["comm_payload_bytes_per_step"] == 2 * sum(
+        p.numel() for p in _language_model(config).parameters())
+
+
+def test_mixprec_train_runs_under_torchrun(tmp_path: Path) -> None:
+    # torchrun itself (python -m torch.distributed.run), as a user launches it
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               "-m", "mixprec", "train", "--steps", "2", "--global-batch", "8", "--width", "4",
+               "--eval-examples", "100", "--json", str(tmp_path / "result.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "MIXPREC_KERNEL": "eager"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{WORLD} processes, DDP" in done.stdout and "ranks identical" in done.stdout
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == WORLD and result["ranks_bitwise_equal"] and result["last_step"] == 2
+
+
+def _language_model(config: DistributedTrainConfig) -> nn.Module:
+    from mixprec.experiments.distributed_train import _TextTask
+
+    return _TextTask(config).build()
+
+
 # ---- misuse --------------------------------------------------------------------------
 
 
@@ -258,9 +293,7 @@ def test_wrap_ddp_refuses_an_unprepared_model() -> None:
 
 
 def _wrap_in_world_of_one(model: nn.Module, optimizer: Any) -> None:
-    from mixprec.distributed import free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         wrap_ddp(model, optimizer, "fp16")
     finally:
@@ -273,7 +306,8 @@ def test_global_batch_must_split_over_the_processes() -> None:
         config.check_world(2)
 
 
-@pytest.mark.parametrize("changes", [{"comm": "int8"}, {"model": "lstm"}, {"resume": True}, {"steps": 0}])
+@pytest.mark.parametrize("changes", [{"comm": "int8"}, {"model": "lstm"}, {"resume": True}, {"steps": 0},
+                                     {"model": "transformer", "width": 30}, {"sequence": 1}])
 def test_bad_training_configuration_is_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         DistributedTrainConfig(**changes)
@@ -284,10 +318,37 @@ def test_process_count_must_be_positive() -> None:
         run_processes(copy.copy, 0)
 
 
-def test_prepare_refuses_a_model_already_wrapped_in_ddp() -> None:
-    from mixprec.distributed import free_port
+# ---- the launcher (torchrun's elastic_launch): errors and the time bound ------------------
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+def _fail_on_rank1() -> None:
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 gives up on purpose")
+    dist.all_reduce(torch.ones(1))  # rank 0 waits in a collective that rank 1 never joins
+
+
+def _hang_on_rank1() -> None:
+    if dist.get_rank() == 1:
+        time.sleep(600)
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_failing_rank_raises_in_the_caller_with_its_own_error() -> None:
+    # rank 0's collective breaks as a consequence; the error named first is rank 1's
+    with pytest.raises(WorkerFailedError, match="rank 1 of 2 failed:(.|\n)*rank 1 gives up on purpose") as caught:
+        run_processes(_fail_on_rank1, WORLD, backend="gloo", timeout_s=TIMEOUT_S)
+    assert caught.value.rank == 1 and "_fail_on_rank1" in caught.value.traceback
+
+
+def test_a_hung_run_is_stopped_after_its_timeout() -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="ran past 4 s"):
+        run_processes(_hang_on_rank1, WORLD, backend="gloo", timeout_s=4.0)
+    assert time.monotonic() - started < 60  # the bound counts from each process's start
+
+
+def test_prepare_refuses_a_model_already_wrapped_in_ddp() -> None:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         float_model = _model()
         wrapped = nn.parallel.DistributedDataParallel(float_model)

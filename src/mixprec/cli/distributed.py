@@ -1,5 +1,5 @@
-"""Command-line parts of distributed training: ``mixprec train`` (the CNN on N
-processes, DDP or FSDP2 with ``--shard``) and ``mixprec bench comm``; argument parsing
+"""Command-line parts of distributed training: ``mixprec train`` (the CNN or the
+Transformer LM on N processes, DDP or FSDP2 with ``--shard``) and ``mixprec bench comm``; argument parsing
 and display only."""
 
 from __future__ import annotations
@@ -14,21 +14,35 @@ from rich.table import Table
 
 __all__ = ["add_train_arguments", "train_command", "add_comm_bench_arguments", "comm_bench_command"]
 
+METRIC_COLUMNS = {"test_accuracy": "test accuracy", "validation_bpc": "held-out bits/char"}
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mixprec train``."""
-    parser.add_argument("--model", default="cnn", help="the model to train (cnn, the Fashion-MNIST ResNet)")
+    parser.add_argument("--model", default="cnn", choices=("cnn", "transformer"),
+                        help="cnn: the Fashion-MNIST ResNet; transformer: the character-level GPT on the King James "
+                             "Bible (default: %(default)s)")
     parser.add_argument("--recipe", default="fp16", help="mixprec recipe (default: %(default)s)")
     parser.add_argument("--comm", default="fp32", help="DDP's gradient all-reduce format: fp32, fp16, bf16, e5m2 (fp8)")
     parser.add_argument("--shard", action="store_true",
                         help="FSDP2 instead of DDP: parameters, gradients and optimizer state sharded over the "
                              "processes (gradients reduce-scattered in fp32); --checkpoint is then a directory")
     parser.add_argument("--nproc", type=int, default=None,
-                        help="processes to spawn on localhost (default 1; leave out under torchrun)")
+                        help="processes to start on localhost through torchrun's launcher (default 1; leave out "
+                             "under torchrun)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (default: %(default)s)")
-    parser.add_argument("--global-batch", type=int, default=128, help="images per step, over all processes")
+    parser.add_argument("--global-batch", type=int, default=128,
+                        help="images (cnn) or text windows (transformer) per step, over all processes "
+                             "(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=16, help="CNN width (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=0,
+                        help="CNN channels or the Transformer's model dimension (default: 16 and 64)")
+    parser.add_argument("--layers", type=int, default=2, help="Transformer blocks (default: %(default)s)")
+    parser.add_argument("--sequence", type=int, default=64,
+                        help="Transformer context: characters per window (default: %(default)s)")
+    parser.add_argument("--eval-examples", type=int, default=2000,
+                        help="test images (cnn) or held-out windows (transformer) evaluated at the end "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", type=Path, metavar="PATH",
                         help="the run's state: a file rank 0 writes (DDP), or a directory of every rank's shards "
@@ -45,7 +59,8 @@ def train_command(args: argparse.Namespace, console: Console) -> int:
 
     config = DistributedTrainConfig(
         model=args.model, recipe=args.recipe, comm=args.comm, steps=args.steps, global_batch=args.global_batch,
-        lr=args.lr, width=args.width, seed=args.seed, checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        lr=args.lr, width=args.width, layers=args.layers, sequence=args.sequence, eval_examples=args.eval_examples,
+        seed=args.seed, checkpoint=str(args.checkpoint) if args.checkpoint else None,
         checkpoint_every=args.checkpoint_every, resume=args.resume, data_dir=args.data_dir,
         result_path=str(args.json) if args.json else None, shard=args.shard,
     )
@@ -55,11 +70,12 @@ def train_command(args: argparse.Namespace, console: Console) -> int:
     how = "FSDP2, fp32 reduce-scatter" if config.shard else f"DDP, {config.comm} gradients"
     table = Table(title=f"mixprec train: {config.model}, recipe {config.recipe}, {result['world_size']} processes, "
                         f"{how}")
-    for column in ("steps", "loss (last 10)", "test accuracy", "skipped", "loss scale", "step ms",
-                   "comm bytes/step", "ranks identical"):
+    metric = METRIC_COLUMNS[result["metric_name"]]
+    for column in ("steps", "loss (last 10)", metric, "skipped", "loss scale", "step ms", "comm bytes/step",
+                   "ranks identical"):
         table.add_column(column, justify="right")
     table.add_row(f"{result['first_step']}-{result['last_step']}", f"{result['final_loss']:.4f}",
-                  f"{result['test_accuracy']:.4f} ({result['test_examples']})", str(result["skipped_steps"]),
+                  f"{result['metric_value']:.4f} ({result['eval_examples']})", str(result["skipped_steps"]),
                   f"{result['loss_scale']:g}", f"{result['step_ms']:.0f}",
                   f"{result['comm_payload_bytes_per_step']:,.0f}", "yes" if result["ranks_bitwise_equal"] else "NO")
     console.print(table)

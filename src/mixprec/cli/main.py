@@ -113,8 +113,9 @@ def _add_distributed_parsers(commands: argparse._SubParsersAction) -> None:  # t
     from mixprec.cli.distributed import add_train_arguments
 
     add_train_arguments(commands.add_parser(
-        "train", help="train the Fashion-MNIST CNN on N processes (DDP, gloo/nccl) with a recipe and a "
-        "gradient all-reduce format; also under torchrun --nproc-per-node N -m mixprec train"))
+        "train", help="train the Fashion-MNIST CNN or the Transformer LM on N processes (DDP with a gradient "
+        "all-reduce format, or FSDP2 with --shard; gloo/nccl) under a recipe; also under torchrun --standalone "
+        "--nproc-per-node N -m mixprec train"))
 
 
 def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -4,7 +4,7 @@ FSDP2 (:func:`fully_shard`: torch's ``fully_shard`` on a converted model), with 
 ranks must agree on (skipped steps in :class:`mixprec.GradScaler`; per-tensor FP8 scales
 in :func:`agree_on_scales`), sharded checkpoints (:func:`save_checkpoint`,
 :func:`load_checkpoint`, ``torch.distributed.checkpoint``) and, for tests and the
-``mixprec train --nproc`` command, a local launcher (:func:`run_processes`).
+``mixprec train --nproc`` command, a local launcher on torchrun's own API (:func:`run_processes`).
 
 The order is always: the plain model, ``mixprec.convert`` (or ``mixprec.prepare``),
 then DDP or FSDP2. See docs/distributed.md.
@@ -31,7 +31,7 @@ from mixprec.distributed.collectives import broadcast_object_tensor, collective_
 from mixprec.distributed.consensus import AmaxConsensus, agree_on_scales, check_same_recipe
 from mixprec.distributed.ddp import COMM_FORMATS, CommState, comm_hook, resolve_comm_format, sync_from_rank0, wrap_ddp
 from mixprec.distributed.fsdp import FSDPCommState, count_fsdp_comm, default_blocks, fully_shard, is_sharded
-from mixprec.distributed.launch import default_backend, free_port, init_from_env, run_processes
+from mixprec.distributed.launch import WorkerFailedError, default_backend, init_from_env, run_processes
 
 __all__ = [
     "COMM_FORMATS",
@@ -55,6 +55,6 @@ __all__ = [
     "broadcast_object_tensor",
     "run_processes",
     "init_from_env",
-    "free_port",
+    "WorkerFailedError",
     "default_backend",
 ]
