@@ -171,9 +171,18 @@ def test_recurrences_compute_what_torch_computes(kind: type[nn.Module]) -> None:
     plain = copy.deepcopy(rnn)
     x = torch.randn(3, 7, 6)
     structure = mixprec.Recipe("fp32-structure", compute_dtype="bf16")  # no rounding: the math alone
-    ours, _ = mixprec.convert(copy.deepcopy(rnn), structure)(x)
-    theirs, _ = plain(x)
+    emulated = mixprec.convert(copy.deepcopy(rnn), structure)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, _ = emulated(x_ours)
+    theirs, _ = plain(x_theirs)
     assert torch.allclose(ours.float(), theirs, atol=1e-5)
+    weights = torch.randn(theirs.shape)
+    (ours.float() * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    assert torch.allclose(x_ours.grad, x_theirs.grad, atol=1e-5)
+    for (name, mine), theirs_p in zip(emulated.named_parameters(), plain.parameters()):
+        assert torch.allclose(mine.grad, theirs_p.grad, atol=1e-5), name
+    theirs = theirs.detach()
     model = mixprec.convert(nn.Sequential(rnn), "bf16")
     out, _ = model[0](x) if False else (model(x)[0], None)
     assert out.dtype == torch.bfloat16 and on_grid(out, "bf16")

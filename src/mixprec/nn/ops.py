@@ -669,12 +669,14 @@ def _recurrence(state: EngineState, kind: str, x: torch.Tensor, hx: tuple[torch.
     module = state.module_stack[-1] if state.module_stack else ""
     for layer in range(num_layers):
         w_ih, w_hh, b_ih, b_hh = _layer_weights(weights, layer, has_bias)
-        projected = gemm(state, sequence, w_ih, b_ih, transpose_b=True, op=f"{kind}{layer}.ih").float()
+        # unbind, not projected[step]: each indexing's backward would write a zero tensor
+        # of the whole sequence and autograd would add them all up (quadratic in its length)
+        projected = gemm(state, sequence, w_ih, b_ih, transpose_b=True, op=f"{kind}{layer}.ih").float().unbind(0)
         h = hx[0][layer]
         c = hx[1][layer] if kind == "lstm" else None
         outputs = []
         site = f"{module}:{kind}{layer}.hh"
-        for step in range(sequence.shape[0]):
+        for step in range(len(projected)):
             recurrent = gemm(state, h, w_hh, b_hh, transpose_b=True, op=f"{kind}.hh", site=site).float()
             if kind == "lstm":
                 i, f, g, o = (projected[step] + recurrent).chunk(4, dim=-1)
