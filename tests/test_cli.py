@@ -102,3 +102,15 @@ def test_bench_step_skips_torchao_where_it_does_not_import(monkeypatch):
     rows = step_speed.run_step_bench(models=["mlp"], configs=["fp32", "torchao-float8"], repeats=1,
                                      batch_scale=0.0625)
     assert [row.config for row in rows] == ["fp32"]
+
+
+def test_bench_step_times_compiled_models_and_refuses_unknown_configs():
+    from mixprec.bench import step_speed
+
+    rows = step_speed.run_step_bench(models=["mlp"], configs=["fp32", "fp8-hybrid", "fp8-hybrid+compile"],
+                                     repeats=1, batch_scale=0.0625)
+    assert [row.config for row in rows] == ["fp32", "fp8-hybrid", "fp8-hybrid+compile"]
+    assert rows[2].ms > 0 and rows[2].saved_bytes == rows[1].saved_bytes  # bytes: the eager model's
+    assert step_speed.is_config("mxfp8+compile") and not step_speed.is_config("mxfp9+compile")
+    result = run("bench", "step", "--models", "mlp", "--configs", "fp32,bf17+compile")
+    assert result.returncode == 2 and "bf17+compile" in result.stdout

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,7 +28,7 @@ from mixprec.amp import prepare
 from mixprec.nn.convert import engine_state
 from mixprec.nn.kernels import KernelMode, gemm_kernels
 
-__all__ = ["StepRow", "run_step_bench", "CONFIGS", "MODELS", "TORCHAO_FLOAT8", "torchao_float8_available",
+__all__ = ["StepRow", "run_step_bench", "CONFIGS", "COMPILED", "is_config", "MODELS", "TORCHAO_FLOAT8", "torchao_float8_available",
            "transformer_block", "mlp"]
 
 TORCHAO_FLOAT8 = "torchao-float8"
@@ -36,6 +37,16 @@ with ``emulate=True``: its FP8 GEMMs emulated in high precision, as on a CPU."""
 
 CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", TORCHAO_FLOAT8, *[name for name in RECIPES if name != "fp32"])
 MODELS = ("cnn", "transformer", "mlp")
+COMPILED = "+compile"
+"""A configuration's name with this suffix (``fp8-hybrid+compile``) runs its model under
+``torch.compile`` (forward and backward; the optimizer step stays eager), with
+``emulate_precision_casts`` so that a recipe's compiled results are its eager ones."""
+
+
+def is_config(name: str) -> bool:
+    """Whether ``name`` is a configuration :func:`run_step_bench` runs (one of
+    :data:`CONFIGS`, optionally with the :data:`COMPILED` suffix)."""
+    return name.removesuffix(COMPILED) in CONFIGS
 
 
 def torchao_float8_available() -> str | None:
@@ -129,6 +140,8 @@ class _Run:
     """One model under one configuration, built and ready to step."""
 
     def __init__(self, model_name: str, config: str, batch_scale: float, kernels: KernelMode = "auto") -> None:
+        self.compiled = config.endswith(COMPILED)
+        config = config.removesuffix(COMPILED)
         build, self.x, self.y = _workload(model_name, batch_scale)
         torch.manual_seed(0)
         self.model = build()
@@ -145,11 +158,15 @@ class _Run:
         self.kernels = kernels
         if config in RECIPES and config != "fp32":
             self.model, self.wrapped = prepare(self.model, self.optimizer, config)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(self.model) if self.compiled else self.model)
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, eager: bool = False) -> torch.Tensor:
         context = torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else nullcontext()
-        with context, gemm_kernels(self.kernels):
-            out = self.model(self.x)
+        compiled = self.compiled and not eager
+        faithful = inductor_config.patch(emulate_precision_casts=True) if compiled else nullcontext()
+        with context, gemm_kernels(self.kernels), faithful:
+            out = self.forward(self.x) if compiled else self.model(self.x)
         return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), self.y.reshape(-1))
 
     def step(self) -> None:
@@ -162,8 +179,9 @@ class _Run:
             self.optimizer.zero_grad()
 
     def bytes(self) -> dict[str, int]:
+        # the eager model's bytes (a compiled graph's saved tensors are out of the hooks' sight)
         with SavedBytesCounter(exclude_from=[self.model]) as counter:
-            loss = self.loss()
+            loss = self.loss(eager=True)
         del loss
         rounded = ([t for e in engine_state(self.model).weights.values() for t in e[3].tensors() if t is not None]
                    if self.wrapped else [])
@@ -196,7 +214,9 @@ def run_step_bench(
         for config in names:
             notify(f"{model_name} {config}")
             run = runs[config] = _Run(model_name, config, batch_scale, kernels)
-            median_seconds(run.step, repeats=1, warmup=1)  # warm-up (and compilation)
+            # warm-up; a compiled model compiles at its first step and, under delayed
+            # scaling, recompiles at its second (the amax histories exist from then on)
+            median_seconds(run.step, repeats=1, warmup=2 if run.compiled else 1)
         times: dict[str, list[float]] = {config: [] for config in names}
         for _ in range(repeats):
             for config in names:

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--repeats", type=int, default=3, help="timed rounds; the median counts (default: %(default)s)")
     step.add_argument("--models", default="cnn,transformer,mlp", help="comma-separated: cnn, transformer, mlp")
     step.add_argument("--configs", default=",".join(_step_configs()),
-                      help="comma-separated configurations (default: all)")
+                      help="comma-separated configurations (default: all); a name ending in +compile "
+                      "(fp8-hybrid+compile) runs that configuration's model under torch.compile")
     step.add_argument("--batch-scale", type=float, default=1.0,
                       help="multiply the batch sizes (128 images, 32 sequences, 512 MLP rows) by this")
     step.add_argument("--gemm-kernels", choices=("auto", "fp32", "bf16"), default="auto",
@@ -133,13 +134,13 @@ def _step_configs() -> tuple[str, ...]:
 
 
 def _bench_step(args: argparse.Namespace, console: Console) -> int:
-    from mixprec.bench.step_speed import MODELS, TORCHAO_FLOAT8, run_step_bench, torchao_float8_available
+    from mixprec.bench.step_speed import MODELS, TORCHAO_FLOAT8, is_config, run_step_bench, torchao_float8_available
     from mixprec.bench.timing import thread_settings
     from mixprec.nn.kernels import native_bf16
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in _step_configs()] + [m for m in models if m not in MODELS]
+    unknown = [c for c in configs if not is_config(c)] + [m for m in models if m not in MODELS]
     if unknown or args.repeats < 1 or args.batch_scale <= 0:
         console.print(f"[red]unknown models or configurations {unknown}, or a bad --repeats/--batch-scale; "
                       f"models: {', '.join(MODELS)}; configurations: {', '.join(_step_configs())}[/red]")
