@@ -278,6 +278,22 @@ def _finish(target: torch.Tensor, out: torch.Tensor | None, direct: bool, axis: 
     return result
 
 
+def checked_blocks(
+    x: torch.Tensor, fmt: BlockFormat, rounding: str, axis: int, generator: torch.Generator | None,
+    tensor_amax: torch.Tensor | float | None, random_key: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], tuple[int, ...], int, torch.Tensor | None,
+           torch.Tensor | None]:
+    """The checked arguments of a block quantizer: x, its :func:`blocked_view` (moved x,
+    block dims, moved shape, normalised axis), the stochastic-rounding key (None to
+    nearest) and the tensor amax."""
+    x = _check_tensor(x)
+    _check_rounding(rounding)
+    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
+    return x, moved, dims, moved_shape, axis, key, amax_t
+
+
 def block_parts(
     x: torch.Tensor,
     fmt: BlockFormat,
@@ -289,11 +305,8 @@ def block_parts(
 ) -> BlockParts:
     """The element values and scales :func:`quantize_blocks` multiplies (eager kernels,
     the same arithmetic); ``BlockParts.dequantize()`` equals ``quantize_blocks`` bit for bit."""
-    x = _check_tensor(x)
-    _check_rounding(rounding)
-    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
-    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
-    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
+    x, moved, dims, moved_shape, axis, key, amax_t = checked_blocks(x, fmt, rounding, axis, generator,
+                                                                    tensor_amax, random_key)
     x4 = moved.reshape(-1, *dims)
     params = _block_params(fmt, x.device)
     with torch.no_grad():

@@ -21,17 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from mixprec.core import block_kernels
-from mixprec.core.block_quantize import (
-    _block_params,
-    _check_rounding,
-    _check_tensor_amax,
-    _zero_below,
-    blocked_view,
-    restore_layout,
-)
+from mixprec.core.block_quantize import _block_params, _zero_below, checked_blocks, restore_layout
 from mixprec.core.formats import BlockFormat, FloatFormat
 from mixprec.core.kernels import _run, run_variant
-from mixprec.core.quantize import Rounding, _check_tensor, _key
+from mixprec.core.quantize import Rounding
 
 __all__ = ["PackedBlocks", "pack_blocks", "quantize_packed", "unpack_blocks"]
 
@@ -134,11 +127,8 @@ def quantize_packed(
     block scales, then one pass writing values and codes; compiled where
     :func:`mixprec.core.kernels.run_variant` compiles), which is what training needs
     of each operand: values to multiply, bytes to keep for backward."""
-    x = _check_tensor(x)
-    _check_rounding(rounding)
-    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
-    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
-    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
+    x, moved, dims, moved_shape, axis, key, amax_t = checked_blocks(x, fmt, rounding, axis, generator,
+                                                                    tensor_amax, random_key)
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
     if fmt.scale_rule in block_kernels.RULE_IDS:
