@@ -333,3 +333,19 @@ def test_flushed_product_equals_the_exact_product(backend, name, tensor_amax, ro
     parts = mixprec.core.block_quantize.block_parts(x, fmt, rounding, generator=torch.Generator().manual_seed(2),
                                                     tensor_amax=tensor_amax)
     assert_same(q, parts.dequantize(), x, f"{name} {rounding}: flushed product vs exact product")
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp6_e3m2", "mxfp4_e2m1", "nvfp4", "fp8_block128"])
+@pytest.mark.parametrize("bits", [0x7FC00000, 0xFFFF0000, 0x7FFFFFFF, 0xFF800001])
+def test_a_nan_of_any_payload_makes_its_block_nan(name, bits):
+    """Every NaN bit pattern (quiet or signalling, either sign, payloads up to
+    0x7FFFFFFF, whose int32 rounding would wrap) reads back as a NaN block."""
+    x = torch.randn(4, 256)
+    x.view(torch.int32)[1, 7] = torch.tensor(bits, dtype=torch.int64).to(torch.int32)
+    assert torch.isnan(x[1, 7])
+    for backend in ("eager", "compiled"):
+        with mixprec.core.kernels.kernel_backend(backend):
+            q = mixprec.quantize(x, name)
+        block = 16 if "nv" in name else 128 if "128" in name else 32
+        assert torch.isnan(q[1, :block]).all(), backend
+        assert torch.isfinite(q[0]).all() and torch.isfinite(q[1, block:]).all(), backend

@@ -172,6 +172,11 @@ def test_compiled_quantize_packed_is_eager_bit_for_bit(name, rounding):
         assert torch.equal(cp.scales.float().nan_to_num(-1.0), ep.scales.float().nan_to_num(-1.0))
         assert_same(cu, ev, x, f"{name} unpacked axis {axis}")
         assert_same(ev, mixprec.quantize(x, name, rounding, axis=axis, random_key=key), x, f"{name} quantize")
+    # a bfloat16 x is widened inside both passes: the same as quantizing its float32 copy
+    half = x.bfloat16()
+    with kernel_backend("compiled"):
+        values, _ = quantize_packed(half, mixprec.core.formats.resolve(name), rounding, random_key=key)
+    assert_same(values, mixprec.quantize(half.float(), name, rounding, random_key=key), half.float(), f"{name} bf16")
 
 
 @pytest.mark.parametrize("name", ["e4m3", "e5m2"])

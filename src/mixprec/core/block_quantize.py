@@ -70,16 +70,17 @@ def _normalise_axis(fmt: BlockFormat, axis: int, ndim: int) -> int:
 
 
 def blocked_view(
-    x: torch.Tensor, fmt: BlockFormat, axis: int
+    x: torch.Tensor, fmt: BlockFormat, axis: int, keep_dtype: bool = False
 ) -> tuple[torch.Tensor, tuple[int, int, int], tuple[int, ...], int]:
-    """x as contiguous float32 with the block axis last, its blocked dims ``(rows, h,
-    cols)``, that moved shape, and the normalised axis. Raises ValueError where a
-    dimension is not a multiple of the block's extent along it."""
+    """x as contiguous float32 (``keep_dtype``: in x's own dtype, for kernels that widen
+    it as they read it) with the block axis last, its blocked dims ``(rows, h, cols)``,
+    that moved shape, and the normalised axis. Raises ValueError where a dimension is
+    not a multiple of the block's extent along it."""
     axis = _normalise_axis(fmt, axis, x.dim())
     ndim = x.dim()
     moved = x.movedim(axis, -1) if axis != ndim - 1 else x
     moved = moved.detach()
-    moved = moved.contiguous() if moved.dtype == torch.float32 else moved.float().contiguous()
+    moved = moved.contiguous() if moved.dtype == torch.float32 or keep_dtype else moved.float().contiguous()
     extents = fmt.block_shape
     named = ("last", "second-to-last")
     for offset, extent in enumerate(reversed(extents)):
@@ -280,7 +281,7 @@ def _finish(target: torch.Tensor, out: torch.Tensor | None, direct: bool, axis: 
 
 def checked_blocks(
     x: torch.Tensor, fmt: BlockFormat, rounding: str, axis: int, generator: torch.Generator | None,
-    tensor_amax: torch.Tensor | float | None, random_key: torch.Tensor | None,
+    tensor_amax: torch.Tensor | float | None, random_key: torch.Tensor | None, keep_dtype: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], tuple[int, ...], int, torch.Tensor | None,
            torch.Tensor | None]:
     """The checked arguments of a block quantizer: x, its :func:`blocked_view` (moved x,
@@ -289,7 +290,7 @@ def checked_blocks(
     x = _check_tensor(x)
     _check_rounding(rounding)
     amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
-    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis, keep_dtype)
     key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
     return x, moved, dims, moved_shape, axis, key, amax_t
 

@@ -23,7 +23,7 @@ import torch
 from mixprec.core import block_kernels
 from mixprec.core.block_quantize import _block_params, _zero_below, checked_blocks, restore_layout
 from mixprec.core.formats import BlockFormat, FloatFormat
-from mixprec.core.kernels import _run, run_variant
+from mixprec.core.kernels import run_variant
 from mixprec.core.quantize import Rounding
 
 __all__ = ["PackedBlocks", "pack_blocks", "quantize_packed", "unpack_blocks"]
@@ -94,22 +94,37 @@ def _element_values(codes: torch.Tensor, element: FloatFormat) -> torch.Tensor:
 
 def pack_blocks(x: torch.Tensor, fmt: BlockFormat, axis: int = -1) -> PackedBlocks:
     """Quantize ``x`` to ``fmt`` (nearest) and pack elements and scales into bytes."""
-    return quantize_packed(x, fmt, axis=axis)[1]
+    return quantize_packed(x, fmt, axis=axis, with_values=False)[1]
 
 
-def _pack_kernel(element: FloatFormat, zero_below: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _pack_kernel(element: FloatFormat, zero_below: bool,
+                 with_values: bool) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor]]:
     """The element pass of :func:`quantize_packed` for one element format: blocked
     ``x4`` times its block's ``factor`` rounded onto the element grid ``pe``, returned
-    both as dequantized values (``element * full``) and as packed codes (zero in a block
-    whose scale is NaN)."""
+    as packed codes (zero in a block whose scale is NaN) and, ``with_values``, as
+    dequantized values (``element * full``)."""
 
     def pack(x4: torch.Tensor, factor: torch.Tensor, full: torch.Tensor, pe: torch.Tensor,
-             key: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        elements = block_kernels.round_elements(x4, factor, pe, key, zero_below)
+             key: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        elements = block_kernels.round_elements(x4.float(), factor, pe, key, zero_below)
         bad = torch.isnan(full) | torch.isnan(elements)
-        return elements * full, _element_codes(torch.where(bad, 0.0, elements).reshape(-1), element)
+        codes = _element_codes(torch.where(bad, 0.0, elements).reshape(-1), element)
+        return (elements * full if with_values else None), codes
 
     return pack
+
+
+def _scales_kernel(pow2: bool) -> Callable[..., tuple[torch.Tensor | None, ...]]:
+    """The scale pass of :func:`quantize_packed`: block scales and factors
+    (:func:`block_kernels.pow2_scales` or :func:`block_kernels.amax_scales`) of a
+    blocked x of any float dtype, widened to float32 as it is read."""
+
+    def scales(x4: torch.Tensor, *args: object) -> tuple[torch.Tensor | None, ...]:
+        if pow2:
+            return block_kernels.pow2_scales(x4.float(), *args)  # type: ignore[arg-type]
+        return block_kernels.amax_scales(x4.float(), *args)  # type: ignore[arg-type]
+
+    return scales
 
 
 def quantize_packed(
@@ -120,38 +135,47 @@ def quantize_packed(
     generator: torch.Generator | None = None,
     tensor_amax: torch.Tensor | float | None = None,
     random_key: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, PackedBlocks]:
+    with_values: bool = True,
+) -> tuple[torch.Tensor | None, PackedBlocks]:
     """``x`` quantized to block format ``fmt`` as :func:`mixprec.core.block_quantize.quantize_blocks`
     quantizes it (same arguments), returned twice: the dequantized float32 values (x's
     shape) and their real storage (:class:`PackedBlocks`), made in two passes over x (the
     block scales, then one pass writing values and codes; compiled where
     :func:`mixprec.core.kernels.run_variant` compiles), which is what training needs
-    of each operand: values to multiply, bytes to keep for backward."""
+    of each operand: values to multiply, bytes to keep for backward. ``with_values=False``
+    returns None for the values (a caller that decodes the codes later, with
+    :func:`unpack_blocks`, in the dtype its GEMM multiplies)."""
+    # a 16-bit x stays 16-bit: both passes widen it as they read it (no float32 copy)
     x, moved, dims, moved_shape, axis, key, amax_t = checked_blocks(x, fmt, rounding, axis, generator,
-                                                                    tensor_amax, random_key)
+                                                                    tensor_amax, random_key, keep_dtype=True)
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
-    if fmt.scale_rule in block_kernels.RULE_IDS:
-        scales, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
+    pow2 = fmt.scale_rule in block_kernels.RULE_IDS
+    width = str(x4.dtype)[6:]
+    if pow2:
+        scales, factor = run_variant(f"pow2_scales_{width}", _scales_kernel(pow2), x4, params[1])
         full, tensor_scale = scales, None
     else:
-        scales, tensor_scale, factor = _run(  # type: ignore[misc]
-            "amax_block_scales", x4, *params[1:], fmt.tensor_scale, amax_t)
+        scales, tensor_scale, factor = run_variant(f"amax_scales_{width}", _scales_kernel(pow2), x4, *params[1:],
+                                                   fmt.tensor_scale, amax_t)
         full = scales if tensor_scale is None else tensor_scale * scales
     zero_below = _zero_below(fmt, params[0])
-    kernel = _pack_kernel(fmt.element, zero_below)
-    values4, codes = run_variant(f"pack_{fmt.element.name}_{int(zero_below)}_{rounding}", kernel, x4, factor, full,
-                                 params[0], key)
+    kernel = _pack_kernel(fmt.element, zero_below, with_values)
+    name = f"pack_{fmt.element.name}_{int(zero_below)}_{rounding}_{width}{'_values' if with_values else ''}"
+    values4, codes = run_variant(name, kernel, x4, factor, full, params[0], key)
     groups, _, h, _ = x4.shape
     scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32
     packed = PackedBlocks(fmt, codes, scales.reshape(groups, h).to(scale_dtype),  # exact: on the scale grid
                           None if tensor_scale is None else tensor_scale.reshape(1).clone(),
                           tuple(x.shape), moved_shape, axis)
+    if values4 is None:
+        return None, packed
     return restore_layout(values4.reshape(moved_shape), axis, x.dim()), packed
 
 
-def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object) -> torch.Tensor:
-    """The dequantized float32 values of ``packed``, in its original shape."""
+def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dequantized float32 values of ``packed``, in its original shape (as ``dtype``:
+    rounded once from float32, decoded in one pass; exact in bfloat16 for MX formats)."""
     if not isinstance(packed, PackedBlocks):
         raise TypeError(
             f"a block format is stored as PackedBlocks, but got {type(packed).__name__}; pass "
@@ -166,13 +190,15 @@ def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object) -> torch.Tens
     rows, cols = (1, block[0]) if len(block) == 1 else block
     element = packed.format.element
     two_level = packed.tensor_scale is not None
-    kernel = _unpack_kernel(element, rows, cols, two_level)
+    kernel = _unpack_kernel(element, rows, cols, two_level, dtype)
     scales = (packed.scales,) if not two_level else (packed.scales, packed.tensor_scale)
-    moved = run_variant(f"unpack_{element.name}_{rows}x{cols}_{int(two_level)}", kernel, packed.codes, *scales)
+    name = f"unpack_{element.name}_{rows}x{cols}_{int(two_level)}_{str(dtype)[6:]}"
+    moved = run_variant(name, kernel, packed.codes, *scales)
     return restore_layout(moved.reshape(packed.moved_shape), packed.axis, len(packed.shape))
 
 
-def _unpack_kernel(element: FloatFormat, rows: int, cols: int, two_level: bool) -> Callable[..., torch.Tensor]:
+def _unpack_kernel(element: FloatFormat, rows: int, cols: int, two_level: bool,
+                   dtype: torch.dtype = torch.float32) -> Callable[..., torch.Tensor]:
     """The decoding pass of :func:`unpack_blocks` for one element format and block
     shape: codes times their block's scale (and the tensor scale), blocked
     ``(groups, rows, h, cols)``."""
@@ -184,6 +210,6 @@ def _unpack_kernel(element: FloatFormat, rows: int, cols: int, two_level: bool) 
         if two_level:
             assert tensor_scale is not None
             full = tensor_scale.reshape(()) * full
-        return elements * full
+        return (elements * full).to(dtype)
 
     return unpack

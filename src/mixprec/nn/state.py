@@ -74,11 +74,7 @@ class Quantized:
         if self.cached_values is not None:
             return self.cached_values
         if self.layout is not None:
-            fmt = self.operand.fmt
-            assert isinstance(fmt, BlockFormat) and self.scale is not None
-            packed = PackedBlocks(fmt, self.storage, self.scale, self.tensor_scale, self.layout.padded_shape,
-                                  self.layout.moved_shape, self.layout.axis)
-            return _crop(unpack_blocks(packed, fmt), self.layout.shape)
+            return self._blocks(torch.float32)
         if self.operand.is_fp32 or self.storage.dtype in (torch.float16, torch.bfloat16, torch.float32):
             values = self.storage.float()
             return values if self.scale is None else values * self.scale
@@ -93,7 +89,17 @@ class Quantized:
             return self.storage.to(dtype)
         if self.layout is None and self.storage.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             return stored_values(self.storage, self.operand.fmt, self.scale, dtype)  # type: ignore[arg-type]
+        if self.layout is not None:
+            return self._blocks(dtype)
         return self.values().to(dtype)
+
+    def _blocks(self, dtype: torch.dtype) -> torch.Tensor:
+        """A block operand's values decoded from its codes and scales, as ``dtype``."""
+        fmt = self.operand.fmt
+        assert isinstance(fmt, BlockFormat) and self.scale is not None and self.layout is not None
+        packed = PackedBlocks(fmt, self.storage, self.scale, self.tensor_scale, self.layout.padded_shape,
+                              self.layout.moved_shape, self.layout.axis)
+        return _crop(unpack_blocks(packed, fmt, dtype), self.layout.shape)
 
     def tensors(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The tensors of its real storage: values or codes, scale(s), tensor scale."""
@@ -355,7 +361,7 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
                      axis: int, key: str = "", forward_key: torch.Tensor | None = None) -> Quantized:
     """``x`` in block format ``fmt`` along ``axis``: zero-padded to whole blocks (see the
     module docstring), Hadamard-rotated where the operand says, quantized, packed."""
-    x32 = x.detach().float()
+    x32 = x.detach() if x.dtype in (torch.float16, torch.bfloat16) else x.detach().float()  # widened in the kernels
     if x32.dim() < len(fmt.block_shape):
         x32 = x32.reshape((1,) * (len(fmt.block_shape) - x32.dim()) + tuple(x32.shape))
     ndim = x32.dim()
@@ -376,15 +382,17 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     if any(padding):
         x32 = F.pad(x32, padding)
     if operand.hadamard:
-        x32 = hadamard_transform(x32, operand.hadamard, axis=axis)
+        x32 = hadamard_transform(x32.float(), operand.hadamard, axis=axis)
         shape[axis] = x32.shape[axis]  # the rotated padding is part of the product
     # one key per site and axis: the dgrad and wgrad copies of an error draw apart
     random_key = state.random_key(f"{key}@{axis}", forward_key) if operand.rounding == "stochastic" else None
     # a block holding NaN or Inf (an overflowing step's gradient) is stored as a NaN
     # scale over zero codes: the element formats have no NaN code
-    values, packed = quantize_packed(x32, fmt, operand.rounding, axis=axis, random_key=random_key)
+    # the codes and scales in two passes; the values are decoded from them when a GEMM
+    # asks, in the dtype of its kernel
+    _, packed = quantize_packed(x32, fmt, operand.rounding, axis=axis, random_key=random_key, with_values=False)
     layout = BlockLayout(tuple(x32.shape), packed.moved_shape, packed.axis, tuple(shape))
-    return Quantized(packed.codes, packed.scales, operand, _crop(values, tuple(shape)), packed.tensor_scale, layout)
+    return Quantized(packed.codes, packed.scales, operand, None, packed.tensor_scale, layout)
 
 
 def _lcm(a: int, b: int) -> int:
