@@ -58,7 +58,7 @@ def test_auto_uses_eager_for_small_tensors(monkeypatch):
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
-    def broken(name):
+    def broken(name, fn):
         def fail(*args):
             raise RuntimeError("no C++ compiler")
 
@@ -88,7 +88,7 @@ def test_quantize_inside_a_users_torch_compile():
 def test_auto_retries_compiling_a_few_times_before_staying_eager(monkeypatch):
     attempts = []
 
-    def broken(name):
+    def broken(name, fn):
         def fail(*args):
             attempts.append(name)
             raise RuntimeError("flaky compiler")
