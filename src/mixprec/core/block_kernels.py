@@ -269,9 +269,9 @@ def round_pow2_grid(
         tiny_up = (random & 0x3FFFFFFF) < threshold
     rounded = (magnitude + increment) & ~drop_mask
     result = torch.where(drop >= 24, torch.where(tiny_up, step, 0), rounded)
-    # past the largest: by the rounded value, or by x itself (a NaN's payload near
-    # 0x7FFFFFFF would wrap the int32 rounding to a negative pattern, read as -0)
-    result = torch.where((result > largest) | (magnitude > largest), past, result)
+    # past the largest, or wrapped: a NaN's payload near 0x7FFFFFFF makes the int32
+    # rounding wrap to a negative pattern (read as -0), and a NaN is past any largest
+    result = torch.where((result > largest) | (result < 0), past, result)
     return (result | sign).view(torch.float32)
 
 
