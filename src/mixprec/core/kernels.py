@@ -317,7 +317,7 @@ def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) 
     if _wants_compiled(x):
         try:
             # One grad mode for every call: a change of it is a recompilation for dynamo.
-            with torch.no_grad():
+            with torch.no_grad(), torch.profiler.record_function(f"mixprec.{name}"):
                 return _compiled_entry(name, fn)(x, *args)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import math
+import sys
 from typing import Any
 
 import torch
@@ -294,6 +295,24 @@ def _dense_flops(func: Any, args: tuple) -> float:
     return forward * (1 + int(x.requires_grad) + int(w.requires_grad))
 
 
+_INDUCTOR_CODE = "torch._inductor."
+
+
+def _called_by_compiled_graph() -> bool:
+    """Whether the call being dispatched comes from code torch.compile generated.
+
+    Dynamo traces this mode into a compiled graph (the graph holds the emulated ops), but
+    leaves the mode on the stack while the graph runs, so the graph's own kernel calls
+    (inductor's ``extern_kernels.bmm(..., out=buf)``) reach the mode a second time. They
+    are the emulation's results already and pass through. Inductor loads its generated
+    code as modules named under ``torch._inductor``; the caller is two frames up (this
+    function's caller is ``__torch_function__``). While dynamo traces, the answer is
+    no (and the frame is not looked at, which dynamo cannot trace)."""
+    if torch.compiler.is_compiling():
+        return False
+    return sys._getframe(2).f_globals.get("__name__", "").startswith(_INDUCTOR_CODE)
+
+
 class EmulationMode(TorchFunctionMode):
     """The op policy of the module docstring, for one converted model's forward."""
 
@@ -305,6 +324,8 @@ class EmulationMode(TorchFunctionMode):
         kwargs = kwargs or {}
         state = self.state
         handler = GEMM_FUNCTIONS.get(func) or _FAST_PATHS.get(func)
+        if (handler is not None or func in FP32_FUNCTIONS) and _called_by_compiled_graph():
+            return func(*args, **kwargs)
         if handler is not None:
             if state.high_precision:
                 return self._high_precision(func, args, kwargs)

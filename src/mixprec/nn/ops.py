@@ -84,6 +84,35 @@ def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis:
                             forward_key=call.forward_key)
 
 
+def _reserve_histories(call: _Call, device: torch.device, operands: dict[str, bool], copies: tuple[str, ...],
+                       gradients: tuple[bool, ...], extra: dict[str, tuple[Operand, ...]] | None = None) -> None:
+    """Create the amax histories the call's roundings will use
+    (:meth:`EngineState.reserve_history`) before its autograd.Function runs, so that
+    torch.compile traces the Function whole: those of its ``operands`` (name -> is a
+    weight), of the backward copies it saves (``copies``, where the backward format
+    differs), of its result, and where it computes ``gradients`` (one is-a-weight flag
+    per operand whose gradient backward computes) of the error and the gradient
+    results; the keys the ops below round under (tests/nn check that these are exactly
+    the histories a step uses)."""
+    recipe, site = call.recipe, call.site
+    wanted: dict[str, tuple[Operand, ...]] = {f"{site}.output": (recipe.forward.result,), **(extra or {})}
+    for name, weight in operands.items():
+        forward = recipe.forward.right if weight else recipe.forward.left
+        wanted[f"{site}.{name}"] = (forward,)
+        backward = recipe.dgrad.right if weight else recipe.wgrad.right
+        if name in copies and backward != forward:
+            wanted[f"{site}.{name}.backward"] = (backward,)
+    if gradients:
+        wanted[f"{site}.grad_output"] = (recipe.dgrad.left, recipe.wgrad.left)
+    if False in gradients:
+        wanted[f"{site}.grad_input"] = (recipe.dgrad.result,)
+    if True in gradients:
+        wanted[f"{site}.grad_weight"] = (recipe.wgrad.result,)
+    for key, formats in wanted.items():
+        for operand in formats:
+            call.state.reserve_history(key, operand, device)
+
+
 def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantized, key: str,
                    forward_axis: int = -1, axis: int = -1, flatten: bool = False) -> Quantized:
     """What backward needs of an operand: the copy in its backward format (dgrad's
@@ -324,6 +353,9 @@ def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tenso
         n = b.shape[-2] if transpose_b else b.shape[-1]
         batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
         _log(state, call.site, op, 2.0 * batch * m * n * k, (a, b), a.requires_grad, b.requires_grad, recipe=recipe)
+    grad_a, grad_b = (torch.is_grad_enabled() and t.requires_grad for t in (a, b))
+    _reserve_histories(call, a.device, {"a": _is_weight(a), "b": _is_weight(b)},
+                       ("a",) * grad_b + ("b",) * grad_a, (_is_weight(a),) * grad_a + (_is_weight(b),) * grad_b)
     out = _Gemm.apply(a, b, bias, call, transpose_b)
     for dim in squeeze:
         out = out.squeeze(dim)
@@ -425,6 +457,9 @@ def convolution(state: EngineState, x: torch.Tensor, weight: torch.Tensor, bias:
         channels = probe.shape[1] if not transposed else x.shape[1]
         flops = 2.0 * x.shape[0] * spatial * channels * per_output
         _log(state, call.site, op, flops, (x, weight), x.requires_grad, weight.requires_grad, recipe=recipe)
+    grad_x, grad_w = (torch.is_grad_enabled() and t.requires_grad for t in (x, weight))
+    _reserve_histories(call, x.device, {"input": False, "weight": _is_weight(weight)},
+                       ("input",) * grad_w + ("weight",), (False,) * grad_x + (_is_weight(weight),) * grad_w)
     return _Convolution.apply(x, weight, bias, call, geometry)
 
 
@@ -468,6 +503,8 @@ def embedding(state: EngineState, indices: torch.Tensor, weight: torch.Tensor,
         state.log.append(CallRecord(call.site, "embedding", 0.0, {
             "forward.right (weight)": recipe.forward.right.describe(),
             "forward.result": recipe.forward.result.describe()}, emulated=True))
+    _reserve_histories(call, weight.device, {"weight": True}, (),
+                       (True,) * (torch.is_grad_enabled() and weight.requires_grad))
     return _Embedding.apply(indices, weight, call, padding_idx)
 
 
@@ -575,13 +612,20 @@ def scaled_dot_product_attention(
     _refuse_blocks(recipe, "attention")
     if dropout_p == 0:
         call = _Call(state, state.site("sdpa"), recipe)
+        needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (query, key, value))
+        grads = any(needs)
         if state.log is not None:
             batch = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]))
             flops = 2.0 * batch * query.shape[-2] * key.shape[-2] * query.shape[-1]
-            grads = query.requires_grad or key.requires_grad or value.requires_grad
             _log(state, call.site, "sdpa.qk", flops, (query, key), grads, grads, recomputed=True,
                  recipe=recipe)  # S again in backward
             _log(state, call.site, "sdpa.pv", flops, (query, value), grads, grads, recipe=recipe)
+        extra = {f"{call.site}.scores": (recipe.forward.result,),
+                 f"{call.site}.probabilities": (recipe.forward.left,)}
+        if grads:
+            extra[f"{call.site}.scores.grad_output"] = (recipe.dgrad.left, recipe.wgrad.left)
+        _reserve_histories(call, query.device, {"q": False, "k": False, "v": False}, ("q", "k", "v"),
+                           (False,) * grads, extra)
         return _Attention.apply(query, key, value, mask, call, factor, is_causal)
     length, source = query.shape[-2], key.shape[-2]
     scores = gemm(state, query, key, transpose_b=True, op="sdpa.qk", recipe=recipe).float() * factor

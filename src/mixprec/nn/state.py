@@ -236,6 +236,22 @@ class EngineState:
             history.record(x if self.amax_reduce is None else self.amax_reduce(abs_max(x)))
         return scale
 
+    def reserve_history(self, key: str, operand: Operand, device: torch.device) -> None:
+        """Create the amax history of call site ``key`` now if ``operand`` scales by
+        delayed scaling and it does not exist yet (what :meth:`scale` would create at
+        the call's first rounding). torch.compile traces an op's autograd.Function as one
+        higher-order op, inside which this state's dict of histories cannot grow; the
+        ops reserve their histories before it."""
+        scaling = operand.scaling
+        if scaling is not None and scaling.mode == "delayed" and key not in self.histories:
+            self._new_history(key, scaling.history, device)
+
+    @torch.compiler.disable
+    def _new_history(self, key: str, length: int, device: torch.device) -> None:
+        # run eagerly (a graph break while compiling): the history's tensors are real
+        # tensors, inputs of the compiled graphs, which update them in place
+        self.histories[key] = AmaxHistory(length, device)
+
     # ---- weights ----------------------------------------------------------------------
 
     def weight(self, param: torch.Tensor, operand: Operand, key: str, axis: int = -1,
