@@ -80,7 +80,10 @@ def blocked_view(
     ndim = x.dim()
     moved = x.movedim(axis, -1) if axis != ndim - 1 else x
     moved = moved.detach()
-    moved = moved.contiguous() if moved.dtype == torch.float32 or keep_dtype else moved.float().contiguous()
+    if keep_dtype or moved.dtype == torch.float32:
+        moved = moved.contiguous()
+    else:  # widened and made contiguous in one pass
+        moved = moved.to(torch.float32, memory_format=torch.contiguous_format)
     extents = fmt.block_shape
     named = ("last", "second-to-last")
     for offset, extent in enumerate(reversed(extents)):

@@ -191,9 +191,17 @@ def _path(call: _Call, result: Operand, *operands: Quantized | Operand | None, b
     return kernels.choose(ops, result, call.policy, device, bias=bias)
 
 
-def _values(path: GemmPath, q: Quantized) -> torch.Tensor:
-    """An operand's values in the dtype its kernel multiplies (exact either way)."""
-    return kernels.bf16_values(q) if path == "bf16" else q.values()
+def _values(path: GemmPath, q: Quantized, decoded: dict[tuple[int, GemmPath], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+    """An operand's values in the dtype its kernel multiplies (exact either way);
+    ``decoded`` keeps them for a second GEMM of the same operand on the same kernel
+    (backward's error, in dgrad and wgrad), which then decodes it once."""
+    if decoded is None:
+        return kernels.bf16_values(q) if path == "bf16" else q.values()
+    key = (id(q), path)
+    if key not in decoded:
+        decoded[key] = _values(path, q)
+    return decoded[key]
 
 
 def _batch_sum(left: torch.Size, right: torch.Size, target: torch.Size) -> bool:
@@ -296,11 +304,12 @@ class _Gemm(torch.autograd.Function):
             gb = next(rounded) if need_b else None
             gbias = next(rounded) if need_bias else None
         a_shape, b_shape = ctx.shapes
+        decoded: dict[tuple[int, GemmPath], torch.Tensor] = {}  # the error, decoded once per kernel
         with _no_autocast():
             if need_a:
                 path = ("fp32" if _batch_sum(grad_output.shape, b_shape, a_shape)
                         else _path(call, _grad_result_operand(call, ctx.weights[0]), ga, saved_b))
-                g = _values(path, ga)
+                g = _values(path, ga, decoded)
                 right = _values(path, saved_b)
                 right = right if ctx.transpose_b else right.transpose(-1, -2)
                 grad_a = _grad_result(call, _reduce_to(torch.matmul(g, right), a_shape), ctx.weights[0],
@@ -308,7 +317,7 @@ class _Gemm(torch.autograd.Function):
             if need_b:
                 path = ("fp32" if not ctx.flatten and _batch_sum(a_shape, grad_output.shape, b_shape)
                         else _path(call, _grad_result_operand(call, ctx.weights[1]), gb, saved_a))
-                g = _values(path, gb)
+                g = _values(path, gb, decoded)
                 left = _values(path, saved_a)
                 if ctx.flatten:
                     left, g = left.reshape(-1, left.shape[-1]), g.reshape(-1, g.shape[-1])
