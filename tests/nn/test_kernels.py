@@ -6,6 +6,7 @@ of FP32 summation (single rounding), with the opt-in double rounding measured.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -389,3 +390,100 @@ def test_forced_bf16_path_on_cuda_matches_fp32() -> None:
         fast = model(x).float()
     torch.manual_seed(0)
     same_up_to_summation_order(fast, slow, slow.abs().max() * 2.0**-10 * torch.ones_like(slow))
+
+
+# ---- the FP8 tensor-core path (torch._scaled_mm) ------------------------------------------------
+
+
+def _e5m2_results() -> mixprec.Recipe:
+    """fp8-hybrid with E5M2 results (paper 2's result format): a result narrower than
+    the kernel's output, rounded once from its FP32 sum."""
+    hybrid = mixprec.get_recipe("fp8-hybrid")
+    e5m2 = Operand("e5m2")
+    return hybrid.replace(name="fp8-hybrid-e5m2-results", forward=dataclasses.replace(hybrid.forward, result=e5m2),
+                          dgrad=dataclasses.replace(hybrid.dgrad, result=e5m2),
+                          wgrad=dataclasses.replace(hybrid.wgrad, result=e5m2))
+
+
+def _fp8_linear_run(device: str, mode: str, recipe: str | mixprec.Recipe = "fp8-hybrid"):  # type: ignore[no-untyped-def]
+    """Output and gradients of a Linear under ``recipe`` (nothing kept in high precision)
+    on ``device``, with a batched input, under kernel policy ``mode``."""
+    torch.manual_seed(0)
+    recipe = mixprec.get_recipe(recipe) if isinstance(recipe, str) else recipe
+    model = mixprec.convert(nn.Linear(64, 48).to(device), recipe.replace(keep=mixprec.KeepHighPrecision()))
+    x = torch.randn(4, 8, 64, device=device, generator=None).requires_grad_()
+    with gemm_kernels(mode):  # type: ignore[arg-type]
+        out = model(x)
+        out.float().square().sum().backward()
+    return out.float(), x.grad.float(), model.weight.grad.float(), model.bias.grad.float()
+
+
+@pytest.mark.parametrize("recipe", ["fp8-hybrid", "e5m2-results"])
+def test_fp8_tensor_core_path_gives_the_fp32_kernels_results(recipe: str, capabilities,  # type: ignore[no-untyped-def]
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``torch._scaled_mm`` path's glue (storage layouts, transposes, scales, the
+    three GEMMs of a linear layer, bias and one rounding after an FP32 output), run on
+    the CPU, where torch._scaled_mm exists too, by declaring FP8 tensor cores present:
+    the FP32 kernels' outputs and gradients up to the order of FP32 summation, and
+    each GEMM went through _scaled_mm with the operands' 1-byte storage."""
+    capabilities(native=False)
+    monkeypatch.setattr(kernels, "_probe_fp8_tensor_cores", lambda device: True)
+    calls: list[tuple[torch.dtype, torch.dtype]] = []
+    real = torch._scaled_mm
+
+    def counting(a, b, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((a.dtype, b.dtype))
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting)
+    narrow = recipe == "e5m2-results"
+    run = _e5m2_results() if narrow else recipe
+    fast = _fp8_linear_run("cpu", "auto", run)
+    assert len(calls) == 3, calls  # forward, dgrad, wgrad
+    storage = {torch.float8_e4m3fn, torch.float8_e5m2}
+    assert all(a in storage and b in storage for a, b in calls)
+    calls.clear()
+    slow = _fp8_linear_run("cpu", "fp32", run)
+    assert calls == []  # policy "fp32": FP32 kernels only
+    for f, s in zip(fast, slow):
+        # FP32 sums in another order, then the same one rounding: within an ulp of the
+        # result format (E5M2: 2**-2 relative) where they differ at all
+        step = s.abs() * (2.0**-2 if narrow else 2.0**-7) + 2.0**-20
+        assert bool(((f - s).abs() <= step).all())
+        assert float((f != s).double().mean()) < 0.02
+
+
+def test_fp8_tensor_core_path_declines_what_it_cannot_serve(capabilities,  # type: ignore[no-untyped-def]
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """None (the caller's FP32 or BF16 kernel) without FP8 tensor cores (every CPU, by
+    the real probe), under policy "fp32", for dimensions not multiples of 16, for two
+    E5M2 operands and for block formats."""
+    state = EngineState(mixprec.get_recipe("fp8-hybrid"), None)
+    x, w = torch.randn(32, 64), torch.randn(48, 64)
+    e4m3 = quantize_operand(x, E4M3_POW2, state, "x")
+    weight = quantize_operand(w, Operand("e4m3", scaling=TensorScaling("current")), state, "w")
+    assert not kernels.fp8_tensor_cores("cpu")
+    assert kernels.scaled_mm(e4m3, weight, AUTO, transpose_right=True) is None
+    monkeypatch.setattr(kernels, "_capabilities", {})
+    monkeypatch.setattr(kernels, "_probe_fp8_tensor_cores", lambda device: True)
+    assert kernels.scaled_mm(e4m3, weight, AUTO, transpose_right=True) is not None
+    assert kernels.scaled_mm(e4m3, weight, FP32, transpose_right=True) is None
+    odd = quantize_operand(torch.randn(32, 60), E4M3_POW2, state, "odd")
+    assert kernels.scaled_mm(odd, quantize_operand(torch.randn(48, 60), E4M3_POW2, state, "w2"), AUTO,
+                             transpose_right=True) is None
+    e5m2 = Operand("e5m2", scaling=TensorScaling("current"))
+    assert kernels.scaled_mm(quantize_operand(x, e5m2, state, "a"), quantize_operand(w, e5m2, state, "b"), AUTO,
+                             transpose_right=True) is None
+    block = quantize_operand(x, Operand("mxfp8_e4m3"), state, "blocks")
+    assert kernels.scaled_mm(block, weight, AUTO, transpose_right=True) is None
+
+
+@pytest.mark.cuda
+def test_fp8_tensor_core_path_on_cuda_matches_fp32_kernels() -> None:
+    """Untested path: torch._scaled_mm on FP8 tensor cores (compute capability 8.9+).
+    Runs only with such a CUDA device, which CI lacks; skipped on older GPUs."""
+    if not kernels.fp8_tensor_cores("cuda"):
+        pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")
+    fast, slow = _fp8_linear_run("cuda", "auto"), _fp8_linear_run("cuda", "fp32")
+    for f, s in zip(fast, slow):
+        assert bool(((f - s).abs() <= s.abs() * 2.0**-7 + 2.0**-20).all())

@@ -57,11 +57,20 @@ never from the CPU's name); ``"bf16"`` takes it wherever it is exact, on any mac
 forward ran under is kept with its call, so the backward GEMMs of that forward run
 under it too, wherever ``backward()`` is called.
 
-CUDA: ``"auto"`` keeps FP32 kernels on CUDA (no BF16 or ``torch._scaled_mm`` FP8 path
-is taken there yet; a BF16 cuBLAS GEMM may reduce split-K partial sums in BF16 unless
-``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is off, which
-this module would have to check). ``"bf16"`` forced on CUDA runs torch's BF16 GEMM
-there; that path is untested.
+CUDA: a 2-D (or batch-flattened) GEMM of two per-tensor-scaled FP8 operands (E4M3 or
+E5M2 storage, power-of-two scales or none, not both E5M2) runs on FP8 tensor cores
+through ``torch._scaled_mm`` where the device has them (compute capability 8.9 or
+higher, checked at first use), under ``"auto"`` and ``"bf16"``: the operands' 1-byte
+storage goes in with their scales, the output is FP32 (FP32 accumulation, the scales
+applied to the FP32 sum: exact for power-of-two scales), and the emulation then adds
+the bias and rounds once to the result format, as on the FP32 path. Dimensions that
+are not multiples of 16 fall back to the FP32 kernel. :func:`scaled_mm` is that path.
+No GPU was available where this was written: it is untested, and
+``tests/nn/test_kernels.py`` holds its test, skipped without CUDA. Otherwise ``"auto"``
+keeps FP32 kernels on CUDA (a BF16 cuBLAS GEMM may reduce split-K partial sums in BF16
+unless ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is off,
+which this module would have to check). ``"bf16"`` forced on CUDA runs torch's BF16
+GEMM there; that path is untested too.
 """
 
 from __future__ import annotations
@@ -84,7 +93,8 @@ from mixprec.nn.state import Quantized
 from mixprec.recipe import Operand
 
 __all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
-           "fused_bias_exact", "probe", "bf16_exact", "choose", "bf16_values", "linear_bf16"]
+           "fused_bias_exact", "probe", "bf16_exact", "choose", "bf16_values", "linear_bf16", "fp8_tensor_cores",
+           "scaled_mm"]
 
 GemmPath = Literal["fp32", "bf16"]
 """The kernel an emulated GEMM runs: torch's FP32 GEMM or its BF16 GEMM."""
@@ -231,6 +241,25 @@ def probe(device: torch.device | str = "cpu") -> None:
         fused_bias_exact()
 
 
+def _probe_fp8_tensor_cores(device: torch.device) -> bool:
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_tensor_cores(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies FP8 operands on tensor cores through
+    ``torch._scaled_mm`` (CUDA, compute capability 8.9 or higher), checked at the first
+    call and cached for the process; False on CPUs."""
+    device = torch.device(device)
+    key = f"fp8_tensor_cores:{device}"
+    if key not in _capabilities:
+        if torch.compiler.is_compiling():
+            return False
+        _capabilities[key] = _probe_fp8_tensor_cores(device)
+    return _capabilities[key]
+
+
 # ---- which operands and results the BF16 path serves exactly --------------------------------
 
 
@@ -322,3 +351,45 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     linear; only where :func:`fused_bias_exact`). A custom op, so that torch.compile
     calls it as it is (inductor lowers oneDNN's linear only for frozen weights)."""
     return _linear_bf16_op(x, weight, bias.float())
+
+
+# ---- the FP8 tensor-core path (CUDA) --------------------------------------------------------
+
+_FP8_STORAGE = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _fp8_operand(q: Quantized) -> bool:
+    return (q.layout is None and q.storage.dtype in _FP8_STORAGE and bf16_exact(q.operand)
+            and (q.scale is None or q.scale.numel() == 1))
+
+
+def scaled_mm(left: Quantized, right: Quantized, policy: KernelPolicy, *, transpose_left: bool = False,
+              transpose_right: bool = False) -> torch.Tensor | None:
+    """``op(left) @ op(right)`` (``op`` transposes the last two dimensions where asked) on
+    FP8 tensor cores, as FP32: ``torch._scaled_mm`` of the operands' 1-byte storage with
+    their per-tensor scales, FP32 accumulation, FP32 output for the caller to round once.
+    ``left`` may have batch dimensions (flattened into rows; only untransposed),
+    ``right`` is 2-D. None where this path does not serve the GEMM (policy ``"fp32"``, a
+    device without FP8 tensor cores, operands that are not per-tensor FP8 with
+    power-of-two or no scales, both E5M2, a dimension not a multiple of 16, batched
+    operands): the caller then takes its FP32 or BF16 kernel. Untested here (no GPU):
+    see the module docstring."""
+    a, b = left.storage, right.storage
+    if (policy.mode == "fp32" or not fp8_tensor_cores(a.device)
+            or not (_fp8_operand(left) and _fp8_operand(right)) or b.dim() != 2
+            or (a.dtype == torch.float8_e5m2 and b.dtype == torch.float8_e5m2)
+            or (transpose_left and a.dim() != 2)):
+        return None
+    lead = a.shape[:-1]
+    a = a.reshape(-1, a.shape[-1])
+    a = a.t() if transpose_left else a
+    b = b.t() if transpose_right else b
+    if a.shape[1] != b.shape[0] or any(d % 16 for d in (*a.shape, b.shape[1])):
+        return None
+    one = torch.ones((), dtype=torch.float32, device=a.device)
+    scale_a = left.scale.reshape(()).float() if left.scale is not None else one
+    scale_b = right.scale.reshape(()).float() if right.scale is not None else one
+    # _scaled_mm takes a row-major left and a column-major right operand
+    y = torch._scaled_mm(a.contiguous(), b.t().contiguous().t(), scale_a=scale_a, scale_b=scale_b,
+                         out_dtype=torch.float32)
+    return y if transpose_left else y.reshape(*lead, b.shape[1])

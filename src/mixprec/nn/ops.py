@@ -172,6 +172,11 @@ def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]
     return out
 
 
+def _flat_rows(q: Quantized) -> Quantized:
+    """A per-tensor operand with its batch dimensions flattened into rows (2-D)."""
+    return Quantized(q.storage.reshape(-1, q.storage.shape[-1]), q.scale, q.operand)
+
+
 def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """x zero-padded along ``dim`` to ``size`` (a Hadamard-rotated operand keeps its
     padded contraction length; zeros on the other side add nothing)."""
@@ -266,10 +271,15 @@ class _Gemm(torch.autograd.Function):
         fusable = bias is None or (b.dim() == 2 and bias.dim() == 1)
         path = _path(call, call.recipe.forward.result, qa, qb, bias=bias is not None) if fusable else "fp32"
         with _no_autocast():
-            right = _values(path, qb)
-            if path == "bf16" and bias is not None:
+            y = kernels.scaled_mm(qa, qb, call.policy, transpose_right=transpose_b) if path == "fp32" else None
+            if y is not None:  # FP8 tensor cores (CUDA): FP32 out, bias and one rounding below
+                if bias is not None:
+                    y.add_(bias.float())
+            elif path == "bf16" and bias is not None:
+                right = _values(path, qb)
                 y = kernels.linear_bf16(_values(path, qa), right if transpose_b else right.t(), bias)
             else:
+                right = _values(path, qb)
                 right = right.transpose(-1, -2) if transpose_b else right
                 y = torch.matmul(_values(path, qa), right)
                 if bias is not None:
@@ -309,14 +319,26 @@ class _Gemm(torch.autograd.Function):
             if need_a:
                 path = ("fp32" if _batch_sum(grad_output.shape, b_shape, a_shape)
                         else _path(call, _grad_result_operand(call, ctx.weights[0]), ga, saved_b))
-                g = _values(path, ga, decoded)
-                right = _values(path, saved_b)
-                right = right if ctx.transpose_b else right.transpose(-1, -2)
-                grad_a = _grad_result(call, _reduce_to(torch.matmul(g, right), a_shape), ctx.weights[0],
-                                      ctx.dtypes[0])
+                product = (kernels.scaled_mm(ga, saved_b, call.policy, transpose_right=not ctx.transpose_b)
+                           if path == "fp32" and len(b_shape) == 2 else None)  # FP8 tensor cores (CUDA)
+                if product is None:
+                    g = _values(path, ga, decoded)
+                    right = _values(path, saved_b)
+                    right = right if ctx.transpose_b else right.transpose(-1, -2)
+                    product = torch.matmul(g, right)
+                grad_a = _grad_result(call, _reduce_to(product, a_shape), ctx.weights[0], ctx.dtypes[0])
             if need_b:
                 path = ("fp32" if not ctx.flatten and _batch_sum(a_shape, grad_output.shape, b_shape)
                         else _path(call, _grad_result_operand(call, ctx.weights[1]), gb, saved_a))
+                product = None
+                if path == "fp32" and (ctx.flatten or len(a_shape) == len(b_shape) == 2) and not blocks:  # FP8 tensor cores (CUDA)
+                    flat_a = saved_a if len(a_shape) == 2 else _flat_rows(saved_a)
+                    flat_g = gb if len(a_shape) == 2 else _flat_rows(gb)
+                    product = (kernels.scaled_mm(flat_g, flat_a, call.policy, transpose_left=True) if ctx.transpose_b
+                               else kernels.scaled_mm(flat_a, flat_g, call.policy, transpose_left=True))
+                if product is not None:
+                    grad_b = _grad_result(call, product, ctx.weights[1], ctx.dtypes[1])
+            if need_b and product is None:
                 g = _values(path, gb, decoded)
                 left = _values(path, saved_a)
                 if ctx.flatten:
