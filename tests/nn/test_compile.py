@@ -155,3 +155,20 @@ def test_reserved_histories_are_the_ones_a_step_uses(recipe: mixprec.Recipe, bui
     reserved, lazy = histories(True), histories(False)
     assert sorted(reserved) == sorted(lazy) and len(lazy) > 0
     assert all(int(count) >= 1 for count in reserved.values())  # each recorded: all used
+
+
+def test_a_converted_model_never_runs_a_plain_models_graph() -> None:
+    """torch.compile does not guard on module hooks by default, and convert works by
+    hooks: compiled after an unconverted model of the same class, a converted model
+    must still get its own graph (the emulation), not the plain model's."""
+    torch._dynamo.reset()
+    x = torch.randn(32, 16)
+    plain = _model()
+    torch.compile(plain)(x)
+    converted = mixprec.convert(_model(), mixprec.get_recipe("bf16").replace(keep=mixprec.KeepHighPrecision()))
+    eager = converted(x)
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        compiled = torch.compile(converted)(x)
+    assert torch.equal(compiled, eager)
+    assert not torch.equal(compiled.float(), plain(x))
+    assert isinstance(converted, nn.Sequential) and type(converted).__name__ == "Sequential"

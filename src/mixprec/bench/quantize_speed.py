@@ -1,8 +1,12 @@
 """``mixprec bench quantize``: throughput of :func:`mixprec.core.quantize` for every format
 (block-scaled ones along the last axis too) and rounding mode, allocating and into ``out=``, against a copy and an allocating
-element-wise op timed in the same run."""
+element-wise op timed in the same run: each configuration in interleaved rounds with
+the two baselines (copy, ``x * 1.0``, the configuration, repeated), so its ratios
+compare calls made under the same conditions."""
 
 from __future__ import annotations
+
+import statistics
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -10,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mixprec.core import formats
-from mixprec.bench.timing import median_seconds
+from mixprec.bench.timing import interleaved_medians
 from mixprec.core.quantize import Rounding, quantize
 
 __all__ = ["QuantizeRow", "bench_input", "run_quantize_bench", "DEFAULT_FORMATS"]
@@ -64,22 +68,18 @@ def run_quantize_bench(
     device: str = "cpu",
     on_step: Callable[[str], None] | None = None,
 ) -> tuple[list[QuantizeRow], dict[str, float]]:
-    """Time every format x rounding x (allocating, ``out=``) and the two baselines; return
-    the rows and the baselines' GB/s. ``on_step`` is called with a label before each
-    configuration (the command line uses it for its progress bar)."""
+    """Time every format x rounding x (allocating, ``out=``), each in interleaved rounds
+    with the two baselines; return the rows (ratios to the baselines of the same rounds)
+    and the baselines' GB/s (medians over all rounds). ``on_step`` is called with a label
+    before each configuration (the command line uses it for its progress bar)."""
     x = bench_input(numel, device=device)
     out = torch.empty_like(x)
     bytes_moved = numel * 8
     generator = torch.Generator(device=device).manual_seed(0)
-
-    def gbps(fn: Callable[[], object]) -> float:
-        return bytes_moved / median_seconds(fn, repeats=repeats, warmup=2) / 1e9
-
     notify = on_step or (lambda label: None)
-    notify("baseline: copy")
-    copy_gbps = gbps(lambda: out.copy_(x))
-    notify("baseline: x * 1.0")
-    alloc_gbps = gbps(lambda: x * 1.0)
+    baselines = {"copy": lambda: out.copy_(x), "alloc": lambda: x * 1.0}
+    copy_seconds: list[float] = []
+    alloc_seconds: list[float] = []
     rows = []
     for name in format_names:
         fmt = formats.resolve(name)
@@ -91,17 +91,25 @@ def run_quantize_bench(
                     # 2-D tiles need a matrix: rows of 4096 (a multiple of every tile width)
                     source = x.view(-1, 4096)
                     target = None if target is None else target.view(-1, 4096)
-                rate = gbps(
-                    lambda: quantize(source, fmt, rounding, generator=generator, out=target)  # noqa: B023
-                )
+                seconds = interleaved_medians({
+                    **baselines,
+                    "quantize": lambda: quantize(source, fmt, rounding, generator=generator, out=target),  # noqa: B023
+                }, repeats=repeats, warmup=2)
+                copy_seconds.append(seconds["copy"])
+                alloc_seconds.append(seconds["alloc"])
                 rows.append(
                     QuantizeRow(
                         format=fmt.name,
                         rounding=rounding,
                         out=into_out,
-                        gbps=rate,
-                        ratio_to_copy=rate / copy_gbps,
-                        ratio_to_alloc=rate / alloc_gbps,
+                        gbps=bytes_moved / seconds["quantize"] / 1e9,
+                        ratio_to_copy=seconds["copy"] / seconds["quantize"],
+                        ratio_to_alloc=seconds["alloc"] / seconds["quantize"],
                     )
                 )
+    if not rows:  # no configuration: the baselines alone
+        seconds = interleaved_medians(baselines, repeats=repeats, warmup=2)
+        copy_seconds, alloc_seconds = [seconds["copy"]], [seconds["alloc"]]
+    copy_gbps = bytes_moved / statistics.median(copy_seconds) / 1e9
+    alloc_gbps = bytes_moved / statistics.median(alloc_seconds) / 1e9
     return rows, {"copy": copy_gbps, "alloc": alloc_gbps}

@@ -205,6 +205,15 @@ def run_step_bench(
     round, median over rounds), so drift of the shared machine hits them alike.
     ``kernels`` is the GEMM kernel policy of the mixprec recipes. The torchao peer is
     left out where torchao does not import (:func:`torchao_float8_available` says why)."""
+    # Compiled configurations share code objects (the model's forward, mixprec's ops),
+    # each model with guards of its own: beyond dynamo's default 8 entries per code
+    # object the later configurations would fall back to eager and time that.
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+        return _run_step_bench(models, configs, repeats, batch_scale, on_step, kernels)
+
+
+def _run_step_bench(models: Sequence[str], configs: Sequence[str], repeats: int, batch_scale: float,
+                    on_step: Callable[[str], None] | None, kernels: KernelMode) -> list[StepRow]:
     rows = []
     notify = on_step or (lambda label: None)
     skip = {TORCHAO_FLOAT8} if TORCHAO_FLOAT8 in configs and torchao_float8_available() is not None else set()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["median_seconds", "thread_settings"]
+__all__ = ["median_seconds", "interleaved_medians", "thread_settings"]
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
@@ -29,6 +29,28 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) 
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, timed in ``repeats`` rounds of one call each
+    (after ``warmup`` untimed rounds), so that drift of a shared machine (another
+    process, frequency, cache state) hits all of them alike and their ratios hold."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def thread_settings() -> dict[str, str]:

@@ -14,6 +14,8 @@ as usual.
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 from typing import Any
@@ -142,7 +144,21 @@ def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator |
     # probe the GEMM kernels' capabilities now, eagerly: a compiled forward cannot
     kernels.probe(params[0].device if params else "cpu")
     _attach(model, state)
+    model.__class__ = _converted_class(type(model))
     return model
+
+
+@functools.cache
+def _converted_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``cls`` that only marks a converted model, with ``cls``'s name.
+
+    torch.compile guards a compiled module call on the module's type but, by default
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), not on its hooks, which are
+    what convert adds: without a type of its own, a converted model would run the graph
+    compiled earlier for an unconverted model of the same class, with no emulation at
+    all. (FSDP2's ``fully_shard`` swaps in a subclass for the same kind of reason.)"""
+    return type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                        "__doc__": cls.__doc__})
 
 
 def _sharded(model: nn.Module) -> bool:

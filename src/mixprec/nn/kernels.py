@@ -82,7 +82,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -268,7 +267,6 @@ def _scalar_in_bf16(fmt: FloatFormat) -> bool:
             and fmt.largest <= _BF16_LARGEST)
 
 
-@lru_cache(maxsize=None)
 def bf16_exact(operand: Operand) -> bool:
     """Whether every value ``operand`` can produce is a BF16 value: a scalar format of
     at most 7 mantissa bits inside BF16's range, unscaled or with a power-of-two
