@@ -100,7 +100,10 @@ def _reserve_histories(call: _Call, device: torch.device, operands: dict[str, bo
         forward = recipe.forward.right if weight else recipe.forward.left
         wanted[f"{site}.{name}"] = (forward,)
         backward = recipe.dgrad.right if weight else recipe.wgrad.right
-        if name in copies and backward != forward:
+        # not (==), not !=: dynamo answers != on dataclasses by reading their equality as a
+        # constant, which fails where an int field of a recipe became dynamic (several
+        # compiled models of different recipes in one process)
+        if name in copies and not backward == forward:
             wanted[f"{site}.{name}.backward"] = (backward,)
     if gradients:
         wanted[f"{site}.grad_output"] = (recipe.dgrad.left, recipe.wgrad.left)
