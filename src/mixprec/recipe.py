@@ -262,9 +262,19 @@ class Recipe:
                 raise TypeError(f"recipe {self.name!r}: forward, dgrad and wgrad are mixprec.Gemm, not {gemm!r}")
 
     @property
+    def operands(self) -> tuple[Operand, ...]:
+        """The nine operands and results of its three GEMMs."""
+        return tuple(op for g in (self.forward, self.dgrad, self.wgrad) for op in (g.left, g.right, g.result))
+
+    @property
+    def delayed_scaling(self) -> bool:
+        """Whether an operand scales by delayed scaling (the recipe keeps amax histories)."""
+        return any(op.scaling is not None and op.scaling.mode == "delayed" for op in self.operands)
+
+    @property
     def is_fp32(self) -> bool:
         """Whether the recipe changes nothing (every operand FP32, FP32 compute and master)."""
-        operands = [op for g in (self.forward, self.dgrad, self.wgrad) for op in (g.left, g.right, g.result)]
+        operands = self.operands
         return (all(op.is_fp32 for op in operands) and self.compute_dtype == "fp32"
                 and formats.get(self.master).mantissa_bits == 23)
 
@@ -282,8 +292,7 @@ class Recipe:
     @property
     def stochastic(self) -> bool:
         """Whether anything is rounded stochastically (the recipe needs a generator)."""
-        operands = [op for g in (self.forward, self.dgrad, self.wgrad) for op in (g.left, g.right, g.result)]
-        return self.update_rounding == "stochastic" or any(op.rounding == "stochastic" for op in operands)
+        return self.update_rounding == "stochastic" or any(op.rounding == "stochastic" for op in self.operands)
 
     @property
     def has_blocks(self) -> bool:

@@ -95,6 +95,8 @@ def _reserve_histories(call: _Call, device: torch.device, operands: dict[str, bo
     results; the keys the ops below round under (tests/nn check that these are exactly
     the histories a step uses)."""
     recipe, site = call.recipe, call.site
+    if not recipe.delayed_scaling:
+        return  # no histories to create: the common case, kept cheap
     wanted: dict[str, tuple[Operand, ...]] = {f"{site}.output": (recipe.forward.result,), **(extra or {})}
     for name, weight in operands.items():
         forward = recipe.forward.right if weight else recipe.forward.left

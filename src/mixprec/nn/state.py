@@ -228,9 +228,9 @@ class EngineState:
                 return scale_from_amax(self.amax_reduce(abs_max(x)), fmt, margin=scaling.margin,
                                        power_of_two=scaling.power_of_two)
             return tensor_scale(x, fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
-        history = self.histories.get(key)
-        if history is None:
-            history = self.histories[key] = AmaxHistory(scaling.history, x.device)
+        if key not in self.histories:
+            self.reserve_history(key, operand, x.device)
+        history = self.histories[key]
         scale = history.scale(fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
         if self.recording:
             history.record(x if self.amax_reduce is None else self.amax_reduce(abs_max(x)))
