@@ -51,30 +51,45 @@ def _pow2(k: torch.Tensor) -> torch.Tensor:
     return torch.where(k >= -126, (k + 127) << 23, subnormal).to(torch.int32).view(torch.float32)
 
 
-def _pow2_exponent(amax: torch.Tensor, bp: torch.Tensor) -> torch.Tensor:
-    """The block scale's exponent k (X = 2**k) for finite ``amax``, by rule ``bp[0]``.
+def _pow2_exponent(amax: torch.Tensor, bp: torch.Tensor, rule: str | None = None) -> torch.Tensor:
+    """The block scale's exponent k (X = 2**k) for finite ``amax``, by ``rule`` (a name
+    of :data:`RULE_IDS`), or where ``rule`` is None by rule ``bp[0]``, chosen at run
+    time (one compiled kernel serves every rule, at the cost of computing all four).
 
     ``bp`` holds int32 ``[rule, emax, even_add, bits of element.largest]``. floor, ceil
     and even read amax's float32 exponent field as torchao does: a subnormal amax counts
     as 2**-127, which changes nothing since k is clamped to -127 and emax >= 1.
     """
-    rule, emax, even_add = bp[0], bp[1], bp[2]
+    emax, even_add = bp[1], bp[2]
     largest = bp[3:4].view(torch.float32)
     abits = amax.view(torch.int32)
-    e_floor = (abits >> 23) - 127
-    e_ceil = e_floor + ((abits & 0x7FFFFF) != 0).to(torch.int32)
-    e_even = (((abits + even_add) >> 23) & 0xFF) - 127
-    # rceil: ceil(log2(amax / largest)) of the float32 quotient, from its bits; a
-    # subnormal quotient is either above 2**-127 (-> -126) or not (-> -127 after clamping).
-    rbits = (amax / largest).view(torch.int32)
-    e_rceil = (rbits >> 23) - 127 + ((rbits & 0x7FFFFF) != 0).to(torch.int32)
-    subnormal = torch.where(rbits > (1 << 22), e_rceil * 0 - 126, e_rceil * 0 - 127)  # int32
-    e_rceil = torch.where(rbits < (1 << 23), subnormal, e_rceil)
-    k = torch.where(
-        rule == 0,
-        e_floor - emax,
-        torch.where(rule == 1, e_ceil - emax, torch.where(rule == 2, e_even - emax, e_rceil)),
-    )
+
+    def floor() -> torch.Tensor:
+        return (abits >> 23) - 127 - emax
+
+    def ceil() -> torch.Tensor:
+        return floor() + ((abits & 0x7FFFFF) != 0).to(torch.int32)
+
+    def even() -> torch.Tensor:
+        return (((abits + even_add) >> 23) & 0xFF) - 127 - emax
+
+    def rceil() -> torch.Tensor:
+        # ceil(log2(amax / largest)) of the float32 quotient, from its bits; a subnormal
+        # quotient is either above 2**-127 (-> -126) or not (-> -127 after clamping).
+        rbits = (amax / largest).view(torch.int32)
+        e_rceil = (rbits >> 23) - 127 + ((rbits & 0x7FFFFF) != 0).to(torch.int32)
+        subnormal = torch.where(rbits > (1 << 22), e_rceil * 0 - 126, e_rceil * 0 - 127)  # int32
+        return torch.where(rbits < (1 << 23), subnormal, e_rceil)
+
+    rules = {"floor": floor, "ceil": ceil, "even": even, "rceil": rceil}
+    if rule is not None:
+        k = rules[rule]()
+    else:
+        chosen = bp[0]
+        k = torch.where(
+            chosen == 0, floor(),
+            torch.where(chosen == 1, ceil(), torch.where(chosen == 2, even(), rceil())),
+        )
     return torch.clamp(k, min=-127, max=127)
 
 
@@ -275,6 +290,77 @@ def round_pow2_grid(
     return (result | sign).view(torch.float32)
 
 
+def nearest_on_grid(
+    magnitude: torch.Tensor, mantissa_bits: torch.Tensor, step_min: torch.Tensor, largest: torch.Tensor
+) -> torch.Tensor:
+    """Round to nearest even, in float arithmetic, the nonnegative finite float32 values
+    whose int32 bits are ``magnitude`` onto the grid of ``mantissa_bits``-bit significands
+    whose spacing stops shrinking at ``2**(step_min - 127)`` (``step_min``, at least 2, is
+    the biased float32 exponent of the grid's smallest subnormal), saturating at
+    ``largest`` (bits). Returns the result's int32 bits.
+
+    ``magnitude`` must be finite: Inf would meet a zero inverse. Every float operation
+    is exact: in binade E the spacing is ``s = 2**max(E - m,
+    step_min - 127)``, a power of two whose inverse is a float32 normal, so ``x * (1/s)``
+    is x's value in steps (a normal float32 of at most m + 1 integer bits), ``round``
+    (half to even) picks the grid point, and ``q * s`` is exact. Values at or below half
+    the smallest spacing round to zero (ties to the even zero) and are zeroed before the
+    multiply, so no operand or product is a float32 subnormal, which would cost a
+    microcode assist per vector on x86. About 15 vector operations per element against
+    :func:`round_pow2_grid`'s 45, which is why nearest rounding of the block formats
+    takes this path (stochastic rounding keeps the integer kernel, whose random
+    increment is exact at every bit)."""
+    step_exp = torch.maximum((magnitude >> 23) - mantissa_bits, step_min)
+    inverse = ((254 - step_exp) << 23).view(torch.float32)
+    step = (step_exp << 23).view(torch.float32)
+    kept = torch.where(magnitude <= ((step_min - 1) << 23), 0, magnitude).view(torch.float32)
+    # past the largest, or an overflow to Inf at the top of float32's range: saturated
+    return torch.minimum((torch.round(kept * inverse) * step).view(torch.int32), largest)
+
+
+def flushed_nearest(x4: torch.Tensor, factor: torch.Tensor, floor: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """:func:`times_flushed` rounded to nearest onto the element grid ``pe`` (an element
+    format :func:`zero_below_ok` accepts, saturating) by :func:`nearest_on_grid`: the
+    products are zeros or float32 normals, and the element grid's smallest spacing is a
+    normal (2**-9 for E4M3, 2**-1 for E2M1). :func:`.kernels._round_bits`' results bit
+    for bit, NaN payloads included, in about a third of its operations."""
+    bits = times_flushed(x4, factor, floor).view(torch.int32)
+    magnitude = bits & _ABS_MASK
+    # an overflowed product (Inf) saturates as float32's largest value does
+    rounded = nearest_on_grid(torch.clamp(magnitude, max=_F32_INF - 1), 23 - pe[0], pe[4] >> 23, pe[1])
+    rounded = torch.where(magnitude > _F32_INF, magnitude, rounded)  # NaN stays NaN
+    return (rounded | (bits & _INT32_MIN)).view(torch.float32)
+
+
+def pow2_nearest_fused(
+    x4: torch.Tensor, bp: torch.Tensor, pe: torch.Tensor, rule: str, out4: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write blocked float32 ``x4`` rounded to nearest onto its blocks' power-of-two
+    moved grids (:func:`pow2_grid`) into ``out4`` in one pass: per block the amax, the
+    scale exponent k and the moved grid's bounds, then :func:`nearest_on_grid` of each
+    element. Returns the block amax and whether any nonzero block's moved grid reaches
+    below float32's normals (smallest spacing under ``2**-125``), where this float path
+    does not apply: those blocks are written with the grid clamped there, and the
+    caller rounds them again with :func:`round_pow2_grid` (:func:`tiny_groups`). The
+    scale ``rule`` is a constant to the compiler: the per-block arithmetic of all four
+    rules, inlined into the element loop, made inductor split the pass in two."""
+    amax = x4.abs().amax(dim=(1, 3), keepdim=True)
+    bad = ~torch.isfinite(amax)
+    k = _pow2_exponent(amax, bp, rule)
+    step_min = (pe[4] >> 23) + k
+    bits = x4.view(torch.int32)
+    rounded = nearest_on_grid(bits & _ABS_MASK, 23 - pe[0], torch.clamp(step_min, min=2), pe[1] + (k << 23))
+    out4.copy_((torch.where(bad, _F32_QNAN, rounded) | (bits & _INT32_MIN)).view(torch.float32))
+    return amax, ((step_min < 2) & (amax > 0)).any()
+
+
+def tiny_groups(amax: torch.Tensor, bp: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """The indices of the groups (first dimension of the blocked layout) holding a block
+    that :func:`pow2_nearest_fused` leaves to :func:`round_pow2_grid`."""
+    step_min = (pe[4] >> 23) + _pow2_exponent(amax, bp)
+    return ((step_min < 2) & (amax > 0)).flatten(1).any(1).nonzero().squeeze(1)
+
+
 def amax_scales(
     x4: torch.Tensor, ps: torch.Tensor, fp: torch.Tensor, two_level: bool, tensor_amax: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -405,7 +491,7 @@ def _amax_floor_scales(x4, ps, fp, two_level, tensor_amax):  # type: ignore[no-u
 
 
 def _flushed_nearest_out(x4, factor, floor, full, pe, out):  # type: ignore[no-untyped-def]
-    out.copy_(_round_bits(times_flushed(x4, factor, floor), pe, None) * full)
+    out.copy_(flushed_nearest(x4, factor, floor, pe) * full)
 
 
 def _flushed_stochastic_out(x4, factor, floor, full, pe, key, out):  # type: ignore[no-untyped-def]
@@ -428,6 +514,7 @@ _ENTRIES.update(
         "flushed_nearest_out": _flushed_nearest_out,
         "flushed_stochastic_out": _flushed_stochastic_out,
         "pow2_nearest_out": _pow2_nearest_out,
+        "pow2_nearest_fused": pow2_nearest_fused,
         "pow2_stochastic_out": _pow2_stochastic_out,
         "amax_scales": _amax_scales,
         "amax_block_scales": amax_scales,

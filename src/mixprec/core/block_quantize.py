@@ -250,8 +250,19 @@ def _round_blocks(
     pe = params[0]
     stochastic = () if key is None else (key,)
     if _pow2_grid(fmt):
-        # power-of-two scales: x rounded onto each block's moved grid, one pass writing
-        # the dequantized values (no multiply by the scale and back)
+        # power-of-two scales: x rounded onto each block's moved grid, writing the
+        # dequantized values (no multiply by the scale and back)
+        if rounding == "nearest" and x4.device.type == "cpu" and not torch.compiler.is_compiling():
+            # one pass in float arithmetic; the rare blocks whose grid reaches below
+            # float32's normals again by the integer kernel. A data-dependent branch,
+            # so not on devices (a sync) nor inside a user's torch.compile.
+            amax, tiny = _run("pow2_nearest_fused", x4, params[1], pe, fmt.scale_rule, out4)  # type: ignore[misc]
+            if bool(tiny):
+                groups = block_kernels.tiny_groups(amax, params[1], pe)
+                few = x4[groups]
+                grid = block_kernels.pow2_grid(few, params[1], pe)
+                out4[groups] = block_kernels.round_pow2_grid(few, *grid, pe[0], None)
+            return
         grid = _run("pow2_grid", x4, params[1], pe)
         _run(f"pow2_{rounding}_out", x4, *grid, pe, *stochastic, out4)  # type: ignore[misc]
         return
