@@ -111,11 +111,14 @@ class Operand:
             raise ValueError(f"hadamard is 0 (none) or a power of two (16), not {self.hadamard!r}")
         if self.hadamard and not isinstance(fmt, BlockFormat):
             raise ValueError("hadamard= rotates the blocks of a block format; use it with one (nvfp4, mxfp4_e2m1)")
+        # resolved once: the engine asks for it on every rounding (1,700 name lookups a
+        # step of the quick CNN); not a field, so equality and hashing ignore it
+        object.__setattr__(self, "_resolved", fmt)
 
     @property
     def fmt(self) -> FloatFormat | BlockFormat:
         """The :class:`FloatFormat` (or :class:`BlockFormat`) named by ``format``."""
-        return formats.resolve(self.format)
+        return self._resolved  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_block(self) -> bool:

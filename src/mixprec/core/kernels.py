@@ -15,6 +15,7 @@ identical on every device, and need no random tensor in memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
@@ -325,7 +326,12 @@ def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) 
     if _wants_compiled(x):
         try:
             # One grad mode for every call: a change of it is a recompilation for dynamo.
-            with torch.no_grad(), torch.profiler.record_function(f"mixprec.{name}"):
+            # Each context costs 10-20 us a call, as much as a small kernel's work: entered
+            # only where needed (grad mode on; a profiler running, to name the kernel).
+            grad = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+            named = (torch.profiler.record_function(f"mixprec.{name}")
+                     if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext())
+            with grad, named:
                 return _compiled_entry(name, fn)(x, *args)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":

@@ -173,12 +173,16 @@ def quantize_stored(
     saturate: bool | None = None,
     random_key: torch.Tensor | None = None,
     with_values: bool = True,
+    values_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``quantize(x, fmt, rounding, scale=scale, saturate=saturate, random_key=random_key)``
     and the same values divided by ``scale`` in ``fmt``'s storage (:func:`to_storage`),
     returned together: what training keeps of an operand (values to multiply, bytes to
     save for backward); ``with_values=False`` returns None for the values (a caller that
     decodes the storage later with :func:`stored_values`, in the dtype its GEMM wants).
+    ``values_dtype`` (FP8 dtypes) writes the values as bfloat16 instead of float32 (a
+    GEMM's BF16 kernel multiplies them): exact where every value is a BF16 value, as
+    FP8 values times a power-of-two scale are; the caller vouches for that.
     For the FP8 dtypes both come out of one compiled pass over x, whose float16 or
     bfloat16 x is widened inside the pass (:func:`mixprec.core.kernels.run_variant`);
     other formats take quantize, then to_storage. ``scale`` is a one-element float32
@@ -199,25 +203,29 @@ def quantize_stored(
     key = _key(None, x.device, random_key) if rounding == "stochastic" else None
     scales = () if scale is None else (torch.reciprocal(scale), scale)
     name = (f"stored_{resolved.name}_{overflow}_{rounding}_{'scaled' if scales else 'unscaled'}_"
-            f"{str(flat.dtype)[6:]}{'_values' if with_values else ''}")
-    values, stored = run_variant(name, _stored_kernel(dtype, bool(scales), with_values), flat, p, key, *scales)
+            f"{str(flat.dtype)[6:]}{'_values_' + str(values_dtype)[6:] if with_values else ''}")
+    kernel = _stored_kernel(dtype, bool(scales), values_dtype if with_values else None)
+    values, stored = run_variant(name, kernel, flat, p, key, *scales)
     return None if values is None else values.view(x.shape), stored.view(x.shape)
 
 
 def _stored_kernel(dtype: torch.dtype, scaled: bool,
-                   with_values: bool) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor]]:
+                   values_dtype: torch.dtype | None) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor]]:
     """One pass of :func:`quantize_stored`: ``q(x * scale_inv)`` (the rounding kernel)
-    as storage ``q`` in ``dtype`` and (``with_values``) as values ``q * scale``."""
+    as storage ``q`` in ``dtype`` and (unless ``values_dtype`` is None) as values ``q *
+    scale`` in ``values_dtype``."""
 
     def stored(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None, scale_inv: torch.Tensor | None = None,
                scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         x = x.float()
         if not scaled:
             rounded = _round_bits(x, p, key)
-            return (rounded if with_values else None), rounded.to(dtype)
-        assert scale_inv is not None and scale is not None
-        rounded = _round_bits(x * scale_inv, p, key)
-        return (rounded * scale if with_values else None), rounded.to(dtype)
+            values = rounded
+        else:
+            assert scale_inv is not None and scale is not None
+            rounded = _round_bits(x * scale_inv, p, key)
+            values = rounded * scale
+        return (None if values_dtype is None else values.to(values_dtype)), rounded.to(dtype)
 
     return stored
 

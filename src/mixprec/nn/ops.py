@@ -74,14 +74,27 @@ def _refuse_blocks(recipe: Recipe, family: str) -> None:
             "or keep the module in high precision (KeepHighPrecision)")
 
 
-def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis: int = -1) -> Quantized:
-    """An operand rounded for the forward GEMM (block formats: along its contraction ``axis``)."""
+def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis: int = -1,
+                     path: GemmPath | None = None) -> Quantized:
+    """An operand rounded for the forward GEMM (block formats: along its contraction
+    ``axis``); an input's values come with it in the dtype of the GEMM's ``path``."""
     recipe = call.recipe
     operand = recipe.forward.right if weight else recipe.forward.left
     if weight:
         return call.state.weight(x, operand, f"{call.site}.{key}", axis=axis, forward_key=call.forward_key)
     return quantize_operand(x, operand, call.state, f"{call.site}.{key}", axis=axis,
-                            forward_key=call.forward_key)
+                            forward_key=call.forward_key, values_dtype=_kernel_dtype(path))
+
+
+def _kernel_dtype(path: GemmPath | None) -> torch.dtype | None:
+    """The dtype a GEMM on ``path`` multiplies (None: not known yet)."""
+    return None if path is None else torch.bfloat16 if path == "bf16" else torch.float32
+
+
+def _forward_path(call: _Call, device: torch.device, bias: bool) -> GemmPath:
+    """The forward GEMM's kernel, from the recipe alone (before its operands exist)."""
+    forward = call.recipe.forward
+    return kernels.choose([forward.left, forward.right], forward.result, call.policy, device, bias=bias)
 
 
 def _reserve_histories(call: _Call, device: torch.device, operands: dict[str, bool], copies: tuple[str, ...],
@@ -171,8 +184,11 @@ def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]
         axis = -1 if axes is None else axes[i]
         key = (operand, block_axis_key(operand, axis, grad.dim()))
         if key not in done:
+            # its values too, in the dgrad kernel's dtype (used at once, by dgrad and wgrad)
+            dgrad = recipe.dgrad
+            path = kernels.choose([dgrad.left, dgrad.right], dgrad.result, call.policy, grad.device)
             done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis,
-                                       forward_key=call.forward_key)
+                                       forward_key=call.forward_key, values_dtype=_kernel_dtype(path))
         out.append(done[key])
     return out
 
@@ -270,11 +286,11 @@ class _Gemm(torch.autograd.Function):
         # the error's rows (flattened batch rows under a 2-D weight).
         weights = (_is_weight(a), _is_weight(b))
         b_axis = -1 if transpose_b else -2
-        qa = _forward_operand(call, a, weights[0], "a", axis=-1)
-        qb = _forward_operand(call, b, weights[1], "b", axis=b_axis)
         # a bias goes into the BF16 kernel only as oneDNN's linear: a 2-D weight, a 1-D bias
         fusable = bias is None or (b.dim() == 2 and bias.dim() == 1)
-        path = _path(call, call.recipe.forward.result, qa, qb, bias=bias is not None) if fusable else "fp32"
+        path = _forward_path(call, a.device, bias is not None) if fusable else "fp32"
+        qa = _forward_operand(call, a, weights[0], "a", axis=-1, path=path)
+        qb = _forward_operand(call, b, weights[1], "b", axis=b_axis, path=path)
         with _no_autocast():
             y = kernels.scaled_mm(qa, qb, call.policy, transpose_right=transpose_b) if path == "fp32" else None
             if y is not None:  # FP8 tensor cores (CUDA): FP32 out, bias and one rounding below
@@ -423,10 +439,10 @@ def _log(state: EngineState, site: str, op: str, flops: float, operands: tuple[t
 class _Convolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, call: _Call, geometry: tuple):  # type: ignore[override]
-        qx = _forward_operand(call, x, False, "input")
-        qw = _forward_operand(call, weight, _is_weight(weight), "weight")
         # torch's BF16 convolution takes no FP32 bias: with a bias, the FP32 kernel
-        path = _path(call, call.recipe.forward.result, qx, qw) if bias is None else "fp32"
+        path = _forward_path(call, x.device, False) if bias is None else "fp32"
+        qx = _forward_operand(call, x, False, "input", path=path)
+        qw = _forward_operand(call, weight, _is_weight(weight), "weight")
         with _no_autocast():
             y = torch.ops.aten.convolution(_values(path, qx), _values(path, qw),
                                            None if bias is None else bias.float(), *geometry)

@@ -72,7 +72,7 @@ class Quantized:
     def values(self) -> torch.Tensor:
         """The operand's values as float32 (on the format's grid, times the scale)."""
         if self.cached_values is not None:
-            return self.cached_values
+            return self.cached_values.float()  # BF16 where the rounding pass wrote them so
         if self.layout is not None:
             return self._blocks(torch.float32)
         if self.operand.is_fp32 or self.storage.dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -333,6 +333,7 @@ def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
 def quantize_operand(
     x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False,
     scale: torch.Tensor | None = None, axis: int = -1, forward_key: torch.Tensor | None = None,
+    values_dtype: torch.dtype | None = None,
 ) -> Quantized:
     """``x`` rounded for ``operand`` (see :class:`Quantized`). A tensor already in the
     format's own dtype is on its grid and is not rounded again. ``in_place`` rounds a
@@ -340,7 +341,11 @@ def quantize_operand(
     operand's own per-tensor scale (a recomputation in backward reuses the forward's).
     ``axis`` is the contraction dimension of the operand's GEMM: a block format's blocks
     run along it (2-D tiles: -1 or -2); scalar formats ignore it. Stochastic rounding
-    takes its bits from :meth:`EngineState.random_key` (of ``forward_key``'s forward)."""
+    takes its bits from :meth:`EngineState.random_key` (of ``forward_key``'s forward).
+    ``values_dtype`` asks FP8 storage for the values too, written by the same pass in
+    the dtype the GEMM's kernel multiplies (float32, or bfloat16 where that is exact),
+    instead of a decoding pass later: for an operand used at once (a forward's input,
+    backward's error), not one kept (backward's copies keep only the bytes)."""
     if operand.is_fp32:
         return Quantized(x, None, operand, x.float())
     fmt = operand.fmt
@@ -360,9 +365,13 @@ def quantize_operand(
     if fmt.torch_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         # the 1-byte storage in one pass over x; the values are decoded from it when a
         # GEMM asks, in the dtype of its kernel (BF16: 3 bytes an element, not 6)
-        _, stored = quantize_stored(x, fmt, operand.rounding, scale=scale, saturate=saturate,
-                                    random_key=random_key, with_values=False)
-        return Quantized(stored, scale, operand)
+        if values_dtype == torch.bfloat16 and not (scale is None or (operand.scaling is not None
+                                                                     and operand.scaling.power_of_two)):
+            values_dtype = torch.float32  # values times a general scale need float32
+        values, stored = quantize_stored(x, fmt, operand.rounding, scale=scale, saturate=saturate,
+                                         random_key=random_key, with_values=values_dtype is not None,
+                                         values_dtype=values_dtype or torch.float32)
+        return Quantized(stored, scale, operand, values)
     x32 = x.detach()
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
     if x32.dtype != torch.float32:
