@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixprec
@@ -166,6 +166,17 @@ def test_scale_from_amax_maps_amax_onto_the_range(name, margin):
 @pytest.mark.parametrize("amax", [0.0, float("inf"), float("nan")])
 def test_scale_from_amax_falls_back_to_one(amax):
     assert mixprec.scale_from_amax(torch.tensor(amax), "e4m3").item() == 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(width=32) | st.sampled_from([0.0, -0.0, 1e-45, 3.4e38, 448.0, 57344.0]),
+       st.sampled_from(["e4m3", "e5m2", "fp16"]), st.integers(0, 3), st.booleans())
+def test_scale_from_a_cpu_scalar_amax_equals_the_tensor_arithmetic(amax, name, margin, power_of_two):
+    # a 0-d CPU amax takes the host's float32 arithmetic; a 1-element tensor the tensor ops
+    host = mixprec.scale_from_amax(torch.tensor(amax, dtype=torch.float32), name, margin, power_of_two)
+    ops = mixprec.scale_from_amax(torch.tensor([amax], dtype=torch.float32), name, margin, power_of_two)
+    assert host.dtype == torch.float32 and host.dim() == 0
+    assert host.view(torch.int32).item() == ops.view(torch.int32).item(), (amax, host, ops)
 
 
 def test_scale_from_tiny_amax_never_underflows_to_zero():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 from mixprec.core import formats
@@ -244,6 +245,10 @@ def scale_from_amax(
         raise TypeError(f"margin must be an int number of binades, not {type(margin).__name__}")
     amax_t = torch.as_tensor(amax, dtype=torch.float32).detach().float()
     target = fmt.largest / 2.0**margin
+    if amax_t.device.type == "cpu" and amax_t.dim() == 0 and not torch.compiler.is_compiling():
+        # the same float32 arithmetic on the host: a dozen 0-d tensor ops cost ~200 us
+        # a call, every rounding of a scaled operand (reading a CPU scalar syncs nothing)
+        return torch.tensor(_host_scale(float(amax_t), target, power_of_two), dtype=torch.float32)
     scale = amax_t / target
     # A scale that underflows float32 would divide by zero later: keep it >= 2**-126.
     scale = torch.clamp(scale, min=torch.finfo(torch.float32).tiny)
@@ -252,6 +257,19 @@ def scale_from_amax(
         scale = torch.ldexp(torch.ones_like(scale), torch.where(mantissa == 0.5, exponent - 1, exponent))
     usable = torch.isfinite(amax_t) & (amax_t > 0) & torch.isfinite(scale)
     return torch.where(usable, scale, torch.ones_like(scale))
+
+
+def _host_scale(amax: float, target: float, power_of_two: bool) -> float:
+    """:func:`scale_from_amax`'s arithmetic in numpy float32 scalars (IEEE float32
+    division, as torch's float32 tensor divided by a Python float computes it)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        amax32 = np.float32(amax)
+        scale = max(amax32 / np.float32(target), np.float32(torch.finfo(torch.float32).tiny))
+        if power_of_two and np.isfinite(scale):
+            mantissa, exponent = math.frexp(float(scale))
+            scale = np.float32(math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent))
+        usable = bool(np.isfinite(amax32) and amax32 > 0 and np.isfinite(scale))
+    return float(scale) if usable else 1.0
 
 
 def tensor_scale(
