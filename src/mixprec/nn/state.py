@@ -451,11 +451,35 @@ def _mix_key(base: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
     salts give unrelated keys."""
     if isinstance(salt, torch.Tensor):
         salts = torch.cat([salt, salt * 31 + 17])
+    elif base.device.type == "cpu" and not torch.compiler.is_compiling():
+        # the same arithmetic on the host: ten tensor ops on two words cost ~150 us, at
+        # every stochastic rounding (reading a CPU tensor syncs nothing)
+        words = _mix_words(base.tolist(), [salt, (salt * 31 + 17) & 0x7FFFFFFF])
+        return torch.tensor(words, dtype=torch.int32)
     else:
         salts = torch.tensor([salt, (salt * 31 + 17) & 0x7FFFFFFF], dtype=torch.int32, device=base.device)
+    return _mix_tensor(base, salts)
+
+
+def _mix_tensor(base: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser of ``base ^ salts`` in wrapping int32 tensor arithmetic."""
     h = base ^ salts
     h = h ^ ((h >> 16) & 0xFFFF)
     h = h * _MIX1
     h = h ^ ((h >> 13) & 0x7FFFF)
     h = h * _MIX2
     return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _mix_words(words: list[int], salts: list[int]) -> list[int]:
+    """:func:`_mix_tensor` on Python ints: the same 32-bit patterns, as signed ints."""
+    mixed = []
+    for word, salt in zip(words, salts):
+        h = (word ^ salt) & 0xFFFFFFFF
+        h ^= h >> 16
+        h = (h * (_MIX1 & 0xFFFFFFFF)) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * (_MIX2 & 0xFFFFFFFF)) & 0xFFFFFFFF
+        h ^= h >> 16
+        mixed.append(h - (1 << 32) if h >= 1 << 31 else h)
+    return mixed
