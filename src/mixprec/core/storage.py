@@ -180,9 +180,10 @@ def quantize_stored(
     returned together: what training keeps of an operand (values to multiply, bytes to
     save for backward); ``with_values=False`` returns None for the values (a caller that
     decodes the storage later with :func:`stored_values`, in the dtype its GEMM wants).
-    ``values_dtype`` (FP8 dtypes) writes the values as bfloat16 instead of float32 (a
-    GEMM's BF16 kernel multiplies them): exact where every value is a BF16 value, as
-    FP8 values times a power-of-two scale are; the caller vouches for that.
+    ``values_dtype`` (FP8 dtypes) writes the values as bfloat16 or float16 instead of
+    float32 (what a GEMM's BF16 kernel multiplies, what a result is held in): exact
+    where every value is one of that dtype, as FP8 values times a power-of-two scale are
+    BF16 values and unscaled ones FP16 values; the caller vouches for that.
     For the FP8 dtypes both come out of one compiled pass over x, whose float16 or
     bfloat16 x is widened inside the pass (:func:`mixprec.core.kernels.run_variant`);
     other formats take quantize, then to_storage. ``scale`` is a one-element float32

@@ -240,11 +240,13 @@ def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: tor
     """A fresh FP32 result rounded once to its format, in its holding dtype (or
     ``dtype``); a BF16 kernel's output for a BF16 result is already rounded (once, by
     the kernel) and is only cast."""
+    target = dtype or result_dtype(operand, call.recipe.compute)
     if y.dtype == torch.bfloat16 and operand == _BF16_RESULT:
-        return y.to(dtype or result_dtype(operand, call.recipe.compute))
+        return y.to(target)
+    # an FP8 result's values come out of its rounding pass in the holding dtype
     rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True,
-                               forward_key=call.forward_key)
-    return rounded.values_as(dtype or result_dtype(operand, call.recipe.compute))
+                               forward_key=call.forward_key, values_dtype=target)
+    return rounded.values_as(target)
 
 
 def _grad_result_operand(call: _Call, weight: bool) -> Operand:
@@ -465,8 +467,22 @@ class _Convolution(torch.autograd.Function):
         saved_x, saved_w = _load(ctx)
         grad_x = grad_w = grad_b = None
         with _no_autocast():
+            dgrad_path = _path(call, _grad_result_operand(call, False), g_data, saved_w) if need_x else None
+            if need_x and need_w and dgrad_path == "fp32" and g_data is g_weight:
+                # both gradients from FP32 kernels and one error: one oneDNN call, with the
+                # real input (measured on the quick CNN's 3x3 layers: 9.3 ms against 6.0 +
+                # 6.8 ms for two calls, and 7.8 ms for dgrad with an empty stand-in input)
+                g = g_data.values()
+                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                    g, saved_x.values(), saved_w.values(), None, stride, padding, dilation, transposed,
+                    output_padding, groups, [True, True, False])
+                grad_x = _grad_result(call, grad_x, False, ctx.dtypes[0])
+                grad_w = _grad_result(call, grad_w, ctx.weight_role, ctx.dtypes[1])
+                if need_b:
+                    grad_b = _grad_result(call, g.sum([0] + list(range(2, g.dim()))), True, ctx.dtypes[2])
+                return grad_x, grad_w, grad_b, None, None
             if need_x:
-                path = _path(call, _grad_result_operand(call, False), g_data, saved_w)
+                path = dgrad_path
                 w = _values(path, saved_w)
                 # the input gradient needs only the input's shape: pass an empty stand-in
                 x_shape = w.new_zeros(()).expand(ctx.input_shape)

@@ -330,6 +330,18 @@ def result_dtype(operand: Operand, compute: torch.dtype) -> torch.dtype:
     return compute if fits and operand.scaling is None else torch.float32
 
 
+def _holds_exactly(dtype: torch.dtype | None, scale: torch.Tensor | None, operand: Operand) -> bool:
+    """Whether ``dtype`` holds every value of FP8 ``operand`` (E4M3, E5M2) times
+    ``scale`` exactly: float32 always; BF16 (8 significant bits, float32's exponent
+    range) unscaled or with power-of-two scales; FP16 unscaled (both FP8 formats are
+    subsets of it; a scale could move values out of its range)."""
+    if dtype in (None, torch.float32):
+        return True
+    if dtype == torch.bfloat16:
+        return scale is None or (operand.scaling is not None and operand.scaling.power_of_two)
+    return dtype == torch.float16 and scale is None
+
+
 def quantize_operand(
     x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False,
     scale: torch.Tensor | None = None, axis: int = -1, forward_key: torch.Tensor | None = None,
@@ -365,9 +377,8 @@ def quantize_operand(
     if fmt.torch_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         # the 1-byte storage in one pass over x; the values are decoded from it when a
         # GEMM asks, in the dtype of its kernel (BF16: 3 bytes an element, not 6)
-        if values_dtype == torch.bfloat16 and not (scale is None or (operand.scaling is not None
-                                                                     and operand.scaling.power_of_two)):
-            values_dtype = torch.float32  # values times a general scale need float32
+        if not _holds_exactly(values_dtype, scale, operand):
+            values_dtype = torch.float32
         values, stored = quantize_stored(x, fmt, operand.rounding, scale=scale, saturate=saturate,
                                          random_key=random_key, with_values=values_dtype is not None,
                                          values_dtype=values_dtype or torch.float32)
