@@ -1,13 +1,17 @@
 """mixprec.nn.state: the stochastic-rounding keys mixed on the host equal the int32
-tensor arithmetic they replace on CPU (which devices and compiled graphs still run)."""
+tensor arithmetic they replace on CPU (which devices and compiled graphs still run); FP8
+operands' values written by their rounding pass equal their decoded bytes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixprec.nn.state import _mix_key, _mix_tensor
+import mixprec
+from mixprec.nn.state import EngineState, _mix_key, _mix_tensor, quantize_operand
+from mixprec.recipe import Operand, TensorScaling
 
 int32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 
@@ -26,3 +30,26 @@ def test_distinct_salts_give_unrelated_keys():
     base = torch.tensor([12345, -678], dtype=torch.int32)
     keys = {tuple(_mix_key(base, salt).tolist()) for salt in range(1000)}
     assert len(keys) == 1000
+
+
+@pytest.mark.parametrize(("name", "scaling", "wanted", "held"), [
+    ("e4m3", TensorScaling("current"), torch.bfloat16, torch.bfloat16),  # power-of-two scale: exact in BF16
+    ("e4m3", TensorScaling("current", power_of_two=False), torch.bfloat16, torch.float32),  # not exact: float32
+    ("e5m2", None, torch.float16, torch.float16),  # E5M2 is a subset of FP16
+    ("e4m3", TensorScaling("current"), torch.float16, torch.float32),  # a scale may leave FP16's range
+    ("e5m2", None, torch.float32, torch.float32),
+])
+def test_values_from_the_rounding_pass_equal_the_decoded_storage(name, scaling, wanted, held):
+    # the values quantize_operand writes beside the FP8 bytes, in the kernel's dtype,
+    # are exactly what decoding the bytes gives, and a dtype that cannot hold them
+    # falls back to float32
+    operand = Operand(name, scaling=scaling)
+    state = EngineState(mixprec.get_recipe("fp8-hybrid"), None)
+    x = torch.randn(64, 96) * torch.exp2(torch.randint(-12, 12, (64, 1)).float())
+    q = quantize_operand(x, operand, state, "site", values_dtype=wanted)
+    assert q.cached_values is not None and q.cached_values.dtype == held
+    decoded = q.drop_values()
+    assert torch.equal(q.values(), decoded.values())
+    assert torch.equal(q.values_as(torch.bfloat16 if held != torch.float16 else held),
+                       decoded.values_as(torch.bfloat16 if held != torch.float16 else held))
+    assert quantize_operand(x, operand, state, "site").cached_values is None  # by default only the bytes
