@@ -177,18 +177,18 @@ def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]
     contraction axis) it is needed in: dgrad's left operand for activation gradients,
     wgrad's for weight gradients."""
     recipe = call.recipe
+    dgrad = recipe.dgrad
+    # the error's values come with it, in the dgrad kernel's dtype (used at once, by dgrad and wgrad)
+    values_dtype = _kernel_dtype(kernels.choose([dgrad.left, dgrad.right], dgrad.result, call.policy, grad.device))
     done: dict[tuple[Operand, int | None], Quantized] = {}
     out = []
     for i, weight in enumerate(for_weight):
-        operand = recipe.wgrad.left if weight else recipe.dgrad.left
+        operand = recipe.wgrad.left if weight else dgrad.left
         axis = -1 if axes is None else axes[i]
         key = (operand, block_axis_key(operand, axis, grad.dim()))
         if key not in done:
-            # its values too, in the dgrad kernel's dtype (used at once, by dgrad and wgrad)
-            dgrad = recipe.dgrad
-            path = kernels.choose([dgrad.left, dgrad.right], dgrad.result, call.policy, grad.device)
             done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis,
-                                       forward_key=call.forward_key, values_dtype=_kernel_dtype(path))
+                                       forward_key=call.forward_key, values_dtype=values_dtype)
         out.append(done[key])
     return out
 
@@ -462,44 +462,40 @@ class _Convolution(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
         shape = ctx.weight_shape
-        out_channels = shape[1] * groups if transposed else shape[0]
         g_data, g_weight = _grad_operands(call, grad_output, (False, ctx.weight_role))
         saved_x, saved_w = _load(ctx)
         grad_x = grad_w = grad_b = None
         with _no_autocast():
             dgrad_path = _path(call, _grad_result_operand(call, False), g_data, saved_w) if need_x else None
+            # the weight gradient's error as float32, decoded once for the weight and the bias
+            g = g_weight.values() if need_w or need_b else None
             if need_x and need_w and dgrad_path == "fp32" and g_data is g_weight:
                 # both gradients from FP32 kernels and one error: one oneDNN call, with the
                 # real input (measured on the quick CNN's 3x3 layers: 9.3 ms against 6.0 +
                 # 6.8 ms for two calls, and 7.8 ms for dgrad with an empty stand-in input)
-                g = g_data.values()
                 grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
                     g, saved_x.values(), saved_w.values(), None, stride, padding, dilation, transposed,
                     output_padding, groups, [True, True, False])
+            else:
+                if need_x:
+                    w = _values(dgrad_path, saved_w)
+                    # the input gradient needs only the input's shape: pass an empty stand-in
+                    x_shape = w.new_zeros(()).expand(ctx.input_shape)
+                    grad_x, _, _ = torch.ops.aten.convolution_backward(
+                        _values(dgrad_path, g_data), x_shape, w, None, stride, padding, dilation, transposed,
+                        output_padding, groups, [True, False, False])
+                if need_w:
+                    assert g is not None
+                    # FP32 kernel: oneDNN's BF16 backward-weights convolution ran 20-40x slower
+                    # than FP32 on some shapes (7x7 outputs, strided 1x1) on a CPU with native BF16
+                    # the weight gradient needs only the weight's shape: an empty stand-in
+                    w_shape = g.new_zeros(()).expand(tuple(shape))
+                    _, grad_w, _ = torch.ops.aten.convolution_backward(
+                        g, saved_x.values(), w_shape, None, stride,
+                        padding, dilation, transposed, output_padding, groups, [False, True, False])
+            if grad_x is not None:
                 grad_x = _grad_result(call, grad_x, False, ctx.dtypes[0])
-                grad_w = _grad_result(call, grad_w, ctx.weight_role, ctx.dtypes[1])
-                if need_b:
-                    grad_b = _grad_result(call, g.sum([0] + list(range(2, g.dim()))), True, ctx.dtypes[2])
-                return grad_x, grad_w, grad_b, None, None
-            if need_x:
-                path = dgrad_path
-                w = _values(path, saved_w)
-                # the input gradient needs only the input's shape: pass an empty stand-in
-                x_shape = w.new_zeros(()).expand(ctx.input_shape)
-                grad_x, _, _ = torch.ops.aten.convolution_backward(
-                    _values(path, g_data), x_shape, w, None, stride, padding, dilation, transposed,
-                    output_padding, groups, [True, False, False])
-                grad_x = _grad_result(call, grad_x, False, ctx.dtypes[0])
-            # the weight gradient's error as float32, decoded once for the weight and the bias
-            g = g_weight.values() if need_w or need_b else None
-            if need_w:
-                # FP32 kernel: oneDNN's BF16 backward-weights convolution ran 20-40x slower
-                # than FP32 on some shapes (7x7 outputs, strided 1x1) on a CPU with native BF16
-                # the weight gradient needs only the weight's shape: an empty stand-in
-                w_shape = g.new_zeros(()).expand(tuple(shape))
-                _, grad_w, _ = torch.ops.aten.convolution_backward(
-                    g, saved_x.values(), w_shape, None, stride,
-                    padding, dilation, transposed, output_padding, groups, [False, True, False])
+            if grad_w is not None:
                 grad_w = _grad_result(call, grad_w, ctx.weight_role, ctx.dtypes[1])
             if need_b:
                 assert g is not None
