@@ -107,6 +107,23 @@ def test_compiled_attention_block_trains_to_eager_losses(recipe: str) -> None:
     assert breaks[1:] == [0] * (len(breaks) - 1)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [_model, _attention_model], ids=["mlp", "attention"])
+def test_compiled_bf16_products_path_trains_to_eager_losses(build) -> None:  # type: ignore[no-untyped-def]
+    """The FP32 sums on BF16 products (paper 2's E5M2 results, forced to that path at
+    these small sizes) compile to the same custom op the eager step calls, bit for bit,
+    and the math mode is switched off again after each such GEMM."""
+    torch._dynamo.reset()
+    base, shape = build(), ((8, 16) if build is _model else (4, 8, 16))
+    with mixprec.gemm_kernels("bf16"):
+        eager, _ = _train(base, "fp8", compiled=False, shape=shape)
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            compiled, breaks = _train(base, "fp8", compiled=True, shape=shape)
+    assert compiled == eager
+    assert breaks[1:] == [0] * (len(breaks) - 1)
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
+
+
 def test_user_matmul_with_out_is_still_refused() -> None:
     """The pass-through is for compiled code only: an eager ``out=`` GEMM in a converted
     model still gets the clear error."""

@@ -40,7 +40,9 @@ def capabilities(monkeypatch: pytest.MonkeyPatch):
 
 
 class GemmLog(TorchDispatchMode):
-    """The input dtypes of every GEMM-family aten op that runs inside it."""
+    """The input dtypes of every GEMM-family aten op that runs inside it, and the paths
+    (:data:`mixprec.nn.kernels.GemmPath`) of its matrix products: float32 operands in
+    oneDNN's BF16 math mode are ``"bf16-fp32"``."""
 
     OPS = ("mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_linear_pointwise")
 
@@ -48,6 +50,7 @@ class GemmLog(TorchDispatchMode):
         super().__init__()
         self.dtypes: set[torch.dtype] = set()
         self.calls: set[tuple[str, torch.dtype]] = set()
+        self.paths: set[str] = set()
         self.count = 0
         self.eager = mixprec.kernel_backend("eager")  # torch.compile refuses to run under a dispatch mode
 
@@ -67,6 +70,10 @@ class GemmLog(TorchDispatchMode):
             tensors = [a for a in args if isinstance(a, torch.Tensor)][:2]
             self.dtypes |= {t.dtype for t in tensors}
             self.calls |= {(func.overloadpacket.__name__, t.dtype) for t in tensors}
+            if "convolution" not in func.overloadpacket.__name__:
+                products = torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+                self.paths |= {"bf16" if t.dtype == torch.bfloat16 else "bf16-fp32" if products else "fp32"
+                               for t in tensors}
         return func(*args, **(kwargs or {}))
 
 
@@ -125,16 +132,18 @@ def test_auto_takes_bf16_only_where_exact_with_a_bf16_result(capabilities) -> No
     assert choose((Operand("mxfp8_e4m3:rceil"),) * 2, BF16, AUTO, "cpu") == "bf16"
     assert choose((FP16, FP16), FP16, AUTO, "cpu") == "fp32"  # FP16 operands are not BF16 values
     assert choose((BF16, FP16), BF16, AUTO, "cpu") == "fp32"
-    assert choose((BF16, BF16), Operand(), AUTO, "cpu") == "fp32"  # an FP32 result
-    assert choose((BF16, BF16), Operand("bf16", "stochastic"), AUTO, "cpu") == "fp32"  # SR needs the FP32 sum
+    # the FP32 sum itself needed (an FP32 result; SR): BF16 products, FP32 out
+    assert choose((BF16, BF16), Operand(), AUTO, "cpu") == "bf16-fp32"
+    assert choose((BF16, BF16), Operand("bf16", "stochastic"), AUTO, "cpu") == "bf16-fp32"
     assert choose((Operand("nvfp4"),) * 2, BF16, AUTO, "cpu") == "fp32"  # FP32 tensor scale
     assert choose((BF16, BF16), BF16, FP32, "cpu") == "fp32"
+    assert choose((BF16, BF16), Operand(), FP32, "cpu") == "fp32"
 
 
 def test_narrow_results_take_bf16_only_when_opted_in(capabilities) -> None:
     capabilities(native=True)
-    assert choose((E5M2, E5M2), E5M2, AUTO, "cpu") == "fp32"
-    assert choose((E5M2, E5M2), E5M2, FORCED, "cpu") == "fp32"
+    assert choose((E5M2, E5M2), E5M2, AUTO, "cpu") == "bf16-fp32"  # single rounding from the FP32 sum
+    assert choose((E5M2, E5M2), E5M2, FORCED, "cpu") == "bf16-fp32"
     assert choose((E5M2, E5M2), E5M2, KernelPolicy("auto", double_rounding=True), "cpu") == "bf16"
     assert choose((E5M2, E5M2), Operand("e5m2", "stochastic"), KernelPolicy("bf16", True), "cpu") == "bf16"
     assert choose((FP16, FP16), FP16, KernelPolicy("bf16", True), "cpu") == "fp32"  # wider than BF16
@@ -144,19 +153,23 @@ def test_without_native_bf16_auto_keeps_fp32_and_forcing_still_works(capabilitie
     capabilities(native=False)
     assert choose((BF16, BF16), BF16, AUTO, "cpu") == "fp32"
     assert choose((BF16, BF16), BF16, FORCED, "cpu") == "bf16"
+    assert choose((E5M2, E5M2), E5M2, AUTO, "cpu") == "fp32"
+    assert choose((E5M2, E5M2), E5M2, FORCED, "cpu") == "bf16-fp32"
     assert not kernels.native_bf16("cpu")
 
 
 def test_a_bias_needs_the_fused_exact_linear(capabilities) -> None:
     capabilities(native=True, bias=False)
-    assert choose((BF16, BF16), BF16, AUTO, "cpu", bias=True) == "fp32"
-    assert choose((BF16, BF16), BF16, FORCED, "cpu", bias=True) == "fp32"
+    # the bias added to the FP32 sum after the GEMM, then one rounding
+    assert choose((BF16, BF16), BF16, AUTO, "cpu", bias=True) == "bf16-fp32"
+    assert choose((BF16, BF16), BF16, FORCED, "cpu", bias=True) == "bf16-fp32"
     assert choose((BF16, BF16), BF16, AUTO, "cpu", bias=False) == "bf16"
 
 
 def test_auto_keeps_fp32_kernels_on_cuda(capabilities) -> None:
     capabilities(native=True)
     assert choose((BF16, BF16), BF16, AUTO, "cuda") == "fp32"
+    assert choose((E5M2, E5M2), E5M2, FORCED, "cuda") == "fp32"  # oneDNN's math mode is the CPU's
 
 
 def test_capabilities_are_probed_once_at_first_use(capabilities, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,8 +376,11 @@ def test_double_rounding_to_e5m2_is_opt_in_and_its_share_small_but_nonzero() -> 
         with torch.no_grad(), gemm_kernels(**policy), log:  # type: ignore[arg-type]
             outputs[name] = model(x).float()
         outputs[name + ".dtypes"] = log.dtypes  # type: ignore[assignment]
-    assert outputs["forced.dtypes"] == {torch.float32}  # E5M2 results: FP32 kernels unless opted in
-    assert torch.equal(outputs["forced"], outputs["fp32"])
+        outputs[name + ".paths"] = log.paths  # type: ignore[assignment]
+    # E5M2 results: the FP32 sum (on BF16 products) unless opted in
+    assert outputs["forced.dtypes"] == {torch.float32}
+    assert outputs["forced.paths"] == {"bf16-fp32"} and outputs["fp32.paths"] == {"fp32"}
+    assert float((outputs["forced"] != outputs["fp32"]).double().mean()) < 0.002  # summation order only
     assert outputs["double.dtypes"] == {torch.bfloat16}
     single, double = outputs["fp32"], outputs["double"]
     off = single != double
@@ -487,3 +503,80 @@ def test_fp8_tensor_core_path_on_cuda_matches_fp32_kernels() -> None:
     fast, slow = _fp8_linear_run("cuda", "auto"), _fp8_linear_run("cuda", "fp32")
     for f, s in zip(fast, slow):
         assert bool(((f - s).abs() <= s.abs() * 2.0**-7 + 2.0**-20).all())
+
+
+# ---- the FP32 sum on BF16 products ("bf16-fp32") ----------------------------------------------
+
+
+def test_bf16_products_mode_is_scoped_and_restored() -> None:
+    flags = torch.backends.mkldnn.matmul
+    before = flags.fp32_precision
+    with kernels.bf16_products():
+        assert flags.fp32_precision == "bf16"
+    assert flags.fp32_precision == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernels.bf16_products():
+            raise RuntimeError("inside")
+    assert flags.fp32_precision == before
+
+
+@pytest.mark.parametrize(("shape_a", "shape_b"), [((64, 96), (96, 48)), ((3, 32, 40), (40, 24)),
+                                                  ((2, 3, 16, 24), (2, 3, 24, 8))])
+def test_bf16_fp32_path_gives_the_fp32_sum_of_bf16_values(shape_a, shape_b) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    # E5M2 values: BF16 values, their products exact in FP32
+    a = (torch.randn(shape_a) * 4).to(torch.float8_e5m2).float()
+    b = torch.randn(shape_b).to(torch.float8_e5m2).float()
+    exact = torch.matmul(a.double(), b.double())
+    y = kernels.matmul(a, b, "bf16-fp32", FORCED)
+    assert y.dtype == torch.float32 and y.shape == exact.shape
+    # FP32 accumulation: within the FP32 summation bound of the exact sum, not BF16's
+    bound = 2 * shape_a[-1] * 2.0**-24 * torch.matmul(a.abs().double(), b.abs().double())
+    assert bool(((y.double() - exact).abs() <= bound).all())
+    off_bf16 = (y.double() - y.bfloat16().double()).abs()
+    assert bool((off_bf16 > 0).any())  # results carry more than BF16's 8 bits
+
+
+def test_auto_keeps_small_gemms_on_the_plain_fp32_kernel() -> None:
+    a, b = torch.ones(8, 16), torch.ones(16, 8)
+    log = GemmLog()
+    with log:
+        kernels.matmul(a, b, "bf16-fp32", AUTO)
+    assert log.paths == {"fp32"}
+    log = GemmLog()
+    with log:
+        kernels.matmul(torch.ones(128, 128), torch.ones(128, 128), "bf16-fp32", AUTO)
+        kernels.matmul(a, b, "bf16-fp32", FORCED)
+    assert log.paths == {"bf16-fp32"}
+
+
+@pytest.mark.parametrize("build", ["linear", "attention"])
+def test_fp8_recipe_runs_every_gemm_on_bf16_products_and_matches_fp32_kernels(build: str) -> None:
+    torch.manual_seed(0)
+    if build == "linear":
+        inputs = [torch.randn(64, 96) * 2]
+        module = lambda: nn.Linear(96, 48)  # noqa: E731
+    else:
+        inputs = [torch.randn(2, 16, 32)]
+        module = lambda: nn.MultiheadAttention(32, 4, batch_first=True)  # noqa: E731
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if build == "linear":
+                return self.inner(x)
+            return self.inner(x, x, x, need_weights=False, is_causal=True,
+                              attn_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1]))[0]
+
+    results = run_both(Wrapped, inputs, "fp8")
+    (y32, g32, log32), (y16, g16, log16) = results["fp32"], results["bf16"]
+    assert log32.paths == {"fp32"} and log16.paths == {"bf16-fp32"}
+    assert log16.count == log32.count >= 3
+    for fast, slow in zip([y16, *g16], [y32, *g32]):
+        # E5M2 results (stochastic in backward, same random bits): equal but where the
+        # FP32 sums' order moved one across a rounding boundary
+        assert torch.equal(fast.to(torch.float8_e5m2).float(), fast)  # on the E5M2 grid
+        assert float((fast != slow).double().mean()) < 0.05

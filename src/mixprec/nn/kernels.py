@@ -33,15 +33,27 @@ rounds the FP32 sum once to BF16 -- when
 - no broadcast operand makes autograd sum a gradient over batch dimensions (that sum
   would run on BF16 values).
 
-Where the result format is narrower than BF16 (paper 2's E5M2 outputs, recipe ``fp8``),
-a BF16 GEMM rounds the FP32 sum to BF16 and the emulation then rounds that to E5M2: a
-double rounding, which differs from the single one where the FP32 sum lies within half
-a BF16 step of an E5M2 rounding boundary. That path is off by default and opt-in with
-``gemm_kernels(double_rounding=True)``; measured on random E5M2 operands (K=256, round
-to nearest), 1.58% of outputs land one E5M2 step away (``tests/nn/test_kernels.py``
-measures and bounds it).
+Where the operands are BF16 values but the emulation needs the FP32 sum itself -- a
+result narrower than BF16 (paper 2's E5M2 outputs, recipe ``fp8``), a stochastically
+rounded or scaled result, a bias the BF16 kernel cannot fuse -- the GEMM runs on CPUs as
+``"bf16-fp32"``: torch's FP32 GEMM in oneDNN's BF16 math mode (:func:`bf16_products`),
+which converts the FP32 operands to BF16 (exact here), multiplies them on the same BF16
+units and accumulates and returns FP32: the FP32 kernel's result up to summation order,
+at the BF16 kernel's speed (2.3x the FP32 GEMM's on a 512x1024x1024 product here).
+Under ``"auto"`` GEMMs below 2**21 multiply-adds keep the plain FP32 kernel (the math
+mode's set-up costs more there). The mode is a process-wide oneDNN setting, switched on
+around each such GEMM and restored after it (1 us): an FP32 GEMM another thread runs at
+that moment would run in it too. oneDNN's convolutions gained nothing from the mode
+(measured on the CNN's layers), so convolutions take ``"fp32"`` instead.
 
-Deviations of the BF16 path, besides the order of the FP32 summation: the native
+The BF16 kernel with a result narrower than BF16 rounds the FP32 sum to BF16 and the
+emulation then rounds that to E5M2: a double rounding, which differs from the single
+one where the FP32 sum lies within half a BF16 step of an E5M2 rounding boundary. That
+path is off by default and opt-in with ``gemm_kernels(double_rounding=True)``; measured
+on random E5M2 operands (K=256, round to nearest), 1.58% of outputs land one E5M2 step
+away (``tests/nn/test_kernels.py`` measures and bounds it).
+
+Deviations of the BF16 paths, besides the order of the FP32 summation: the native
 instructions treat BF16 subnormal inputs (|x| < 2**-126) as zero and flush subnormal
 sums to zero, where the FP32 GEMM keeps FP32 subnormals. Values that small occur only
 far outside the range any recipe scales tensors into.
@@ -49,11 +61,12 @@ far outside the range any recipe scales tensors into.
 Which path runs: :func:`gemm_kernels` sets the policy for the GEMMs called inside it
 (a context manager, per thread, restored on exit, as torch.autocast): ``"auto"`` (the
 default, or the ``MIXPREC_GEMM_KERNELS`` environment variable's value) takes the BF16
-path where it is exact and the device has native BF16 dot products
-(:func:`native_bf16`: on CPU ``avx512_bf16`` or AMX-BF16 with oneDNN; decided by
-torch's own capability checks at first use and cached per process, never at import and
-never from the CPU's name); ``"bf16"`` takes it wherever it is exact, on any machine
-(tests: slow where the CPU lacks native BF16); ``"fp32"`` never takes it. The policy a
+paths (``"bf16"``, ``"bf16-fp32"``) where they are exact and the device has native
+BF16 dot products (:func:`native_bf16`: on CPU ``avx512_bf16`` or AMX-BF16 with
+oneDNN; decided by torch's own capability checks at first use and cached per process,
+never at import and never from the CPU's name); ``"bf16"`` takes them wherever they
+are exact, on any machine and at any size (tests: slow where the CPU lacks native
+BF16); ``"fp32"`` never takes them. The policy a
 forward ran under is kept with its call, so the backward GEMMs of that forward run
 under it too, wherever ``backward()`` is called.
 
@@ -92,11 +105,14 @@ from mixprec.nn.state import Quantized
 from mixprec.recipe import Operand
 
 __all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
-           "fused_bias_exact", "probe", "bf16_exact", "choose", "bf16_values", "linear_bf16", "fp8_tensor_cores",
-           "scaled_mm"]
+           "fused_bias_exact", "probe", "bf16_exact", "choose", "bf16_values", "linear_bf16", "matmul",
+           "bf16_products", "fp8_tensor_cores", "scaled_mm"]
 
-GemmPath = Literal["fp32", "bf16"]
-"""The kernel an emulated GEMM runs: torch's FP32 GEMM or its BF16 GEMM."""
+GemmPath = Literal["fp32", "bf16", "bf16-fp32"]
+"""The kernel an emulated GEMM runs: torch's FP32 GEMM; its BF16 GEMM (BF16 operands,
+FP32 accumulation, BF16 result); or ``"bf16-fp32"``, its FP32 GEMM in oneDNN's BF16 math
+mode (operands that are BF16 values multiplied on the BF16 units, FP32 accumulation,
+FP32 result: :func:`matmul`)."""
 
 KernelMode = Literal["auto", "fp32", "bf16"]
 """``"auto"``: BF16 kernels where exact and native; ``"bf16"``: wherever exact;
@@ -297,20 +313,22 @@ def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, d
     FP32 sum is rounded to ``result``, with a ``bias`` added before that rounding or
     not, under ``policy`` on ``device``: ``"bf16"`` where that path gives the
     emulation's result up to summation order (or, opted in, a double rounding to a
-    narrower result), else ``"fp32"``."""
+    narrower result); else ``"bf16-fp32"`` where the operands are BF16 values on a CPU
+    (the FP32 sum on the BF16 units: a narrower, stochastic or scaled result, or a bias
+    the BF16 kernel cannot fuse); else ``"fp32"``."""
     if policy.mode == "fp32" or not all(bf16_exact(op) for op in operands):
         return "fp32"
-    if not _single_rounding(result):
-        narrower = (policy.double_rounding and isinstance(result.fmt, FloatFormat) and bf16_exact(result)
-                    and result.fmt.torch_dtype != torch.bfloat16)
-        if not narrower:
-            return "fp32"
     device = torch.device(device)
-    if bias and (device.type != "cpu" or not fused_bias_exact()):
+    if policy.mode == "auto" and not native_bf16(device):
         return "fp32"
-    if policy.mode == "bf16":
+    narrower = (policy.double_rounding and isinstance(result.fmt, FloatFormat) and bf16_exact(result)
+                and result.fmt.torch_dtype != torch.bfloat16)
+    fused = not bias or (device.type == "cpu" and fused_bias_exact())
+    if (_single_rounding(result) or narrower) and fused:
         return "bf16"
-    return "bf16" if native_bf16(device) else "fp32"
+    # the FP32 sum itself is needed (a narrower, stochastic or scaled result, an FP32
+    # bias added after the GEMM): BF16 products in oneDNN's FP32 GEMM, on CPUs
+    return "bf16-fp32" if device.type == "cpu" and torch.backends.mkldnn.is_available() else "fp32"
 
 
 # ---- the BF16 path's pieces ---------------------------------------------------------------
@@ -349,6 +367,68 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     linear; only where :func:`fused_bias_exact`). A custom op, so that torch.compile
     calls it as it is (inductor lowers oneDNN's linear only for frozen weights)."""
     return _linear_bf16_op(x, weight, bias.float())
+
+
+# ---- the BF16-products path: oneDNN's FP32 GEMM in BF16 math mode ---------------------------
+
+# multiply-adds below which oneDNN's BF16 math mode cost more than it saved under "auto"
+# (an FP32 GEMM of 32x64x64 took 9 us, in BF16 math mode 54 us; 512x1024x1024 4.8 ms
+# against 2.1 ms: benchmarks/gemm_paths.py)
+_BF16_PRODUCTS_MIN_MACS = 1 << 21
+
+
+@contextmanager
+def bf16_products() -> Iterator[None]:
+    """Inside the block, torch's FP32 GEMMs on oneDNN (CPU ``mm``, ``bmm``, ``matmul``,
+    ``linear``) round their FP32 operands to BF16 and multiply those on the BF16 units,
+    accumulating and returning FP32 (oneDNN's BF16 math mode, torch's
+    ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). Exact only for operands
+    that are BF16 values (:func:`bf16_exact`): it changes every other operand. The
+    setting is process-wide; it is restored on exit."""
+    flags = torch.backends.mkldnn.matmul
+    previous = flags.fp32_precision
+    flags.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        flags.fp32_precision = previous
+
+
+def _matmul_bf16_products_eager(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with bf16_products():
+        return torch.matmul(a, b)
+
+
+@torch.library.custom_op("mixprec::matmul_bf16_products", mutates_args=())
+def _matmul_bf16_products_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _matmul_bf16_products_eager(a, b)
+
+
+@_matmul_bf16_products_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a, b)
+
+
+@register_flop_formula(torch.ops.mixprec.matmul_bf16_products)
+def _matmul_bf16_products_flops(a_shape: Sequence[int], b_shape: Sequence[int], *args: object,
+                                **kwargs: object) -> int:
+    batch = math.prod(torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
+    return 2 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, path: GemmPath, policy: KernelPolicy) -> torch.Tensor:
+    """``torch.matmul(a, b)`` of two operands of at least two dimensions on ``path``'s
+    kernel: on ``"bf16-fp32"`` (float32 tensors holding BF16 values) the FP32 GEMM with
+    BF16 products (:func:`bf16_products`), except under ``policy`` ``"auto"`` for GEMMs
+    too small to gain from it; otherwise torch's own. Under torch.compile the BF16-products
+    GEMM is a custom op, so that the math mode holds for exactly that call."""
+    if path != "bf16-fp32":
+        return torch.matmul(a, b)
+    if policy.mode == "auto" and a.numel() * b.shape[-1] < _BF16_PRODUCTS_MIN_MACS:
+        return torch.matmul(a, b)
+    if torch.compiler.is_compiling():
+        return torch.ops.mixprec.matmul_bf16_products(a, b)
+    return _matmul_bf16_products_eager(a, b)
 
 
 # ---- the FP8 tensor-core path (CUDA) --------------------------------------------------------

@@ -87,7 +87,7 @@ def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis:
 
 
 def _kernel_dtype(path: GemmPath | None) -> torch.dtype | None:
-    """The dtype a GEMM on ``path`` multiplies (None: not known yet)."""
+    """The dtype a GEMM on ``path`` takes its operands in (None: not known yet)."""
     return None if path is None else torch.bfloat16 if path == "bf16" else torch.float32
 
 
@@ -217,14 +217,21 @@ def _path(call: _Call, result: Operand, *operands: Quantized | Operand | None, b
     return kernels.choose(ops, result, call.policy, device, bias=bias)
 
 
-def _values(path: GemmPath, q: Quantized, decoded: dict[tuple[int, GemmPath], torch.Tensor] | None = None
+def _conv_path(path: GemmPath) -> GemmPath:
+    """A convolution's kernel for a GEMM path: oneDNN's convolutions gained nothing from
+    the BF16 math mode (:mod:`mixprec.nn.kernels`), so ``"bf16-fp32"`` runs as FP32."""
+    return "fp32" if path == "bf16-fp32" else path
+
+
+def _values(path: GemmPath, q: Quantized, decoded: dict[tuple[int, bool], torch.Tensor] | None = None
             ) -> torch.Tensor:
-    """An operand's values in the dtype its kernel multiplies (exact either way);
-    ``decoded`` keeps them for a second GEMM of the same operand on the same kernel
-    (backward's error, in dgrad and wgrad), which then decodes it once."""
+    """An operand's values in the dtype its kernel takes (BF16 on ``"bf16"``, else
+    float32; exact either way); ``decoded`` keeps them for a second GEMM of the same
+    operand taking the same dtype (backward's error, in dgrad and wgrad), which then
+    decodes it once."""
     if decoded is None:
         return kernels.bf16_values(q) if path == "bf16" else q.values()
-    key = (id(q), path)
+    key = (id(q), path == "bf16")
     if key not in decoded:
         decoded[key] = _values(path, q)
     return decoded[key]
@@ -304,7 +311,7 @@ class _Gemm(torch.autograd.Function):
             else:
                 right = _values(path, qb)
                 right = right.transpose(-1, -2) if transpose_b else right
-                y = torch.matmul(_values(path, qa), right)
+                y = kernels.matmul(_values(path, qa), right, path, call.policy)
                 if bias is not None:
                     y.add_(bias.float())
         out = _finish(call, y, call.recipe.forward.result, "output")
@@ -337,7 +344,7 @@ class _Gemm(torch.autograd.Function):
             gb = next(rounded) if need_b else None
             gbias = next(rounded) if need_bias else None
         a_shape, b_shape = ctx.shapes
-        decoded: dict[tuple[int, GemmPath], torch.Tensor] = {}  # the error, decoded once per kernel
+        decoded: dict[tuple[int, bool], torch.Tensor] = {}  # the error, decoded once per kernel
         with _no_autocast():
             if need_a:
                 path = ("fp32" if _batch_sum(grad_output.shape, b_shape, a_shape)
@@ -348,7 +355,7 @@ class _Gemm(torch.autograd.Function):
                     g = _values(path, ga, decoded)
                     right = _values(path, saved_b)
                     right = right if ctx.transpose_b else right.transpose(-1, -2)
-                    product = torch.matmul(g, right)
+                    product = kernels.matmul(g, right, path, call.policy)
                 grad_a = _grad_result(call, _reduce_to(product, a_shape), ctx.weights[0], ctx.dtypes[0])
             if need_b:
                 path = ("fp32" if not ctx.flatten and _batch_sum(a_shape, grad_output.shape, b_shape)
@@ -370,12 +377,10 @@ class _Gemm(torch.autograd.Function):
                 left, g = _pad_dim(left, -2, rows), _pad_dim(g, -2, rows)
                 # the product in b's own layout (g^T a for F.linear's out x in weight), not a
                 # transposed copy of it
-                if ctx.flatten:
-                    product = g.t() @ left if ctx.transpose_b else left.t() @ g
-                elif ctx.transpose_b:
-                    product = torch.matmul(g.transpose(-1, -2), left)
+                if ctx.transpose_b:
+                    product = kernels.matmul(g.transpose(-1, -2), left, path, call.policy)
                 else:
-                    product = torch.matmul(left.transpose(-1, -2), g)
+                    product = kernels.matmul(left.transpose(-1, -2), g, path, call.policy)
                 product = _reduce_to(product, ctx.shapes[1])
                 grad_b = _grad_result(call, product.contiguous(), ctx.weights[1], ctx.dtypes[1])
             if need_bias:
@@ -442,7 +447,7 @@ class _Convolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, call: _Call, geometry: tuple):  # type: ignore[override]
         # torch's BF16 convolution takes no FP32 bias: with a bias, the FP32 kernel
-        path = _forward_path(call, x.device, False) if bias is None else "fp32"
+        path = _conv_path(_forward_path(call, x.device, False)) if bias is None else "fp32"
         qx = _forward_operand(call, x, False, "input", path=path)
         qw = _forward_operand(call, weight, _is_weight(weight), "weight")
         with _no_autocast():
@@ -466,7 +471,7 @@ class _Convolution(torch.autograd.Function):
         saved_x, saved_w = _load(ctx)
         grad_x = grad_w = grad_b = None
         with _no_autocast():
-            dgrad_path = _path(call, _grad_result_operand(call, False), g_data, saved_w) if need_x else None
+            dgrad_path = _conv_path(_path(call, _grad_result_operand(call, False), g_data, saved_w)) if need_x else None
             # the weight gradient's error as float32, decoded once for the weight and the bias
             g = g_weight.values() if need_w or need_b else None
             if need_x and need_w and dgrad_path == "fp32" and g_data is g_weight:
@@ -583,10 +588,10 @@ class _Attention(torch.autograd.Function):
     the recomputation reuses the forward's per-tensor scales."""
 
     @staticmethod
-    def _probabilities(call: _Call, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, factor: float,
-                       causal: bool, scales: list[torch.Tensor | None]) -> tuple[torch.Tensor, Quantized]:
+    def _probabilities(call: _Call, path: GemmPath, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                       factor: float, causal: bool, scales: list[torch.Tensor | None]) -> tuple[torch.Tensor, Quantized]:
         recipe = call.recipe
-        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores = kernels.matmul(q, k.transpose(-1, -2), path, call.policy)
         if scores.dtype == torch.bfloat16 and recipe.forward.result == _BF16_RESULT:
             scores = scores.float() * factor  # the BF16 kernel rounded them (once)
         else:
@@ -613,9 +618,9 @@ class _Attention(torch.autograd.Function):
         # P is rounded as an input: the same operand format as Q, K and V
         path = _path(call, call.recipe.forward.result, qq, qk, qv)
         with _no_autocast():
-            _, p = _Attention._probabilities(call, _values(path, qq), _values(path, qk), mask, factor, causal,
-                                             scales)
-            y = torch.matmul(_values(path, p), _values(path, qv))
+            _, p = _Attention._probabilities(call, path, _values(path, qq), _values(path, qk), mask, factor,
+                                             causal, scales)
+            y = kernels.matmul(_values(path, p), _values(path, qv), path, call.policy)
         out = _finish(call, y, call.recipe.forward.result, "output")
         ctx.call, ctx.factor, ctx.causal, ctx.scales = call, factor, causal, scales
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
@@ -637,18 +642,20 @@ class _Attention(torch.autograd.Function):
             path = _path(call, recipe.dgrad.result, *saved, recipe.forward.left, recipe.dgrad.left)
         q, k, v = (_values(path, t) for t in saved)  # type: ignore[arg-type]
         with _no_autocast():
-            probabilities, p = _Attention._probabilities(call, q, k, ctx.mask, ctx.factor, ctx.causal,
+            probabilities, p = _Attention._probabilities(call, path, q, k, ctx.mask, ctx.factor, ctx.causal,
                                                          list(ctx.scales))
             g_lp = _values(path, g)
-            grad_v = _grad_result(call, torch.matmul(_values(path, p).transpose(-1, -2), g_lp), False,
+            grad_v = _grad_result(call, kernels.matmul(_values(path, p).transpose(-1, -2), g_lp, path, call.policy),
+                                  False, torch.float32)
+            grad_p = _grad_result(call, kernels.matmul(g_lp, v.transpose(-1, -2), path, call.policy), False,
                                   torch.float32)
-            grad_p = _grad_result(call, torch.matmul(g_lp, v.transpose(-1, -2)), False, torch.float32)
             # softmax backward in FP32 on the FP32 probabilities, then the scaling
             grad_scores = probabilities * (grad_p - (grad_p * probabilities).sum(-1, keepdim=True)) * ctx.factor
             (gs,) = _grad_operands(_Call(call.state, f"{call.site}.scores", recipe, call.forward_key, call.policy), grad_scores, (False,))
             s_lp = _values(path, gs)
-            grad_q = _grad_result(call, torch.matmul(s_lp, k), False, ctx.dtypes[0])
-            grad_k = _grad_result(call, torch.matmul(s_lp.transpose(-1, -2), q), False, ctx.dtypes[1])
+            grad_q = _grad_result(call, kernels.matmul(s_lp, k, path, call.policy), False, ctx.dtypes[0])
+            grad_k = _grad_result(call, kernels.matmul(s_lp.transpose(-1, -2), q, path, call.policy), False,
+                                  ctx.dtypes[1])
         return grad_q, grad_k, grad_v.to(ctx.dtypes[2]), None, None, None, None
 
 
