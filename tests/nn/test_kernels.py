@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec
 from mixprec.nn import kernels
-from mixprec.nn.kernels import KernelPolicy, bf16_exact, choose, gemm_kernels
+from mixprec.nn.kernels import KernelPolicy, bf16_exact, choose, fp16_exact, gemm_kernels
 from mixprec.nn.state import EngineState, quantize_operand
 from mixprec.recipe import Operand, TensorScaling
 
@@ -130,8 +130,7 @@ def test_auto_takes_bf16_only_where_exact_with_a_bf16_result(capabilities) -> No
     assert choose((BF16, BF16), BF16, AUTO, "cpu", bias=True) == ("bf16" if kernels.fused_bias_exact() else "fp32")
     assert choose((E4M3_POW2, Operand("e5m2", scaling=TensorScaling("delayed"))), BF16, AUTO, "cpu") == "bf16"
     assert choose((Operand("mxfp8_e4m3:rceil"),) * 2, BF16, AUTO, "cpu") == "bf16"
-    assert choose((FP16, FP16), FP16, AUTO, "cpu") == "fp32"  # FP16 operands are not BF16 values
-    assert choose((BF16, FP16), BF16, AUTO, "cpu") == "fp32"
+    assert choose((BF16, FP16), BF16, AUTO, "cpu") == "fp32"  # FP16 operands are not BF16 values
     # the FP32 sum itself needed (an FP32 result; SR): BF16 products, FP32 out
     assert choose((BF16, BF16), Operand(), AUTO, "cpu") == "bf16-fp32"
     assert choose((BF16, BF16), Operand("bf16", "stochastic"), AUTO, "cpu") == "bf16-fp32"
@@ -146,7 +145,7 @@ def test_narrow_results_take_bf16_only_when_opted_in(capabilities) -> None:
     assert choose((E5M2, E5M2), E5M2, FORCED, "cpu") == "bf16-fp32"
     assert choose((E5M2, E5M2), E5M2, KernelPolicy("auto", double_rounding=True), "cpu") == "bf16"
     assert choose((E5M2, E5M2), Operand("e5m2", "stochastic"), KernelPolicy("bf16", True), "cpu") == "bf16"
-    assert choose((FP16, FP16), FP16, KernelPolicy("bf16", True), "cpu") == "fp32"  # wider than BF16
+    assert choose((FP16, FP16), E5M2, KernelPolicy("bf16", True), "cpu") == "fp32"  # wider than BF16
 
 
 def test_without_native_bf16_auto_keeps_fp32_and_forcing_still_works(capabilities) -> None:
@@ -291,8 +290,8 @@ def test_conv_and_attention_bf16_path_matches_fp32_path(recipe: str) -> None:
         assert float((fast != slow).double().mean()) < 0.05
 
 
-def test_fp16_operands_keep_fp32_kernels_even_when_forced() -> None:
-    results = run_both(lambda: nn.Linear(32, 16), [torch.randn(8, 32)], "fp16")
+def test_fp16_gemms_with_a_bias_keep_fp32_kernels_even_when_forced() -> None:
+    results = run_both(lambda: nn.Linear(32, 16), [torch.randn(8, 32)], "fp16", backward=False)
     assert results["bf16"][2].dtypes == {torch.float32}
     assert torch.equal(results["bf16"][0], results["fp32"][0])
 
@@ -503,6 +502,86 @@ def test_fp8_tensor_core_path_on_cuda_matches_fp32_kernels() -> None:
     fast, slow = _fp8_linear_run("cuda", "auto"), _fp8_linear_run("cuda", "fp32")
     for f, s in zip(fast, slow):
         assert bool(((f - s).abs() <= s.abs() * 2.0**-7 + 2.0**-20).all())
+
+
+# ---- the FP16 kernel ("fp16") -----------------------------------------------------------------
+
+
+@pytest.fixture
+def fp16_capabilities(monkeypatch: pytest.MonkeyPatch):
+    """A fresh capability cache with native FP16 as the test sets it (BF16: as probed)."""
+    monkeypatch.setattr(kernels, "_capabilities", {})
+
+    def set_probe(native: bool) -> None:
+        monkeypatch.setattr(kernels, "_probe_native_fp16", lambda device_type: native and device_type == "cpu")
+
+    return set_probe
+
+
+def test_fp16_path_only_for_fp16_values_rounded_to_fp16_without_bias(fp16_capabilities) -> None:
+    fp16_capabilities(True)
+    assert choose((FP16, FP16), FP16, AUTO, "cpu") == "fp16"
+    assert choose((FP16, Operand("e4m3")), FP16, AUTO, "cpu") == "fp16"  # FP8 values are FP16 values
+    assert choose((FP16, FP16), FP16, AUTO, "cpu", bias=True) == "fp32"  # the kernel adds it after rounding
+    assert choose((FP16, FP16), Operand("fp16", "stochastic"), AUTO, "cpu") == "fp32"
+    assert choose((FP16, FP16), Operand(), AUTO, "cpu") == "fp32"
+    assert choose((FP16, Operand("e5m2", scaling=TensorScaling("current"))), FP16, AUTO, "cpu") == "fp32"
+    assert choose((FP16, FP16), FP16, AUTO, "cuda") == "fp32"
+    assert choose((FP16, FP16), FP16, FP32, "cpu") == "fp32"
+    fp16_capabilities(False)
+    kernels._capabilities.clear()
+    assert choose((FP16, FP16), FP16, AUTO, "cpu") == "fp32"
+    assert choose((FP16, FP16), FP16, FORCED, "cpu") == "fp16"
+
+
+@pytest.mark.parametrize(("operand", "exact"), [
+    (FP16, True), (Operand("e4m3"), True), (E5M2, True), (Operand("e5m2", "stochastic"), True),
+    (BF16, False), (Operand(), False), (Operand("e4m3", scaling=TensorScaling("delayed")), False),
+    (Operand("mxfp8_e4m3"), False), (Operand("e6m9"), False),
+])
+def test_fp16_exact_by_format_and_scaling(operand: Operand, exact: bool) -> None:
+    assert fp16_exact(operand) is exact
+
+
+def test_the_fp16_probe_answers_and_checks_fp32_accumulation() -> None:
+    native = kernels._probe_native_fp16("cpu")
+    assert isinstance(native, bool) and kernels._probe_native_fp16("cuda") is False
+    if native:
+        # what the probe rests on: FP16 sums would give 1, FP32 sums 3
+        left = torch.full((1, 4097), 2.0**-11, dtype=torch.float16)
+        left[0, 0] = 1
+        assert float(torch.matmul(left, torch.ones(4097, 1, dtype=torch.float16))) == 3.0
+
+
+def test_fp16_path_matches_fp32_path_on_gemms_without_bias() -> None:
+    x = torch.randn(64, 96) * 2
+    results = run_both(lambda: nn.Linear(96, 48, bias=False), [x], "fp16")
+    (y32, g32, log32), (y16, g16, log16) = results["fp32"], results["bf16"]
+    assert log32.dtypes == {torch.float32} and log16.dtypes == {torch.float16} and log16.count >= 3
+    torch.manual_seed(0)
+    weight = nn.Linear(96, 48, bias=False).weight.detach()
+    bound = magnitude_bound(x, weight)
+    for fast, slow, limit in [(y16, y32, bound), *[(f, s, s.abs().max() * 2.0**-12 * torch.ones_like(s))
+                                                    for f, s in zip(g16, g32)]]:
+        assert torch.equal(fast.half().float(), fast)  # on the FP16 grid
+        fast, slow = fast.double(), slow.double()
+        step = slow.abs() * 2.0**-10 + 2.0**-24
+        assert bool(((fast - slow).abs() <= step + limit.double()).all())
+        assert float((fast != slow).double().mean()) < 0.01
+
+
+def test_fp16_path_runs_attention_on_fp16_kernels() -> None:
+    class Net(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(x, x * 0.5, x, is_causal=True)
+
+    x = torch.randn(2, 4, 16, 8)
+    results = run_both(Net, [x], "fp16")
+    (y32, g32, log32), (y16, g16, log16) = results["fp32"], results["bf16"]
+    assert log16.calls == {("bmm", torch.float16)}
+    for fast, slow in zip([y16, *g16], [y32, *g32]):
+        assert float((fast - slow).abs().max()) <= float(slow.abs().max()) * 2.0**-8
+        assert float((fast != slow).double().mean()) < 0.05
 
 
 # ---- the FP32 sum on BF16 products ("bf16-fp32") ----------------------------------------------

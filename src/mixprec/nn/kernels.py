@@ -46,6 +46,17 @@ around each such GEMM and restored after it (1 us): an FP32 GEMM another thread 
 that moment would run in it too. oneDNN's convolutions gained nothing from the mode
 (measured on the CNN's layers), so convolutions take ``"fp32"`` instead.
 
+FP16 operands (recipe ``fp16``: 11 significant bits) are not BF16 values. Where a GEMM's
+operands are FP16 values (FP16 or an unscaled FP8 format), its result is FP16 rounded to
+nearest and it has no bias, it runs as ``"fp16"`` on CPUs with native FP16 arithmetic
+(:func:`native_fp16`: AVX512-FP16 or AMX-FP16, through oneDNN, and a probe that the
+kernel accumulates in FP32 and rounds once): products of two FP16 values are exact in
+FP32, so the kernel's one rounding of its FP32 sum is the emulation's. On a CPU with
+AVX512-FP16 but not AMX-FP16 it runs at the FP32 GEMM's speed and saves the conversions
+of the operands to float32 and of the result back to FP16. torch's FP16 linear adds a
+bias after its rounding (or rounds an FP32 bias to FP16 first), so GEMMs with a bias
+keep the FP32 kernel, as do convolutions (unmeasured in FP16).
+
 The BF16 kernel with a result narrower than BF16 rounds the FP32 sum to BF16 and the
 emulation then rounds that to E5M2: a double rounding, which differs from the single
 one where the FP32 sum lies within half a BF16 step of an E5M2 rounding boundary. That
@@ -64,9 +75,10 @@ default, or the ``MIXPREC_GEMM_KERNELS`` environment variable's value) takes the
 paths (``"bf16"``, ``"bf16-fp32"``) where they are exact and the device has native
 BF16 dot products (:func:`native_bf16`: on CPU ``avx512_bf16`` or AMX-BF16 with
 oneDNN; decided by torch's own capability checks at first use and cached per process,
-never at import and never from the CPU's name); ``"bf16"`` takes them wherever they
-are exact, on any machine and at any size (tests: slow where the CPU lacks native
-BF16); ``"fp32"`` never takes them. The policy a
+never at import and never from the CPU's name), and the FP16 path where it is exact and
+the device has native FP16 (:func:`native_fp16`); ``"bf16"`` takes these 16-bit paths
+wherever they are exact, on any machine and at any size (tests: slow where the CPU
+lacks native BF16 or FP16); ``"fp32"`` never takes them. The policy a
 forward ran under is kept with its call, so the backward GEMMs of that forward run
 under it too, wherever ``backward()`` is called.
 
@@ -105,18 +117,20 @@ from mixprec.nn.state import Quantized
 from mixprec.recipe import Operand
 
 __all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
-           "fused_bias_exact", "probe", "bf16_exact", "choose", "bf16_values", "linear_bf16", "matmul",
+           "native_fp16", "fused_bias_exact", "probe", "bf16_exact", "fp16_exact", "choose", "kernel_rounds_to", "bf16_values",
+           "fp16_values", "linear_bf16", "matmul",
            "bf16_products", "fp8_tensor_cores", "scaled_mm"]
 
-GemmPath = Literal["fp32", "bf16", "bf16-fp32"]
+GemmPath = Literal["fp32", "bf16", "bf16-fp32", "fp16"]
 """The kernel an emulated GEMM runs: torch's FP32 GEMM; its BF16 GEMM (BF16 operands,
-FP32 accumulation, BF16 result); or ``"bf16-fp32"``, its FP32 GEMM in oneDNN's BF16 math
+FP32 accumulation, BF16 result); ``"bf16-fp32"``, its FP32 GEMM in oneDNN's BF16 math
 mode (operands that are BF16 values multiplied on the BF16 units, FP32 accumulation,
-FP32 result: :func:`matmul`)."""
+FP32 result: :func:`matmul`); or its FP16 GEMM (FP16 operands, FP32 accumulation, FP16
+result)."""
 
 KernelMode = Literal["auto", "fp32", "bf16"]
-"""``"auto"``: BF16 kernels where exact and native; ``"bf16"``: wherever exact;
-``"fp32"``: never."""
+"""``"auto"``: BF16 (and FP16) kernels where exact and native; ``"bf16"``: wherever
+exact; ``"fp32"``: never."""
 
 _MODES = ("auto", "fp32", "bf16")
 _ENV = "MIXPREC_GEMM_KERNELS"
@@ -124,6 +138,9 @@ _ENV = "MIXPREC_GEMM_KERNELS"
 _BF16_MANTISSA = 7
 _BF16_SMALLEST_SUBNORMAL = 2.0**-133
 _BF16_LARGEST = float(torch.finfo(torch.bfloat16).max)
+_FP16_MANTISSA = 10
+_FP16_SMALLEST_SUBNORMAL = 2.0**-24
+_FP16_LARGEST = 65504.0
 
 
 @dataclass(frozen=True)
@@ -209,6 +226,35 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     return _capabilities[key]
 
 
+def _probe_native_fp16(device_type: str) -> bool:
+    if device_type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return False  # no AVX512-FP16 or AMX-FP16: torch's FP16 GEMM runs a slow fallback
+    # FP32 accumulation, one rounding at the end: 1 + 4096 * 2**-11 is 3 in FP32 sums,
+    # 1 in FP16 ones (each 2**-11 is half an FP16 step at 1, a tie to even)
+    left = torch.full((2, 4097), 2.0**-11, dtype=torch.float16)
+    left[:, 0] = 1.0
+    right = torch.ones(4097, 2, dtype=torch.float16)
+    with torch.no_grad():
+        return bool((torch.matmul(left, right) == 3.0).all())
+
+
+def native_fp16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs torch's FP16 GEMMs on native FP16 instructions (CPU:
+    oneDNN's check for AVX512-FP16 or AMX-FP16) accumulating in FP32 and rounding once
+    (checked on a sum FP16 accumulation gets wrong), at the first call, cached for the
+    process. Always False on CUDA. (torch's FP16 linear adds an FP32 bias after the
+    rounding, or in FP16, so the FP16 path serves GEMMs without a bias.)"""
+    device_type = torch.device(device).type
+    key = f"native_fp16:{device_type}"
+    if key not in _capabilities:
+        if torch.compiler.is_compiling():
+            return False
+        _capabilities[key] = _probe_native_fp16(device_type)
+    return _capabilities[key]
+
+
 def _linear_op() -> object | None:
     mkldnn = getattr(torch.ops, "mkldnn", None)
     try:
@@ -252,6 +298,7 @@ def probe(device: torch.device | str = "cpu") -> None:
     model compiled before its first eager forward still finds the answers: the checks
     do not run while torch.compile traces)."""
     native_bf16(device)
+    native_fp16(device)
     if torch.device(device).type == "cpu":
         fused_bias_exact()
 
@@ -300,11 +347,21 @@ def bf16_exact(operand: Operand) -> bool:
     return operand.scaling is None or operand.scaling.power_of_two
 
 
-def _single_rounding(result: Operand) -> bool:
-    """The kernel's own rounding is the emulation's: BF16, to nearest, no scale."""
+def fp16_exact(operand: Operand) -> bool:
+    """Whether every value ``operand`` can produce is an FP16 value: an unscaled scalar
+    format of at most 10 mantissa bits inside FP16's range (FP16 itself, the FP8
+    formats; a per-tensor scale could move values out of that range)."""
+    fmt = operand.fmt
+    return (isinstance(fmt, FloatFormat) and operand.scaling is None and fmt.mantissa_bits <= _FP16_MANTISSA
+            and fmt.smallest_subnormal >= _FP16_SMALLEST_SUBNORMAL and fmt.largest <= _FP16_LARGEST)
+
+
+def kernel_rounds_to(result: Operand, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The kernel's own rounding to ``dtype`` is the emulation's: that dtype's format,
+    to nearest, no scale, overflowing to infinity as the kernel's conversion does."""
     fmt = result.fmt
-    return (isinstance(fmt, FloatFormat) and fmt.torch_dtype == torch.bfloat16 and result.rounding == "nearest"
-            and result.scaling is None)
+    return (isinstance(fmt, FloatFormat) and fmt.torch_dtype == dtype and result.rounding == "nearest"
+            and result.scaling is None and fmt.overflow == "inf")
 
 
 def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, device: torch.device | str,
@@ -315,23 +372,40 @@ def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, d
     emulation's result up to summation order (or, opted in, a double rounding to a
     narrower result); else ``"bf16-fp32"`` where the operands are BF16 values on a CPU
     (the FP32 sum on the BF16 units: a narrower, stochastic or scaled result, or a bias
-    the BF16 kernel cannot fuse); else ``"fp32"``."""
-    if policy.mode == "fp32" or not all(bf16_exact(op) for op in operands):
-        return "fp32"
+    the BF16 kernel cannot fuse); else ``"fp16"`` where the operands are FP16 values and
+    the result FP16 rounded to nearest, without a bias (torch's FP16 kernels add one
+    after rounding: :func:`native_fp16`), on a CPU with native FP16 arithmetic; else
+    ``"fp32"``."""
     device = torch.device(device)
+    if policy.mode == "fp32":
+        return "fp32"
+    if not all(bf16_exact(op) for op in operands):
+        fp16 = (device.type == "cpu" and not bias and kernel_rounds_to(result, torch.float16)
+                and all(fp16_exact(op) for op in operands) and (policy.mode == "bf16" or native_fp16(device)))
+        return "fp16" if fp16 else "fp32"
     if policy.mode == "auto" and not native_bf16(device):
         return "fp32"
     narrower = (policy.double_rounding and isinstance(result.fmt, FloatFormat) and bf16_exact(result)
                 and result.fmt.torch_dtype != torch.bfloat16)
     fused = not bias or (device.type == "cpu" and fused_bias_exact())
-    if (_single_rounding(result) or narrower) and fused:
+    if (kernel_rounds_to(result) or narrower) and fused:
         return "bf16"
     # the FP32 sum itself is needed (a narrower, stochastic or scaled result, an FP32
     # bias added after the GEMM): BF16 products in oneDNN's FP32 GEMM, on CPUs
-    return "bf16-fp32" if device.type == "cpu" and torch.backends.mkldnn.is_available() else "fp32"
+    # (torch._C._has_mkldnn is what torch.backends.mkldnn.is_available() reads; dynamo
+    # refuses to trace that function, and reads the flag as a constant)
+    return "bf16-fp32" if device.type == "cpu" and torch._C._has_mkldnn else "fp32"
 
 
 # ---- the BF16 path's pieces ---------------------------------------------------------------
+
+
+def fp16_values(q: Quantized) -> torch.Tensor:
+    """A rounded operand's values (one :func:`fp16_exact` accepts) as an FP16 tensor,
+    exactly: its FP16 storage itself, else decoded from its storage into FP16."""
+    if q.layout is None and q.scale is None and q.storage.dtype == torch.float16:
+        return q.storage
+    return q.values_as(torch.float16)
 
 
 def bf16_values(q: Quantized) -> torch.Tensor:

@@ -37,7 +37,8 @@ from mixprec.recipe import Operand, Recipe
 __all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "lstm", "gru", "batch_norm"]
 
 
-_BF16_RESULT = Operand("bf16")
+# the operand dtype of each 16-bit GEMM path (the others take float32)
+_KERNEL_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _is_weight(t: torch.Tensor | None) -> bool:
@@ -88,7 +89,7 @@ def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis:
 
 def _kernel_dtype(path: GemmPath | None) -> torch.dtype | None:
     """The dtype a GEMM on ``path`` takes its operands in (None: not known yet)."""
-    return None if path is None else torch.bfloat16 if path == "bf16" else torch.float32
+    return None if path is None else _KERNEL_DTYPES.get(path, torch.float32)
 
 
 def _forward_path(call: _Call, device: torch.device, bias: bool) -> GemmPath:
@@ -219,19 +220,21 @@ def _path(call: _Call, result: Operand, *operands: Quantized | Operand | None, b
 
 def _conv_path(path: GemmPath) -> GemmPath:
     """A convolution's kernel for a GEMM path: oneDNN's convolutions gained nothing from
-    the BF16 math mode (:mod:`mixprec.nn.kernels`), so ``"bf16-fp32"`` runs as FP32."""
-    return "fp32" if path == "bf16-fp32" else path
+    the BF16 math mode (:mod:`mixprec.nn.kernels`), so ``"bf16-fp32"`` runs as FP32, and
+    so does ``"fp16"`` (FP16 convolutions are unmeasured)."""
+    return "bf16" if path == "bf16" else "fp32"
 
 
-def _values(path: GemmPath, q: Quantized, decoded: dict[tuple[int, bool], torch.Tensor] | None = None
+def _values(path: GemmPath, q: Quantized, decoded: dict[tuple[int, torch.dtype], torch.Tensor] | None = None
             ) -> torch.Tensor:
-    """An operand's values in the dtype its kernel takes (BF16 on ``"bf16"``, else
-    float32; exact either way); ``decoded`` keeps them for a second GEMM of the same
+    """An operand's values in the dtype its kernel takes (BF16 on ``"bf16"``, FP16 on
+    ``"fp16"``, else float32; exact either way); ``decoded`` keeps them for a second GEMM of the same
     operand taking the same dtype (backward's error, in dgrad and wgrad), which then
     decodes it once."""
     if decoded is None:
-        return kernels.bf16_values(q) if path == "bf16" else q.values()
-    key = (id(q), path == "bf16")
+        return (kernels.bf16_values(q) if path == "bf16" else kernels.fp16_values(q) if path == "fp16"
+                else q.values())
+    key = (id(q), _KERNEL_DTYPES.get(path, torch.float32))
     if key not in decoded:
         decoded[key] = _values(path, q)
     return decoded[key]
@@ -245,10 +248,10 @@ def _batch_sum(left: torch.Size, right: torch.Size, target: torch.Size) -> bool:
 
 def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh FP32 result rounded once to its format, in its holding dtype (or
-    ``dtype``); a BF16 kernel's output for a BF16 result is already rounded (once, by
-    the kernel) and is only cast."""
+    ``dtype``); a BF16 or FP16 kernel's output for a result in its own format is already
+    rounded (once, by the kernel) and is only cast."""
     target = dtype or result_dtype(operand, call.recipe.compute)
-    if y.dtype == torch.bfloat16 and operand == _BF16_RESULT:
+    if y.dtype != torch.float32 and kernels.kernel_rounds_to(operand, y.dtype):
         return y.to(target)
     # an FP8 result's values come out of its rounding pass in the holding dtype
     rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True,
@@ -344,7 +347,7 @@ class _Gemm(torch.autograd.Function):
             gb = next(rounded) if need_b else None
             gbias = next(rounded) if need_bias else None
         a_shape, b_shape = ctx.shapes
-        decoded: dict[tuple[int, bool], torch.Tensor] = {}  # the error, decoded once per kernel
+        decoded: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # the error, decoded once per kernel
         with _no_autocast():
             if need_a:
                 path = ("fp32" if _batch_sum(grad_output.shape, b_shape, a_shape)
@@ -592,8 +595,8 @@ class _Attention(torch.autograd.Function):
                        factor: float, causal: bool, scales: list[torch.Tensor | None]) -> tuple[torch.Tensor, Quantized]:
         recipe = call.recipe
         scores = kernels.matmul(q, k.transpose(-1, -2), path, call.policy)
-        if scores.dtype == torch.bfloat16 and recipe.forward.result == _BF16_RESULT:
-            scores = scores.float() * factor  # the BF16 kernel rounded them (once)
+        if scores.dtype != torch.float32 and kernels.kernel_rounds_to(recipe.forward.result, scores.dtype):
+            scores = scores.float() * factor  # the BF16 or FP16 kernel rounded them (once)
         else:
             rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores",
                                        in_place=True, scale=scales[0], forward_key=call.forward_key)
@@ -638,7 +641,7 @@ class _Attention(torch.autograd.Function):
         # one kernel for the recomputed scores and the four gradient GEMMs: their operands
         # are the saved Q, K, V, P (an input) and the errors (dG and dS, dgrad's left)
         path = _path(call, recipe.forward.result, *saved, recipe.forward.left, recipe.dgrad.left)
-        if path == "bf16":
+        if path in ("bf16", "fp16"):
             path = _path(call, recipe.dgrad.result, *saved, recipe.forward.left, recipe.dgrad.left)
         q, k, v = (_values(path, t) for t in saved)  # type: ignore[arg-type]
         with _no_autocast():
