@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mixprec
+from mixprec.core.block_quantize import quantize_blocks
 from mixprec.core.formats import blocks
 from tests.reference import assert_same, reference_round
 
@@ -349,3 +350,26 @@ def test_a_nan_of_any_payload_makes_its_block_nan(name, bits):
         block = 16 if "nv" in name else 128 if "128" in name else 32
         assert torch.isnan(q[1, :block]).all(), backend
         assert torch.isfinite(q[0]).all() and torch.isfinite(q[1, block:]).all(), backend
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp6_e2m3", "mxfp4_e2m1"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_bf16_values_are_the_float32_values(name: str, rounding: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 96) * torch.logspace(-20, 20, 96)
+    key = torch.tensor([5, 6], dtype=torch.int32)
+    for axis in (-1, 0):
+        wide = quantize_blocks(x, blocks.get(name), rounding, axis=axis, random_key=key)  # type: ignore[arg-type]
+        narrow = quantize_blocks(x, blocks.get(name), rounding, axis=axis, random_key=key, dtype=torch.bfloat16)  # type: ignore[arg-type]
+        assert narrow.dtype == torch.bfloat16 and narrow.shape == x.shape
+        assert torch.equal(narrow.float(), wide)
+
+
+def test_bf16_values_refused_where_they_would_round() -> None:
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="not all BF16 values"):
+        quantize_blocks(x, blocks.get("nvfp4"), dtype=torch.bfloat16)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not all BF16 values"):
+        quantize_blocks(x, blocks.get("fp8_block128"), dtype=torch.bfloat16)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="without out"):
+        quantize_blocks(x, blocks.get("mxfp8_e4m3"), dtype=torch.bfloat16, out=torch.empty(4, 32))  # type: ignore[arg-type]

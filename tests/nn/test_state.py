@@ -53,3 +53,27 @@ def test_values_from_the_rounding_pass_equal_the_decoded_storage(name, scaling, 
     assert torch.equal(q.values_as(torch.bfloat16 if held != torch.float16 else held),
                        decoded.values_as(torch.bfloat16 if held != torch.float16 else held))
     assert quantize_operand(x, operand, state, "site").cached_values is None  # by default only the bytes
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3:rceil", "mxfp4_e2m1", "nvfp4", "fp8_block128", "nvfp4_16x16"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_block_values_from_the_rounding_pass_equal_the_unpacked_codes(name: str, rounding: str, axis: int) -> None:
+    """An operand used at once gets its values straight from the rounding pass (no codes);
+    they are the values its packed codes decode to, bit for bit, stochastic bits
+    included, in BF16 only where the format's values all are BF16 values."""
+    state = EngineState(mixprec.get_recipe("mxfp8"), None)
+    torch.manual_seed(0)
+    x = torch.randn(48, 64) * torch.logspace(-3, 3, 64)  # blocks of very different scales
+    x[3, :16] = 0.0  # an all-zero block
+    operand = Operand(name, rounding)  # type: ignore[arg-type]
+    forward = torch.tensor([11, 12], dtype=torch.int32)  # one forward's key: the same random bits
+    packed = quantize_operand(x, operand, state, "site", axis=axis, forward_key=forward)
+    assert packed.layout is not None
+    for wanted in (torch.bfloat16, torch.float32):
+        direct = quantize_operand(x, operand, state, "site", axis=axis, values_dtype=wanted, forward_key=forward)
+        assert direct.layout is None and direct.cached_values is not None
+        exact_bf16 = wanted == torch.bfloat16 and operand.fmt.bf16_values
+        assert direct.storage.dtype == (torch.bfloat16 if exact_bf16 else torch.float32)
+        assert torch.equal(direct.values(), packed.values())
+        assert torch.equal(direct.drop_values().values(), packed.values())  # as backward would keep it

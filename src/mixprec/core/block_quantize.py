@@ -195,10 +195,13 @@ def quantize_blocks(
     out: torch.Tensor | None = None,
     tensor_amax: torch.Tensor | float | None = None,
     random_key: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Quantize ``x`` to block format ``fmt`` and return the dequantized float32 values
     (same shape and device): each element rounded onto the element grid after division
-    by its block's scale, times that scale.
+    by its block's scale, times that scale. ``dtype=torch.bfloat16`` writes them as
+    BF16 instead, in the same pass, for formats whose values all are BF16 values
+    (:attr:`BlockFormat.bf16_values`: MX), as a GEMM on BF16 kernels takes them.
 
     Blocks run along ``axis`` (1-D block shapes) or tile the last two dimensions (2-D
     shapes; ``axis=-2`` transposes the tile). ``rounding="stochastic"`` rounds elements
@@ -217,10 +220,18 @@ def quantize_blocks(
                 f"out must match x's shape {tuple(x.shape)} and device {x.device}, got "
                 f"{tuple(out.shape)} on {out.device}"
             )
+    if dtype != torch.float32:
+        if dtype != torch.bfloat16 or not fmt.bf16_values:
+            raise ValueError(
+                f"block format {fmt.name}: values can be returned as float32"
+                f"{' or bfloat16' if fmt.bf16_values else ''}, not {dtype}"
+                f"{'' if fmt.bf16_values else ' (its values are not all BF16 values)'}; pass dtype=torch.float32")
+        if out is not None:
+            raise ValueError("out is float32; pass dtype=torch.bfloat16 without out")
     amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
     moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
     if moved.numel() == 0:
-        result = restore_layout(moved.clone(), axis, x.dim())
+        result = restore_layout(moved.to(dtype, copy=True), axis, x.dim())
         return out.copy_(result) if out is not None else result
     key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
     x4 = block_kernels.blocked(moved, dims)
@@ -229,7 +240,7 @@ def quantize_blocks(
         out is not None and axis == x.dim() - 1 and out.is_contiguous()
         and out.data_ptr() != x.data_ptr()
     )
-    target = out if direct else torch.empty(moved_shape, dtype=torch.float32, device=x.device)
+    target = out if direct else torch.empty(moved_shape, dtype=dtype, device=x.device)
     assert target is not None
     _round_blocks(fmt, x4, params, rounding, key, amax_t, block_kernels.blocked(target, dims))
     return _finish(target, out, direct, axis, x.dim())

@@ -339,9 +339,7 @@ def bf16_exact(operand: Operand) -> bool:
     native instructions flush them: see the module docstring.)"""
     fmt = operand.fmt
     if isinstance(fmt, BlockFormat):
-        significant = (fmt.element.mantissa_bits + 1) + (fmt.scale.mantissa_bits + 1) - 1
-        return (not fmt.tensor_scale and fmt.scale.exponent_bits <= 8 and significant <= _BF16_MANTISSA + 1
-                and fmt.element.mantissa_bits <= _BF16_MANTISSA)
+        return fmt.bf16_values
     if not _scalar_in_bf16(fmt):
         return False
     return operand.scaling is None or operand.scaling.power_of_two

@@ -178,16 +178,18 @@ def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]
     contraction axis) it is needed in: dgrad's left operand for activation gradients,
     wgrad's for weight gradients."""
     recipe = call.recipe
-    dgrad = recipe.dgrad
-    # the error's values come with it, in the dgrad kernel's dtype (used at once, by dgrad and wgrad)
-    values_dtype = _kernel_dtype(kernels.choose([dgrad.left, dgrad.right], dgrad.result, call.policy, grad.device))
     done: dict[tuple[Operand, int | None], Quantized] = {}
     out = []
     for i, weight in enumerate(for_weight):
-        operand = recipe.wgrad.left if weight else dgrad.left
+        gemm = recipe.wgrad if weight else recipe.dgrad
+        operand = gemm.left
         axis = -1 if axes is None else axes[i]
         key = (operand, block_axis_key(operand, axis, grad.dim()))
         if key not in done:
+            # the error's values come with it, in its first GEMM's kernel dtype (used at
+            # once: by dgrad and wgrad, or by that GEMM alone for a block format)
+            values_dtype = _kernel_dtype(kernels.choose([gemm.left, gemm.right], gemm.result, call.policy,
+                                                        grad.device))
             done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis,
                                        forward_key=call.forward_key, values_dtype=values_dtype)
         out.append(done[key])

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mixprec.core.block_quantize import quantize_blocks
 from mixprec.core.block_storage import PackedBlocks, quantize_packed, unpack_blocks
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
@@ -362,7 +363,7 @@ def quantize_operand(
         return Quantized(x, None, operand, x.float())
     fmt = operand.fmt
     if isinstance(fmt, BlockFormat):
-        return _quantize_blocks(x, operand, fmt, state, axis, key, forward_key)
+        return _quantize_blocks(x, operand, fmt, state, axis, key, forward_key, values_dtype)
     if operand.scaling is None and x.dtype == fmt.torch_dtype:
         return Quantized(x, None, operand)  # values() makes the float32 copy only if a kernel asks
     if (operand.scaling is None and scale is None and operand.rounding == "nearest" and fmt.overflow == "inf"
@@ -394,9 +395,13 @@ def quantize_operand(
 
 
 def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state: EngineState,
-                     axis: int, key: str = "", forward_key: torch.Tensor | None = None) -> Quantized:
+                     axis: int, key: str = "", forward_key: torch.Tensor | None = None,
+                     values_dtype: torch.dtype | None = None) -> Quantized:
     """``x`` in block format ``fmt`` along ``axis``: zero-padded to whole blocks (see the
-    module docstring), Hadamard-rotated where the operand says, quantized, packed."""
+    module docstring), Hadamard-rotated where the operand says, quantized, packed; or,
+    given ``values_dtype`` (an operand used at once), only its values, written by the
+    rounding pass in that dtype (BF16 where the format's values all are BF16 values, else
+    float32) with no codes: the packing and decoding passes are skipped."""
     x32 = x.detach() if x.dtype in (torch.float16, torch.bfloat16) else x.detach().float()  # widened in the kernels
     if x32.dim() < len(fmt.block_shape):
         x32 = x32.reshape((1,) * (len(fmt.block_shape) - x32.dim()) + tuple(x32.shape))
@@ -422,6 +427,11 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
         shape[axis] = x32.shape[axis]  # the rotated padding is part of the product
     # one key per site and axis: the dgrad and wgrad copies of an error draw apart
     random_key = state.random_key(f"{key}@{axis}", forward_key) if operand.rounding == "stochastic" else None
+    if values_dtype is not None:
+        dtype = torch.bfloat16 if values_dtype == torch.bfloat16 and fmt.bf16_values else torch.float32
+        values = _crop(quantize_blocks(x32, fmt, operand.rounding, axis=axis, random_key=random_key, dtype=dtype),
+                       tuple(shape))
+        return Quantized(values, None, operand, values)
     # a block holding NaN or Inf (an overflowing step's gradient) is stored as a NaN
     # scale over zero codes: the element formats have no NaN code
     # the codes and scales in two passes; the values are decoded from them when a GEMM

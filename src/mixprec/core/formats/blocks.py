@@ -143,6 +143,18 @@ class BlockFormat:
         """Storage bits per element, scales included (the tensor scale not counted)."""
         return self.element.total_bits + self.scale.total_bits / self.block_size
 
+    @property
+    def bf16_values(self) -> bool:
+        """Whether every value (element times block scale) is a BF16 value, so that a
+        GEMM may take the values as BF16 exactly: the element's and the scale's
+        significands together hold at most BF16's 8 bits (MX: E8M0 scales; NVFP4-style
+        E2M1 elements under E4M3 scales) and there is no FP32 tensor scale. (Blocks
+        scaled below 2**-133, BF16's smallest subnormal, are the exception: far below
+        any range a recipe scales into.)"""
+        significant = (self.element.mantissa_bits + 1) + (self.scale.mantissa_bits + 1) - 1
+        return (not self.tensor_scale and self.scale.exponent_bits <= 8 and significant <= 8
+                and self.element.mantissa_bits <= 7)
+
     def with_rule(self, scale_rule: ScaleRule) -> BlockFormat:
         """The same format with another scale rule, named ``"<name>:<rule>"``."""
         return replace(self, name=f"{self.name.split(':')[0]}:{scale_rule}", scale_rule=scale_rule)
