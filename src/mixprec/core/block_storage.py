@@ -15,6 +15,7 @@ alone makes the block read back as NaN, and FP4/FP6 codes have no NaN.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,10 +65,11 @@ def _element_codes(values: torch.Tensor, element: FloatFormat) -> torch.Tensor:
             f"element format {element.name} has {element.total_bits} bits; block storage packs "
             "element formats of at most 8 bits"
         )
-    codes = _encode(values, element, torch.uint8).to(torch.int32)
     if element.total_bits == 4:
-        pairs = codes.view(-1, 2)
-        return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+        # one code a byte, contiguous, so that the element pass vectorises;
+        # :func:`_pair_nibbles` packs two a byte after it
+        return _encode(values, element, torch.uint8)
+    codes = _encode(values, element, torch.uint8).to(torch.int32)
     if element.total_bits == 6:
         quads = codes.view(-1, 4)
         group = quads[:, 0] | (quads[:, 1] << 6) | (quads[:, 2] << 12) | (quads[:, 3] << 18)
@@ -75,14 +77,36 @@ def _element_codes(values: torch.Tensor, element: FloatFormat) -> torch.Tensor:
     return codes.to(torch.uint8)
 
 
+def _pair_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes one a byte (an even number, contiguous) packed two a byte: element
+    ``2i`` in the low nibble of byte ``i``, ``2i + 1`` in the high one. The pairs are
+    read as little-endian int16 words (a view), so that every pass is contiguous: the
+    element pass writing a stride-2 pattern ran 2x slower, unvectorised."""
+    if sys.byteorder != "little":  # the int16 view would read each pair the other way round
+        pairs = codes.reshape(-1, 2).to(torch.int32)
+        return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+    words = codes.reshape(-1).view(torch.int16)
+    return ((words & 0xF) | ((words >> 4) & 0xF0)).to(torch.uint8)
+
+
+def _split_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_pair_nibbles`: one 4-bit code a byte, contiguous."""
+    if sys.byteorder != "little":
+        pairs = packed.reshape(-1).to(torch.int32)
+        return torch.stack([pairs & 0xF, pairs >> 4], dim=1).reshape(-1).to(torch.uint8)
+    pairs = packed.reshape(-1).to(torch.int16)
+    return ((pairs & 0xF) | ((pairs & 0xF0) << 4)).view(torch.uint8)
+
+
 def _element_values(codes: torch.Tensor, element: FloatFormat) -> torch.Tensor:
+    """Element codes (4-bit ones one a byte, :func:`_split_nibbles`) as float32 values."""
     from mixprec.core.storage import _decode
 
     if element.torch_dtype is not None:
         return codes.float()
     packed = codes.to(torch.int32)
     if element.total_bits == 4:
-        unpacked = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
+        unpacked = packed
     elif element.total_bits == 6:
         triples = packed.view(-1, 3)
         group = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
@@ -167,6 +191,8 @@ def quantize_packed(
     kernel = _pack_kernel(fmt.element, zero_below, with_values)
     name = f"pack_{fmt.element.name}_{int(zero_below)}_{rounding}_{width}{'_values' if with_values else ''}"
     values4, codes = run_variant(name, kernel, x4, factor, full, params[0], key)
+    if fmt.element.total_bits == 4:
+        codes = _pair_nibbles(codes)
     groups, _, h, _ = x4.shape
     scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32
     packed = PackedBlocks(fmt, codes, scales.reshape(groups, h).to(scale_dtype),  # exact: on the scale grid
@@ -197,7 +223,8 @@ def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object, dtype: torch.
     kernel = _unpack_kernel(element, rows, cols, two_level, dtype)
     scales = (packed.scales,) if not two_level else (packed.scales, packed.tensor_scale)
     name = f"unpack_{element.name}_{rows}x{cols}_{int(two_level)}_{str(dtype)[6:]}"
-    moved = run_variant(name, kernel, packed.codes, *scales)
+    codes = _split_nibbles(packed.codes) if element.total_bits == 4 else packed.codes
+    moved = run_variant(name, kernel, codes, *scales)
     return restore_layout(moved.reshape(packed.moved_shape), packed.axis, len(packed.shape))
 
 
