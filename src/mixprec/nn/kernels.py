@@ -104,7 +104,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -204,6 +204,16 @@ def gemm_kernels(mode: KernelMode = "auto", *, double_rounding: bool = False) ->
 _capabilities: dict[str, bool] = {}
 
 
+def _capability(key: str, probe: Callable[[], bool]) -> bool:
+    """``probe()``'s answer, cached for the process under ``key``. While torch.compile
+    traces nothing is probed (False): the eager warm-up or :func:`probe` fills the cache."""
+    if key not in _capabilities:
+        if torch.compiler.is_compiling():
+            return False
+        _capabilities[key] = probe()
+    return _capabilities[key]
+
+
 def _probe_native_bf16(device_type: str) -> bool:
     if device_type != "cpu":
         return False  # CUDA: FP32 kernels under "auto" (see the module docstring)
@@ -218,12 +228,7 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     ``avx512_bf16`` or AMX-BF16, through oneDNN), by torch's own capability checks at
     the first call, cached for the process. Always False on CUDA (FP32 kernels there)."""
     device_type = torch.device(device).type
-    key = f"native_bf16:{device_type}"
-    if key not in _capabilities:
-        if torch.compiler.is_compiling():
-            return False  # no probing while tracing; the eager warm-up fills the cache
-        _capabilities[key] = _probe_native_bf16(device_type)
-    return _capabilities[key]
+    return _capability(f"native_bf16:{device_type}", lambda: _probe_native_bf16(device_type))
 
 
 def _probe_native_fp16(device_type: str) -> bool:
@@ -247,12 +252,7 @@ def native_fp16(device: torch.device | str = "cpu") -> bool:
     process. Always False on CUDA. (torch's FP16 linear adds an FP32 bias after the
     rounding, or in FP16, so the FP16 path serves GEMMs without a bias.)"""
     device_type = torch.device(device).type
-    key = f"native_fp16:{device_type}"
-    if key not in _capabilities:
-        if torch.compiler.is_compiling():
-            return False
-        _capabilities[key] = _probe_native_fp16(device_type)
-    return _capabilities[key]
+    return _capability(f"native_fp16:{device_type}", lambda: _probe_native_fp16(device_type))
 
 
 def _linear_op() -> object | None:
@@ -285,12 +285,7 @@ def fused_bias_exact() -> bool:
     """Whether oneDNN's BF16 linear (``torch.ops.mkldnn._linear_pointwise``) exists and
     adds an FP32 bias before its one rounding to BF16 (checked once per process on a
     case that tells the two orders apart)."""
-    key = "fused_bias"
-    if key not in _capabilities:
-        if torch.compiler.is_compiling():
-            return False
-        _capabilities[key] = _probe_fused_bias()
-    return _capabilities[key]
+    return _capability("fused_bias", _probe_fused_bias)
 
 
 def probe(device: torch.device | str = "cpu") -> None:
@@ -314,12 +309,7 @@ def fp8_tensor_cores(device: torch.device | str) -> bool:
     ``torch._scaled_mm`` (CUDA, compute capability 8.9 or higher), checked at the first
     call and cached for the process; False on CPUs."""
     device = torch.device(device)
-    key = f"fp8_tensor_cores:{device}"
-    if key not in _capabilities:
-        if torch.compiler.is_compiling():
-            return False
-        _capabilities[key] = _probe_fp8_tensor_cores(device)
-    return _capabilities[key]
+    return _capability(f"fp8_tensor_cores:{device}", lambda: _probe_fp8_tensor_cores(device))
 
 
 # ---- which operands and results the BF16 path serves exactly --------------------------------
