@@ -361,8 +361,8 @@ def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, d
     narrower result); else ``"bf16-fp32"`` where the operands are BF16 values on a CPU
     (the FP32 sum on the BF16 units: a narrower, stochastic or scaled result, or a bias
     the BF16 kernel cannot fuse); else ``"fp16"`` where the operands are FP16 values and
-    the result FP16 rounded to nearest, without a bias (torch's FP16 kernels add one
-    after rounding: :func:`native_fp16`), on a CPU with native FP16 arithmetic; else
+    the result FP16 rounded to nearest, without a bias (torch's FP16 linear does not add
+    an FP32 one before its rounding: :func:`native_fp16`), on a CPU with native FP16 arithmetic; else
     ``"fp32"``."""
     device = torch.device(device)
     if policy.mode == "fp32":
