@@ -106,6 +106,11 @@ def _f32_bits(value: float) -> int:
 _params_cache: dict[tuple[FloatFormat, str, torch.device], torch.Tensor] = {}
 
 
+# Run as it is while torch.compile traces (its result is a constant of the format): a
+# model compiled before its eager steps had seen a format traced struct.pack, which sent
+# dynamo's polyfill of it into endless recursion (mixprec bench step with several
+# +compile configurations in one process).
+@torch.compiler.assume_constant_result
 def param_values(fmt: FloatFormat, overflow: Overflow) -> tuple[int, ...]:
     """The kernel's int32 parameters for ``fmt`` and ``overflow``, as Python ints:
     shift, largest's bits, overflow result's bits, the float32 biased exponent below
