@@ -118,7 +118,7 @@ from mixprec.recipe import Operand
 
 __all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
            "native_fp16", "fused_bias_exact", "probe", "bf16_exact", "fp16_exact", "choose", "kernel_rounds_to", "bf16_values",
-           "fp16_values", "linear_bf16", "matmul",
+           "kernel_values", "linear_bf16", "matmul",
            "bf16_products", "fp8_tensor_cores", "scaled_mm"]
 
 GemmPath = Literal["fp32", "bf16", "bf16-fp32", "fp16"]
@@ -388,21 +388,19 @@ def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, d
 # ---- the BF16 path's pieces ---------------------------------------------------------------
 
 
-def fp16_values(q: Quantized) -> torch.Tensor:
-    """A rounded operand's values (one :func:`fp16_exact` accepts) as an FP16 tensor,
-    exactly: its FP16 storage itself, else decoded from its storage into FP16."""
-    if q.layout is None and q.scale is None and q.storage.dtype == torch.float16:
-        return q.storage
-    return q.values_as(torch.float16)
+def kernel_values(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    """A rounded operand's values as a ``dtype`` tensor (BF16 or FP16, one the operand's
+    values all fit: :func:`bf16_exact`, :func:`fp16_exact`), exactly: its storage itself
+    where that is already ``dtype`` and unscaled, else decoded from its storage (FP8
+    storage straight into ``dtype``) or its float32 values."""
+    if q.layout is None and q.scale is None and q.storage.dtype == dtype:
+        return q.storage  # values in their own dtype's storage: no copy
+    return q.values_as(dtype)
 
 
 def bf16_values(q: Quantized) -> torch.Tensor:
-    """A rounded operand's values (one :func:`bf16_exact` accepts) as a BF16 tensor,
-    exactly: its BF16 storage itself, else from its float32 values where it holds them,
-    else from its FP8 storage times its power-of-two scale."""
-    if q.layout is None and q.scale is None and q.storage.dtype == torch.bfloat16:
-        return q.storage  # BF16 values in BF16 storage: no copy
-    return q.values_as(torch.bfloat16)  # FP8 storage: decoded straight into BF16
+    """:func:`kernel_values` in BF16 (an operand :func:`bf16_exact` accepts)."""
+    return kernel_values(q, torch.bfloat16)
 
 
 @torch.library.custom_op("mixprec::linear_bf16", mutates_args=())

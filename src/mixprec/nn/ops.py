@@ -234,8 +234,8 @@ def _values(path: GemmPath, q: Quantized, decoded: dict[tuple[int, torch.dtype],
     operand taking the same dtype (backward's error, in dgrad and wgrad), which then
     decodes it once."""
     if decoded is None:
-        return (kernels.bf16_values(q) if path == "bf16" else kernels.fp16_values(q) if path == "fp16"
-                else q.values())
+        dtype = _KERNEL_DTYPES.get(path)
+        return q.values() if dtype is None else kernels.kernel_values(q, dtype)
     key = (id(q), _KERNEL_DTYPES.get(path, torch.float32))
     if key not in decoded:
         decoded[key] = _values(path, q)
