@@ -335,8 +335,8 @@ _MXFP8 = Operand("mxfp8_e4m3:rceil")
 _NVFP4 = Operand("nvfp4")
 _NVFP4_WEIGHT = Operand("nvfp4_16x16")
 _NVFP4_GRAD = Operand("nvfp4", "stochastic")
-_FP8_TILE = Operand("fp8_block128")
-_FP8_BLOCK = Operand("fp8_block128x128")
+_FP8_TILE = Operand("fp8_block128:rceil")
+_FP8_BLOCK = Operand("fp8_block128x128:rceil")
 _MXFP4 = Operand("mxfp4_e2m1")
 NVFP4_LAST_LAYERS = 0.15
 """The share of a model's last layers the ``nvfp4`` recipe keeps in high precision."""
@@ -403,8 +403,13 @@ head kept in high precision):
   (seed 0) on both wgrad inputs, the last :data:`NVFP4_LAST_LAYERS` of the layers kept
   in high precision (``KeepHighPrecision.last_layers``, rounded up; kept modules run in
   FP32, one step above the paper's BF16).
-- ``fp8-blockwise``: DeepSeek-V3's fine-grained FP8: E4M3 in all three GEMMs, 1x128
-  activation and error tiles, 128x128 weight blocks, FP32 scales from the online amax.
+- ``fp8-blockwise``: DeepSeek-V3's fine-grained FP8 as Transformer Engine's
+  ``Float8BlockScaling`` runs it: E4M3 in all three GEMMs, 1x128 activation and error
+  tiles, 128x128 weight blocks, FP32 scales from the online amax kept to powers of two
+  (TE's default; ``fp8_block128:rceil``, the smallest power of two that keeps the
+  block's amax within 448). Power-of-two scales make every value a BF16 value, so the
+  GEMMs run on BF16 units exactly; the plain ``amax / 448`` scales of the paper are the
+  formats ``fp8_block128`` and ``fp8_block128x128`` (ablation ``fp8-blockwise-amax``).
 - ``mxfp4``: plain OCP MXFP4 (E2M1, 1x32, E8M0, floor rule) everywhere, no stochastic
   rounding, no Hadamard transform, no kept layers: where FP4 without the NVFP4
   recipe's remedies breaks.
@@ -422,11 +427,19 @@ ABLATIONS: dict[str, Recipe] = {
     "fp16-nomaster": RECIPES["fp16"].replace(name="fp16-nomaster", master="fp16", update_rounding="nearest"),
     "fp8-rne": RECIPES["fp8"].replace(name="fp8-rne", **_paper2("nearest"), update_rounding="nearest"),
     "fp8-nominscale": RECIPES["fp8"].replace(name="fp8-nominscale", loss_scale=DynamicScaling()),
+    "fp8-blockwise-amax": RECIPES["fp8-blockwise"].replace(
+        name="fp8-blockwise-amax",
+        forward=Gemm(Operand("fp8_block128"), Operand("fp8_block128x128"), _BF16),
+        dgrad=Gemm(Operand("fp8_block128"), Operand("fp8_block128x128"), _BF16),
+        wgrad=Gemm(Operand("fp8_block128"), Operand("fp8_block128"), _BF16)),
 }
 """Recipes that each drop one ingredient, to show why it is there: loss scaling
 (``fp16-noscale``), the FP32 master copy (``fp16-nomaster``: FP16 parameters, the update
 rounded to nearest), stochastic rounding (``fp8-rne``: round-to-nearest for errors,
-gradients and the update), and the rising minimum loss scale (``fp8-nominscale``)."""
+gradients and the update), the rising minimum loss scale (``fp8-nominscale``); and
+``fp8-blockwise-amax``, ``fp8-blockwise`` with DeepSeek-V3's unrounded FP32 scales
+``amax / 448`` instead of Transformer Engine's powers of two (its values are no longer
+BF16 values, so its GEMMs take the FP32 kernels)."""
 
 
 def get_recipe(recipe: str | Recipe) -> Recipe:

@@ -142,6 +142,37 @@ def test_fp8_block128_is_round_of_x_times_reciprocal_amax_scale():
     assert_same(mixprec.quantize(x, "fp8_block128"), want.view(4, 256), x, "fp8_block128")
 
 
+def transformer_engine_pow2_scales(amax: np.ndarray) -> np.ndarray:
+    """Transformer Engine's power-of-two FP32 block scale (``Float8BlockScaling``'s
+    default), in numpy float32: ``scale = 448 / amax``, its mantissa bits zeroed, and
+    the dequantization scale its inverse (exact: a power of two)."""
+    quotient = np.float32(448.0) / amax.astype(np.float32)
+    bits = quotient.view(np.int32) & np.int32(-(1 << 23))  # sign and exponent kept
+    return (np.float32(1.0) / bits.view(np.float32)).astype(np.float32)
+
+
+def test_fp8_block128_rceil_has_transformer_engines_power_of_two_fp32_scales():
+    x = spread(32, 256, seed=11)
+    # adversarial amaxes: 448 * 2**k and its float32 neighbours, where the rules could part
+    for row, k in enumerate(range(-20, 12)):
+        edge = np.float32(448.0 * 2.0**k)
+        neighbour = [np.nextafter(edge, np.float32(0)), edge, np.nextafter(edge, np.float32(np.inf))][row % 3]
+        x[row, :128] *= float(neighbour) / float(x[row, :128].abs().max())
+    fmt = blocks.get("fp8_block128:rceil")
+    assert fmt.scale == mixprec.formats.fp32 and fmt.power_of_two_scales and fmt.bf16_values
+    blocks_ = x.view(32, 2, 128)
+    amax = blocks_.abs().amax(-1, keepdim=True)
+    scale = torch.from_numpy(transformer_engine_pow2_scales(amax.numpy()))
+    want = (blocks_ / scale).to(torch.float8_e4m3fn).float() * scale
+    got = mixprec.quantize(x, fmt)
+    assert_same(got, want.view(32, 256), x, "fp8_block128:rceil vs Transformer Engine's rule")
+    assert torch.equal(got.bfloat16().float(), got)  # every value a BF16 value
+    # the scales themselves, stored as FP32: powers of two
+    packed = mixprec.core.block_storage.pack_blocks(x, fmt)
+    assert packed.scales.dtype == torch.float32
+    assert torch.equal(packed.scales.reshape(32, 2), scale.reshape(32, 2))
+
+
 @pytest.mark.parametrize("name", ["nvfp4_16x16", "fp8_block128x128"])
 def test_2d_tiles_equal_1d_blocks_of_the_rearranged_tiles(name):
     fmt = blocks.get(name)

@@ -87,6 +87,7 @@ class GemmLog(TorchDispatchMode):
     (FP16, False), (Operand(), False), (Operand("e8m8"), False), (Operand("e5m7"), True),
     (Operand("mxfp8_e4m3:rceil"), True), (Operand("mxfp4_e2m1"), True), (Operand("mxfp6_e3m2"), True),
     (Operand("nvfp4"), False), (Operand("fp8_block128"), False), (Operand("fp8_block128x128"), False),
+    (Operand("fp8_block128:rceil"), True), (Operand("fp8_block128x128:rceil"), True),
 ])
 def test_bf16_exact_by_format_and_scaling(operand: Operand, exact: bool) -> None:
     assert bf16_exact(operand) is exact

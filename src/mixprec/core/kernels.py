@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from mixprec.core.formats import FloatFormat, Overflow
+from mixprec.core.vector_bitcasts import vector_bitcasts
 
 __all__ = ["Backend", "kernel_backend", "current_backend", "round_to_format", "run_variant", "COMPILE_MIN_NUMEL"]
 
@@ -340,7 +341,7 @@ def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) 
             grad = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
             named = (torch.profiler.record_function(f"mixprec.{name}")
                      if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext())
-            with grad, named:
+            with grad, named, vector_bitcasts():
                 return _compiled_entry(name, fn)(x, *args)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":

@@ -113,11 +113,14 @@ class BlockFormat:
                 f"of {', '.join(SCALE_RULES)}"
             )
         power_of_two_scale = self.scale.mantissa_bits == 0
-        if self.scale_rule in _POW2_RULES and not (power_of_two_scale and self.scale.bias == 127):
+        if self.scale_rule in _POW2_RULES and not (
+            self.scale.exponent_bits == 8 and self.scale.bias == 127 and (power_of_two_scale or self.scale == fp32)
+        ):
             raise ValueError(
                 f"block format {self.name!r}: scale_rule {self.scale_rule!r} gives powers of two "
-                "2**-127..2**127 and needs an E8M0 scale (formats.e8m0fnu); use "
-                "scale_rule='amax' for an FP32 or E4M3 scale"
+                "2**-127..2**127 and needs an E8M0 scale (formats.e8m0fnu) or an FP32 one "
+                "(Transformer Engine's power-of-two FP32 block scales); use scale_rule='amax' "
+                "for an E4M3 scale"
             )
         if self.scale_rule == "amax" and power_of_two_scale:
             raise ValueError(
@@ -144,16 +147,30 @@ class BlockFormat:
         return self.element.total_bits + self.scale.total_bits / self.block_size
 
     @property
+    def power_of_two_scales(self) -> bool:
+        """Whether every block scale is a power of two: the power-of-two rules (E8M0
+        scales, or FP32 ones as Transformer Engine's FP8 block scaling keeps them)."""
+        return self.scale_rule in _POW2_RULES
+
+    @property
     def bf16_values(self) -> bool:
         """Whether every value (element times block scale) is a BF16 value, so that a
         GEMM may take the values as BF16 exactly: the element's and the scale's
-        significands together hold at most BF16's 8 bits (MX: E8M0 scales; NVFP4-style
-        E2M1 elements under E4M3 scales) and there is no FP32 tensor scale. (Blocks
-        scaled below 2**-133, BF16's smallest subnormal, are the exception: far below
-        any range a recipe scales into.)"""
-        significant = (self.element.mantissa_bits + 1) + (self.scale.mantissa_bits + 1) - 1
-        return (not self.tensor_scale and self.scale.exponent_bits <= 8 and significant <= 8
-                and self.element.mantissa_bits <= 7)
+        significands together hold at most BF16's 8 bits (MX and other power-of-two
+        scales; NVFP4-style E2M1 elements under E4M3 scales) and there is no FP32
+        tensor scale. (Blocks scaled below 2**-133, BF16's smallest subnormal, are the
+        exception: far below any range a recipe scales into.)"""
+        return not self.tensor_scale and self.block_bf16_values
+
+    @property
+    def block_bf16_values(self) -> bool:
+        """Whether every element times its block scale is a BF16 value, leaving NVFP4's
+        FP32 tensor scale aside: a GEMM may then take those as BF16 exactly and apply
+        the two operands' tensor scales to its FP32 sum, as NVFP4 hardware does
+        (:attr:`bf16_values` where there is no tensor scale)."""
+        scale_bits = 1 if self.power_of_two_scales else self.scale.mantissa_bits + 1
+        significant = (self.element.mantissa_bits + 1) + scale_bits - 1
+        return self.scale.exponent_bits <= 8 and significant <= 8 and self.element.mantissa_bits <= 7
 
     def with_rule(self, scale_rule: ScaleRule) -> BlockFormat:
         """The same format with another scale rule, named ``"<name>:<rule>"``."""
@@ -188,9 +205,15 @@ nvfp4_16x16 = replace(nvfp4, name="nvfp4_16x16", block_shape=(16, 16))
 fp8_block128 = BlockFormat(
     name="fp8_block128", element=e4m3, block_shape=(128,), scale=fp32, scale_rule="amax"
 )
-"""DeepSeek-V3's activation format: E4M3 in 1x128 blocks, FP32 scale ``amax / 448``."""
+"""DeepSeek-V3's activation format: E4M3 in 1x128 blocks, FP32 scale ``amax / 448``.
+``"fp8_block128:rceil"`` keeps the FP32 scales powers of two, as Transformer Engine's
+``Float8BlockScaling`` does by default (its rule, ``448 / amax`` with the mantissa
+zeroed, inverted, picks the same scale as ``rceil`` for every float32 amax: a quotient
+within the window where the two roundings differ would need an amax between float32
+neighbours)."""
 fp8_block128x128 = replace(fp8_block128, name="fp8_block128x128", block_shape=(128, 128))
-"""DeepSeek-V3's weight format: E4M3 in 128x128 tiles, FP32 scale ``amax / 448``."""
+"""DeepSeek-V3's weight format: E4M3 in 128x128 tiles, FP32 scale ``amax / 448``
+(``"fp8_block128x128:rceil"``: power-of-two FP32 scales, Transformer Engine's default)."""
 
 NAMED_BLOCK_FORMATS: dict[str, BlockFormat] = {
     f.name: f
