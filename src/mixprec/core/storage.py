@@ -117,9 +117,13 @@ def _encode(values: torch.Tensor, fmt: FloatFormat, dtype: torch.dtype) -> torch
     normal = ((exponent - 127 + fmt.bias) << m) | ((magnitude & 0x7FFFFF) >> shift)
     code = normal
     if min_exp_biased > 1:  # the format's subnormals are float32 normals: re-scale them
-        significand = (magnitude & 0x7FFFFF) | (1 << 23)
-        sub_shift = torch.clamp(shift + min_exp_biased - exponent, max=31)
-        subnormal = torch.where(exponent == 0, 0, significand >> sub_shift)
+        # a subnormal k * 2**(min_exponent - m) times 2**(m - min_exponent) is the integer
+        # k, exactly: the power of two added to the float32 exponent field, then one
+        # conversion (vectorised, where a per-element shift of the significand was not,
+        # and with no float constant for a compiler to recompute); float32 subnormals
+        # (exponent 0) are not on the grid's subnormals and give 0
+        steps = (magnitude + ((m - fmt.min_exponent) << 23)).view(torch.float32).to(torch.int32)
+        subnormal = torch.where(exponent == 0, 0, steps)
         code = torch.where(exponent < min_exp_biased, subnormal, normal)
     is_nan = magnitude > _F32_INF_BITS
     if not fmt.has_nan:

@@ -11,8 +11,8 @@ and a mask took 0.91 ms against 0.40 ms with a vector cast, the E4M3 element rou
 
 :func:`vector_bitcasts` adds the vector form for the 32-bit pairs while it is active:
 ``at::vec::cast<int32_t>(x)`` (ATen's bit reinterpretation of a vector; on x86 one
-``castps``/``castsi`` instruction, elsewhere a same-width store and load). Other widths,
-and loops whose vectors span several registers, keep inductor's own code. Nothing
+``castps``/``castsi`` instruction, elsewhere a same-width store and load; register by
+register where a loop's vectors span several). Other widths keep inductor's own code. Nothing
 else in the generated C++ changes, and a bit cast has one meaning, so results are
 unchanged (the exhaustive and random exactness tests run through these kernels).
 
@@ -37,7 +37,7 @@ import torch
 __all__ = ["vector_bitcasts", "available"]
 
 _WIDTH = 4  # bytes: float32 <-> int32 (and uint32)
-_TAG = "mixprec-vector-bitcasts-1"  # part of inductor's cache key while active
+_TAG = "mixprec-vector-bitcasts-2"  # part of inductor's cache key while active
 
 
 def _overrides() -> tuple[type, Callable[..., Any]] | None:
@@ -65,10 +65,17 @@ def _vector_form(fallback: Callable[..., Any]) -> Callable[..., Any]:
     def to_dtype_bitcast(x: Any, dtype: torch.dtype, src_dtype: torch.dtype) -> Any:
         kernel = cpp.V.kernel
         get_vectors = getattr(kernel, "_get_num_vectors", None)
-        if (dtype.itemsize == _WIDTH and src_dtype.itemsize == _WIDTH and dtype in cpp.DTYPE_TO_CPP
-                and get_vectors is not None and get_vectors(src_dtype) == 1 and get_vectors(dtype) == 1):
-            return f"at::vec::cast<{cpp.DTYPE_TO_CPP[dtype]}>({x})"
-        return fallback(x, dtype, src_dtype)
+        if not (dtype.itemsize == _WIDTH and src_dtype.itemsize == _WIDTH and dtype in cpp.DTYPE_TO_CPP
+                and get_vectors is not None):
+            return fallback(x, dtype, src_dtype)
+        target, vectors = cpp.DTYPE_TO_CPP[dtype], get_vectors(src_dtype)
+        if vectors == 1:
+            return f"at::vec::cast<{target}>({x})"
+        # a loop whose vectors span several registers (a 16-bit tensor in the kernel):
+        # each register cast on its own
+        return (f"[&]() {{ at::vec::VectorizedN<{target}, {vectors}> cast_; "
+                f"for (int i = 0; i < {vectors}; i++) {{ cast_[i] = at::vec::cast<{target}>({x}[i]); }} "
+                f"return cast_; }}()")
 
     return to_dtype_bitcast
 
