@@ -135,7 +135,10 @@ def test_auto_takes_bf16_only_where_exact_with_a_bf16_result(capabilities) -> No
     # the FP32 sum itself needed (an FP32 result; SR): BF16 products, FP32 out
     assert choose((BF16, BF16), Operand(), AUTO, "cpu") == "bf16-fp32"
     assert choose((BF16, BF16), Operand("bf16", "stochastic"), AUTO, "cpu") == "bf16-fp32"
-    assert choose((Operand("nvfp4"),) * 2, BF16, AUTO, "cpu") == "fp32"  # FP32 tensor scale
+    # FP32 tensor scales (NVFP4): applied to the FP32 sum, so BF16 products with an FP32 result
+    assert choose((Operand("nvfp4"), Operand("nvfp4_16x16")), BF16, AUTO, "cpu") == "bf16-fp32"
+    assert choose((Operand("nvfp4"), BF16), BF16, AUTO, "cpu") == "bf16-fp32"
+    assert choose((Operand("fp8_block128"),) * 2, BF16, AUTO, "cpu") == "fp32"  # FP32 block scales
     assert choose((BF16, BF16), BF16, FP32, "cpu") == "fp32"
     assert choose((BF16, BF16), Operand(), FP32, "cpu") == "fp32"
 

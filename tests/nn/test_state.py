@@ -61,7 +61,9 @@ def test_values_from_the_rounding_pass_equal_the_decoded_storage(name, scaling, 
 def test_block_values_from_the_rounding_pass_equal_the_unpacked_codes(name: str, rounding: str, axis: int) -> None:
     """An operand used at once gets its values straight from the rounding pass (no codes);
     they are the values its packed codes decode to, bit for bit, stochastic bits
-    included, in BF16 only where the format's values all are BF16 values."""
+    included, in BF16 only where the format's values all are BF16 values. NVFP4's come
+    without the tensor scale (the GEMM applies it to its sum): element times block
+    scale, as the codes decode without it, and the same tensor scale."""
     state = EngineState(mixprec.get_recipe("mxfp8"), None)
     torch.manual_seed(0)
     x = torch.randn(48, 64) * torch.logspace(-3, 3, 64)  # blocks of very different scales
@@ -72,7 +74,18 @@ def test_block_values_from_the_rounding_pass_equal_the_unpacked_codes(name: str,
     assert packed.layout is not None
     for wanted in (torch.bfloat16, torch.float32):
         direct = quantize_operand(x, operand, state, "site", axis=axis, values_dtype=wanted, forward_key=forward)
-        assert direct.layout is None and direct.cached_values is not None
+        assert direct.layout is None
+        if operand.fmt.tensor_scale:
+            assert direct.storage.dtype == torch.float32 and direct.tensor_scale is not None
+            assert torch.equal(direct.tensor_scale.reshape(()), packed.tensor_scale.reshape(()))
+            unscaled = direct.unscaled_as(torch.float32)
+            assert torch.equal(unscaled, packed.unscaled_as(torch.float32))
+            assert torch.equal(unscaled.bfloat16().float(), unscaled)  # BF16 values without the tensor scale
+            # with the tensor scale: within one float32 rounding of the packed values
+            assert torch.allclose(direct.values(), packed.values(), rtol=2.0**-23, atol=0.0)
+            assert not torch.equal(unscaled, packed.values())  # the tensor scale is not 1 here
+            continue
+        assert direct.cached_values is not None
         exact_bf16 = wanted == torch.bfloat16 and operand.fmt.bf16_values
         assert direct.storage.dtype == (torch.bfloat16 if exact_bf16 else torch.float32)
         assert torch.equal(direct.values(), packed.values())

@@ -466,10 +466,11 @@ def _pow2_scales(x4, bp):  # type: ignore[no-untyped-def]
     return pow2_scales(x4, bp)
 
 
-def _amax_scales(x4, ps, fp, two_level, tensor_amax):  # type: ignore[no-untyped-def]
+def _amax_scales(x4, ps, fp, two_level, tensor_amax, unscaled=False):  # type: ignore[no-untyped-def]
+    # unscaled: the values come out as element * block scale, and the tensor scale apart
     block, tensor_scale, reciprocal = amax_scales(x4, ps, fp, two_level, tensor_amax)
-    full = block if tensor_scale is None else tensor_scale * block
-    return full, reciprocal
+    full = block if tensor_scale is None or unscaled else tensor_scale * block
+    return full, reciprocal, tensor_scale
 
 
 def _pow2_grid(x4, bp, pe):  # type: ignore[no-untyped-def]
@@ -484,10 +485,10 @@ def _pow2_stochastic_out(x4, sb, largest, past, step, pe, key, out):  # type: ig
     out.copy_(round_pow2_grid(x4, sb, largest, past, step, pe[0], key))
 
 
-def _amax_floor_scales(x4, ps, fp, two_level, tensor_amax):  # type: ignore[no-untyped-def]
+def _amax_floor_scales(x4, ps, fp, two_level, tensor_amax, unscaled=False):  # type: ignore[no-untyped-def]
     block, tensor_scale, reciprocal = amax_scales(x4, ps, fp, two_level, tensor_amax)
-    full = block if tensor_scale is None else tensor_scale * block
-    return full, reciprocal, flush_floor(reciprocal)
+    full = block if tensor_scale is None or unscaled else tensor_scale * block
+    return full, reciprocal, flush_floor(reciprocal), tensor_scale
 
 
 def _flushed_nearest_out(x4, factor, floor, full, pe, out):  # type: ignore[no-untyped-def]

@@ -27,7 +27,8 @@ from mixprec.core.formats.blocks import BlockFormat
 from mixprec.core.kernels import _params, _run, param_values, run_variant
 from mixprec.core.quantize import Rounding, _check_tensor, _key
 
-__all__ = ["BlockParts", "BlockCounts", "quantize_blocks", "block_parts", "block_counts", "blocked_view"]
+__all__ = ["BlockParts", "BlockCounts", "quantize_blocks", "quantize_blocks_factored", "block_parts", "block_counts",
+           "blocked_view"]
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,39 @@ def quantize_blocks(
     return _finish(target, out, direct, axis, x.dim())
 
 
+def quantize_blocks_factored(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    rounding: Rounding = "nearest",
+    axis: int = -1,
+    random_key: torch.Tensor | None = None,
+    tensor_amax: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_blocks` of a two-level format (NVFP4) as its two factors: the
+    values without the FP32 tensor scale (each element times its block scale: exact in
+    float32, and BF16 values where :attr:`BlockFormat.block_bf16_values`) and that
+    tensor scale, a 0-d float32 tensor, as NVFP4 hardware multiplies them: the block
+    products in the tensor cores, the two operands' tensor scales on the FP32 sum
+    (``alpha``). The same elements and scales as :func:`quantize_blocks`, whose values
+    are ``element * (tensor_scale * block_scale)`` rounded to float32. Formats without
+    a tensor scale return :func:`quantize_blocks`' values and None."""
+    x = _check_tensor(x)
+    _check_rounding(rounding)
+    if not fmt.tensor_scale:
+        return quantize_blocks(x, fmt, rounding, axis=axis, random_key=random_key), None
+    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    if moved.numel() == 0:
+        return restore_layout(moved.float(), axis, x.dim()), torch.ones((), device=x.device)
+    key = _key(None, x.device, random_key) if rounding == "stochastic" else None
+    x4 = block_kernels.blocked(moved, dims)
+    target = torch.empty(moved_shape, dtype=torch.float32, device=x.device)
+    tensor_scale = _round_blocks(fmt, x4, _block_params(fmt, x.device), rounding, key, amax_t,
+                                 block_kernels.blocked(target, dims), unscaled=True)
+    assert tensor_scale is not None
+    return restore_layout(target, axis, x.dim()), tensor_scale.reshape(())
+
+
 def _round_blocks(
     fmt: BlockFormat,
     x4: torch.Tensor,
@@ -269,10 +303,14 @@ def _round_blocks(
     key: torch.Tensor | None,
     amax_t: torch.Tensor | None,
     out4: torch.Tensor,
-) -> None:
+    unscaled: bool = False,
+) -> torch.Tensor | None:
     """Write blocked ``x4`` quantized to ``fmt`` into ``out4`` (blocked like it), in two
     compiled calls: the block scales, then one element-wise pass. Allocating calls come
-    here with a fresh ``out4``: one compiled kernel per block shape and rounding."""
+    here with a fresh ``out4``: one compiled kernel per block shape and rounding.
+    ``unscaled`` (two-level formats) writes element times block scale and leaves the
+    tensor scale out of the values. Returns the tensor scale (None without one, and
+    from the power-of-two paths)."""
     pe = params[0]
     stochastic = () if key is None else (key,)
     if _pow2_grid(fmt):
@@ -288,24 +326,26 @@ def _round_blocks(
                 few = x4[groups]
                 grid = block_kernels.pow2_grid(few, params[1], pe)
                 out4[groups] = block_kernels.round_pow2_grid(few, *grid, pe[0], None)
-            return
+            return None
         grid = _run("pow2_grid", x4, params[1], pe)
         _run(f"pow2_{rounding}_out", x4, *grid, pe, *stochastic, out4)  # type: ignore[misc]
-        return
+        return None
     zero_below = _zero_below(fmt, pe)
+    tensor_scale = None
     if fmt.scale_rule not in block_kernels.RULE_IDS and zero_below:
         # amax scales: one float multiply by the block's factor, x under the block's
         # flush floor zeroed first (no subnormal product)
-        scales = _run("amax_floor_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[arg-type]
-        full, factor, floor = scales  # type: ignore[misc]
+        scales = _run("amax_floor_scales", x4, *params[1:], fmt.tensor_scale, amax_t, unscaled)  # type: ignore[arg-type]
+        full, factor, floor, tensor_scale = scales  # type: ignore[misc]
         _run(f"flushed_{rounding}_out", x4, factor, floor, full, pe, *stochastic, out4)
-        return
+        return tensor_scale
     if fmt.scale_rule in block_kernels.RULE_IDS:
         full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
     else:
-        scales = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t)  # type: ignore[arg-type]
-        full, factor = scales  # type: ignore[misc]
+        scales = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t, unscaled)  # type: ignore[arg-type]
+        full, factor, tensor_scale = scales  # type: ignore[misc]
     _run(f"blocks_{rounding}_out", x4, factor, full, pe, zero_below, *stochastic, out4)  # type: ignore[arg-type]
+    return tensor_scale
 
 
 def _finish(target: torch.Tensor, out: torch.Tensor | None, direct: bool, axis: int, ndim: int) -> torch.Tensor:

@@ -117,7 +117,7 @@ from mixprec.nn.state import Quantized
 from mixprec.recipe import Operand
 
 __all__ = ["GemmPath", "KernelMode", "KernelPolicy", "gemm_kernels", "current_policy", "native_bf16",
-           "native_fp16", "fused_bias_exact", "probe", "bf16_exact", "fp16_exact", "choose", "kernel_rounds_to", "bf16_values",
+           "native_fp16", "fused_bias_exact", "probe", "bf16_exact", "bf16_exact_unscaled", "fp16_exact", "choose", "kernel_rounds_to", "bf16_values",
            "kernel_values", "linear_bf16", "matmul",
            "bf16_products", "fp8_tensor_cores", "scaled_mm"]
 
@@ -335,6 +335,15 @@ def bf16_exact(operand: Operand) -> bool:
     return operand.scaling is None or operand.scaling.power_of_two
 
 
+def bf16_exact_unscaled(operand: Operand) -> bool:
+    """Whether ``operand`` has an FP32 tensor scale (NVFP4) over values that are BF16
+    values without it (:attr:`BlockFormat.block_bf16_values`): its GEMMs take those and
+    apply the operands' tensor scales to the FP32 sum, as NVFP4 hardware does
+    (``alpha`` in its epilogue), so they run on the BF16 units as ``"bf16-fp32"``."""
+    fmt = operand.fmt
+    return isinstance(fmt, BlockFormat) and fmt.tensor_scale and fmt.block_bf16_values
+
+
 def fp16_exact(operand: Operand) -> bool:
     """Whether every value ``operand`` can produce is an FP16 value: an unscaled scalar
     format of at most 10 mantissa bits inside FP16's range (FP16 itself, the FP8
@@ -367,7 +376,9 @@ def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, d
     device = torch.device(device)
     if policy.mode == "fp32":
         return "fp32"
-    if not all(bf16_exact(op) for op in operands):
+    # tensor-scaled operands: the scales multiply the FP32 sum, never a BF16 result
+    unscaled = any(bf16_exact_unscaled(op) for op in operands)
+    if not all(bf16_exact(op) or bf16_exact_unscaled(op) for op in operands):
         fp16 = (device.type == "cpu" and not bias and kernel_rounds_to(result, torch.float16)
                 and all(fp16_exact(op) for op in operands) and (policy.mode == "bf16" or native_fp16(device)))
         return "fp16" if fp16 else "fp32"
@@ -376,7 +387,7 @@ def choose(operands: Sequence[Operand], result: Operand, policy: KernelPolicy, d
     narrower = (policy.double_rounding and isinstance(result.fmt, FloatFormat) and bf16_exact(result)
                 and result.fmt.torch_dtype != torch.bfloat16)
     fused = not bias or (device.type == "cpu" and fused_bias_exact())
-    if (kernel_rounds_to(result) or narrower) and fused:
+    if (kernel_rounds_to(result) or narrower) and fused and not unscaled:
         return "bf16"
     # the FP32 sum itself is needed (a narrower, stochastic or scaled result, an FP32
     # bias added after the GEMM): BF16 products in oneDNN's FP32 GEMM, on CPUs

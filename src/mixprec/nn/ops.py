@@ -235,11 +235,24 @@ def _values(path: GemmPath, q: Quantized, decoded: dict[tuple[int, torch.dtype],
     decodes it once."""
     if decoded is None:
         dtype = _KERNEL_DTYPES.get(path)
-        return q.values() if dtype is None else kernels.kernel_values(q, dtype)
+        # NVFP4: without the tensor scale, which _scale_sum applies to the FP32 sum
+        return q.unscaled_as(torch.float32) if dtype is None else kernels.kernel_values(q, dtype)
     key = (id(q), _KERNEL_DTYPES.get(path, torch.float32))
     if key not in decoded:
         decoded[key] = _values(path, q)
     return decoded[key]
+
+
+def _scale_sum(y: torch.Tensor, *operands: Quantized | None) -> torch.Tensor:
+    """A GEMM's fresh FP32 sum ``y`` of operands taken without their FP32 tensor scales
+    (NVFP4: :meth:`Quantized.unscaled_as`) times those scales, in place: the FP32
+    ``alpha`` NVFP4 hardware applies in the GEMM's epilogue, before a bias and the
+    result's rounding."""
+    alpha = None
+    for q in operands:
+        if q is not None and q.tensor_scale is not None:
+            alpha = q.tensor_scale if alpha is None else alpha * q.tensor_scale
+    return y if alpha is None else y.mul_(alpha)
 
 
 def _batch_sum(left: torch.Size, right: torch.Size, target: torch.Size) -> bool:
@@ -316,7 +329,7 @@ class _Gemm(torch.autograd.Function):
             else:
                 right = _values(path, qb)
                 right = right.transpose(-1, -2) if transpose_b else right
-                y = kernels.matmul(_values(path, qa), right, path, call.policy)
+                y = _scale_sum(kernels.matmul(_values(path, qa), right, path, call.policy), qa, qb)
                 if bias is not None:
                     y.add_(bias.float())
         out = _finish(call, y, call.recipe.forward.result, "output")
@@ -360,7 +373,7 @@ class _Gemm(torch.autograd.Function):
                     g = _values(path, ga, decoded)
                     right = _values(path, saved_b)
                     right = right if ctx.transpose_b else right.transpose(-1, -2)
-                    product = kernels.matmul(g, right, path, call.policy)
+                    product = _scale_sum(kernels.matmul(g, right, path, call.policy), ga, saved_b)
                 grad_a = _grad_result(call, _reduce_to(product, a_shape), ctx.weights[0], ctx.dtypes[0])
             if need_b:
                 path = ("fp32" if not ctx.flatten and _batch_sum(a_shape, grad_output.shape, b_shape)
@@ -386,7 +399,7 @@ class _Gemm(torch.autograd.Function):
                     product = kernels.matmul(g.transpose(-1, -2), left, path, call.policy)
                 else:
                     product = kernels.matmul(left.transpose(-1, -2), g, path, call.policy)
-                product = _reduce_to(product, ctx.shapes[1])
+                product = _reduce_to(_scale_sum(product, gb, saved_a), ctx.shapes[1])
                 grad_b = _grad_result(call, product.contiguous(), ctx.weights[1], ctx.dtypes[1])
             if need_bias:
                 # block recipes: summed from the high-precision error, as Transformer Engine's dbias

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mixprec.core.block_quantize import quantize_blocks
+from mixprec.core.block_quantize import quantize_blocks, quantize_blocks_factored
 from mixprec.core.block_storage import PackedBlocks, quantize_packed, unpack_blocks
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
@@ -61,7 +61,9 @@ class Quantized:
     (divided by ``scale`` where there is one); :meth:`values` gives them back as the
     float32 values the GEMM multiplies. For a block format ``storage`` holds the element
     codes, ``scale`` the block scales, ``tensor_scale`` NVFP4's per-tensor scale and
-    ``layout`` the blocks' place (:class:`BlockLayout`)."""
+    ``layout`` the blocks' place (:class:`BlockLayout`). A block operand used at once
+    has no codes: ``storage`` holds its values (NVFP4: without the tensor scale, which
+    ``tensor_scale`` holds, as :meth:`unscaled_as` gives them to a GEMM)."""
 
     storage: torch.Tensor
     scale: torch.Tensor | None
@@ -76,6 +78,8 @@ class Quantized:
             return self.cached_values.float()  # BF16 where the rounding pass wrote them so
         if self.layout is not None:
             return self._blocks(torch.float32)
+        if self.tensor_scale is not None:  # NVFP4 values without their tensor scale
+            return self.storage.float() * self.tensor_scale
         if self.operand.is_fp32 or self.storage.dtype in (torch.float16, torch.bfloat16, torch.float32):
             values = self.storage.float()
             return values if self.scale is None else values * self.scale
@@ -86,6 +90,8 @@ class Quantized:
         straight into ``dtype`` (FP8 storage, in one pass) or already is it."""
         if self.cached_values is not None:
             return self.cached_values.to(dtype)
+        if self.tensor_scale is not None and self.layout is None:
+            return self.values().to(dtype)
         if self.layout is None and self.scale is None and self.storage.dtype in (torch.float16, torch.bfloat16):
             return self.storage.to(dtype)
         if self.layout is None and self.storage.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -94,12 +100,23 @@ class Quantized:
             return self._blocks(dtype)
         return self.values().to(dtype)
 
-    def _blocks(self, dtype: torch.dtype) -> torch.Tensor:
+    def unscaled_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The values a GEMM multiplies, as ``dtype``: :meth:`values_as`, except that an
+        operand with a tensor scale (NVFP4) gives its values without it (element times
+        block scale, exact), for the GEMM to apply the tensor scales to its FP32 sum
+        as NVFP4 hardware does."""
+        if self.tensor_scale is None:
+            return self.values_as(dtype)
+        if self.layout is not None:
+            return self._blocks(dtype, with_tensor_scale=False)
+        return self.storage.to(dtype)
+
+    def _blocks(self, dtype: torch.dtype, with_tensor_scale: bool = True) -> torch.Tensor:
         """A block operand's values decoded from its codes and scales, as ``dtype``."""
         fmt = self.operand.fmt
         assert isinstance(fmt, BlockFormat) and self.scale is not None and self.layout is not None
-        packed = PackedBlocks(fmt, self.storage, self.scale, self.tensor_scale, self.layout.padded_shape,
-                              self.layout.moved_shape, self.layout.axis)
+        packed = PackedBlocks(fmt, self.storage, self.scale, self.tensor_scale if with_tensor_scale else None,
+                              self.layout.padded_shape, self.layout.moved_shape, self.layout.axis)
         return _crop(unpack_blocks(packed, fmt, dtype), self.layout.shape)
 
     def tensors(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -428,6 +445,11 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     # one key per site and axis: the dgrad and wgrad copies of an error draw apart
     random_key = state.random_key(f"{key}@{axis}", forward_key) if operand.rounding == "stochastic" else None
     if values_dtype is not None:
+        if fmt.tensor_scale:
+            # NVFP4: the values without the tensor scale, which the GEMM applies to its sum
+            unscaled, tensor_scale = quantize_blocks_factored(x32, fmt, operand.rounding, axis=axis,
+                                                              random_key=random_key)
+            return Quantized(_crop(unscaled, tuple(shape)), None, operand, None, tensor_scale)
         dtype = torch.bfloat16 if values_dtype == torch.bfloat16 and fmt.bf16_values else torch.float32
         values = _crop(quantize_blocks(x32, fmt, operand.rounding, axis=axis, random_key=random_key, dtype=dtype),
                        tuple(shape))
