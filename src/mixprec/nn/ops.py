@@ -403,8 +403,10 @@ class _Gemm(torch.autograd.Function):
                 grad_b = _grad_result(call, product.contiguous(), ctx.weights[1], ctx.dtypes[1])
             if need_bias:
                 # block recipes: summed from the high-precision error, as Transformer Engine's dbias
-                g = grad_output.float() if blocks else gbias.values()
-                grad_bias = _grad_result(call, g.reshape(-1, g.shape[-1]).sum(0), True, ctx.dtypes[2])
+                # (widened as the sum reads it: no float32 copy of the error)
+                g = grad_output if blocks else gbias.values()
+                grad_bias = _grad_result(call, g.reshape(-1, g.shape[-1]).sum(0, dtype=torch.float32), True,
+                                         ctx.dtypes[2])
         return grad_a, grad_b, grad_bias, None, None
 
 

@@ -440,7 +440,9 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     if any(padding):
         x32 = F.pad(x32, padding)
     if operand.hadamard:
-        x32 = hadamard_transform(x32.float(), operand.hadamard, axis=axis)
+        # float32 with the rotated axis last (a view back of it): the quantizer reads it
+        # in that layout, with no second transposing copy
+        x32 = hadamard_transform(x32, operand.hadamard, axis=axis)
         shape[axis] = x32.shape[axis]  # the rotated padding is part of the product
     # one key per site and axis: the dgrad and wgrad copies of an error draw apart
     random_key = state.random_key(f"{key}@{axis}", forward_key) if operand.rounding == "stochastic" else None
