@@ -28,8 +28,8 @@ does nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,23 +40,27 @@ _WIDTH = 4  # bytes: float32 <-> int32 (and uint32)
 _TAG = "mixprec-vector-bitcasts-2"  # part of inductor's cache key while active
 
 
-def _overrides() -> tuple[type, Callable[..., Any]] | None:
-    """Inductor's C++ vector overrides class and its current ``to_dtype_bitcast``, or
-    None where this torch lacks what the vector form needs."""
+@functools.cache
+def _hooks() -> tuple[type, Any, Any] | None:
+    """Inductor's C++ vector overrides class, its own ``to_dtype_bitcast`` (as found in
+    the class) and the vector form wrapping it; None where this torch lacks what the
+    vector form needs. Looked up once: torch's classes do not change under a process."""
     try:
         from torch._inductor.codegen import cpp
     except Exception:  # noqa: BLE001 - an inductor that does not import: nothing to do
         return None
     overrides = getattr(cpp, "CppVecOverrides", None)
-    names = getattr(cpp, "DTYPE_TO_CPP", None)
-    if overrides is None or names is None or not hasattr(overrides, "to_dtype_bitcast"):
+    if overrides is None or getattr(cpp, "DTYPE_TO_CPP", None) is None:
         return None
-    return overrides, overrides.to_dtype_bitcast
+    own = overrides.__dict__.get("to_dtype_bitcast")
+    if not isinstance(own, staticmethod):
+        return None
+    return overrides, own, staticmethod(_vector_form(own.__func__))
 
 
 def available() -> bool:
     """Whether this torch's inductor has the C++ codegen :func:`vector_bitcasts` extends."""
-    return _overrides() is not None
+    return _hooks() is not None
 
 
 def _vector_form(fallback: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,27 +84,29 @@ def _vector_form(fallback: Callable[..., Any]) -> Callable[..., Any]:
     return to_dtype_bitcast
 
 
-@contextmanager
-def vector_bitcasts() -> Iterator[None]:
+class vector_bitcasts:  # noqa: N801 - used as a context manager, like torch.no_grad
     """Inside the block, inductor's C++ kernels compiled in this process cast 32-bit
     vectors' bits in registers instead of element by element (see the module
-    docstring); restored on exit."""
-    found = _overrides()
-    if found is None:
-        yield
-        return
-    overrides, current = found
-    if getattr(current, "_mixprec_vector_form", False):
-        yield  # already active (a nested call)
-        return
-    vector = staticmethod(_vector_form(current))
-    vector.__func__._mixprec_vector_form = True  # type: ignore[attr-defined]
-    config = torch.compiler.config
-    tag = config.cache_key_tag
-    overrides.to_dtype_bitcast = vector
-    config.cache_key_tag = f"{tag}+{_TAG}"
-    try:
-        yield
-    finally:
-        overrides.to_dtype_bitcast = staticmethod(current)
-        config.cache_key_tag = tag
+    docstring); restored on exit. Nested blocks keep it on until the outermost exits.
+    A class, not a generator: it is entered around every compiled rounding call (2-3
+    us)."""
+
+    __slots__ = ("_tag", "_active")
+
+    def __enter__(self) -> None:
+        hooks = _hooks()
+        overrides = None if hooks is None else hooks[0]
+        self._active = overrides is not None and overrides.__dict__["to_dtype_bitcast"] is not hooks[2]
+        if self._active:
+            assert hooks is not None
+            config = torch.compiler.config
+            self._tag = config.cache_key_tag
+            hooks[0].to_dtype_bitcast = hooks[2]
+            config.cache_key_tag = f"{self._tag}+{_TAG}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            hooks = _hooks()
+            assert hooks is not None
+            hooks[0].to_dtype_bitcast = hooks[1]
+            torch.compiler.config.cache_key_tag = self._tag
