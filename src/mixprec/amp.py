@@ -195,7 +195,11 @@ class GradScaler:
                 for param in group["params"]:
                     if param.grad is not None and param.is_floating_point():
                         local = _local(param)  # FSDP2: each rank rounds its own shard
-                        local.copy_(quantize(local, fmt, self.recipe.update_rounding, generator=self.generator))
+                        if local.dtype == torch.float32 and local.is_contiguous():
+                            # in place: one pass, no float32 copy of the parameter
+                            quantize(local, fmt, self.recipe.update_rounding, generator=self.generator, out=local)
+                        else:
+                            local.copy_(quantize(local, fmt, self.recipe.update_rounding, generator=self.generator))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

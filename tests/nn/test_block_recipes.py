@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
-from mixprec.core.formats import BlockFormat
+from mixprec.core.formats import BlockFormat, blocks
 from mixprec.core.hadamard import hadamard_transform
 from mixprec.core.kernels import kernel_backend
 from mixprec.nn.convert import engine_state
@@ -122,6 +122,30 @@ def test_linear_gemms_quantize_each_operand_along_its_contraction(name: str) -> 
     if name == "mxfp8":  # the forward's 1x32 copy of the input (not re-quantized 32x1) gives another wgrad
         stale_x = reference(x.reshape(rows, n_in), recipe.forward.left, -1, None)
         assert equal_share(w.grad, g_rows.T, stale_x) < equal_share(w.grad, g_rows.T, x_rows) == 1.0
+
+
+@pytest.mark.parametrize("kernels", ["fp32", "bf16"])
+def test_nvfp4_tensor_scales_multiply_the_fp32_sum(kernels: str) -> None:
+    """An NVFP4 GEMM multiplies element x block-scale values (BF16 values) and applies
+    the two FP32 tensor scales to the FP32 sum, as NVFP4 hardware's epilogue does
+    (``alpha``): on the FP32 kernel the forward is that computation bit for bit; on the
+    BF16 units (forced here at a small size) it differs only by summation order."""
+    recipe = mixprec.get_recipe("nvfp4").replace(keep=KeepHighPrecision())
+    layer = Layer(64, 48)
+    mixprec.convert(layer, recipe, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(40, 64) * torch.logspace(-2, 2, 64)
+    with mixprec.gemm_kernels(kernels), torch.no_grad():  # type: ignore[arg-type]
+        y = layer(x)
+    a, s_a = mixprec.core.block_quantize.quantize_blocks_factored(x, blocks.nvfp4)
+    w, s_w = mixprec.core.block_quantize.quantize_blocks_factored(layer.fc.weight.detach(), blocks.nvfp4_16x16)
+    assert s_a is not None and s_w is not None and float(s_a) != 1.0 and float(s_w) != 1.0
+    for values in (a, w):  # without the tensor scale, every value is a BF16 value
+        assert torch.equal(values.bfloat16().float(), values)
+    want = ((a @ w.T) * (s_a * s_w) + layer.fc.bias.detach()).bfloat16()
+    if kernels == "fp32":
+        assert torch.equal(y, want)
+    else:
+        close_to(y, a.double() * float(s_a), w.double().T * float(s_w), layer.fc.bias.detach())
 
 
 def test_nvfp4_errors_are_rounded_stochastically() -> None:

@@ -191,13 +191,13 @@ def quantize_packed(
     of each operand: values to multiply, bytes to keep for backward. ``with_values=False``
     returns None for the values (a caller that decodes the codes later, with
     :func:`unpack_blocks`, in the dtype its GEMM multiplies)."""
-    # A 16-bit x is widened to float32 up front, in one pass with the move of the block
-    # axis: inductor's CPU code for these kernels ran 1.1-1.6x slower reading bfloat16
-    # (measured on 1M-4M-element operands) than reading float32 written by that extra
-    # pass. Two-level formats (NVFP4), whose scale pass also reduces the tensor amax,
-    # ran 1.15-1.25x faster keeping x 16-bit, and do.
+    # A 16-bit x stays 16-bit (moved, where its block axis is not last, in its own
+    # dtype) and is widened by the kernels as they read it: with vector bit casts
+    # (mixprec.core.vector_bitcasts) that ran 1.1-1.3x faster than a widening pass first
+    # (1M BF16 elements: MXFP8 1.21 against 1.58 ms, MXFP4 2.00 against 2.22, NVFP4 2.58
+    # against 2.83); without them it had been the other way round, except for NVFP4.
     x, moved, dims, moved_shape, axis, key, amax_t = checked_blocks(
-        x, fmt, rounding, axis, generator, tensor_amax, random_key, keep_dtype=fmt.tensor_scale)
+        x, fmt, rounding, axis, generator, tensor_amax, random_key, keep_dtype=True)
     x4 = block_kernels.blocked(moved, dims)
     params = _block_params(fmt, x.device)
     pow2 = fmt.scale_rule in block_kernels.RULE_IDS

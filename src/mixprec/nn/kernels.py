@@ -11,12 +11,16 @@ rounds the FP32 sum once to BF16 -- when
 - both operands' values are exactly BF16 values (:func:`bf16_exact`): BF16 itself; the
   FP8 formats E4M3 and E5M2 and any ``eXmY`` with X <= 8 and Y <= 7, unscaled or times a
   power-of-two per-tensor scale (``TensorScaling(power_of_two=True)``, the default);
-  MX elements times E8M0 block scales; NVFP4-style elements times E4M3 block scales
-  without the FP32 tensor scale. Not FP16 (11 significant bits), not FP32, not a
-  non-power-of-two per-tensor scale, not FP32 block scales (``fp8_block128``) nor
-  NVFP4's FP32 tensor scale: those values carry more than 8 significant bits, and
-  multiplying the scales out after a BF16 GEMM would be a second rounding of the
-  already-rounded BF16 result;
+  MX elements times E8M0 block scales; FP8 elements times power-of-two FP32 block
+  scales (``fp8_block128:rceil``, the ``fp8-blockwise`` recipe's, as Transformer
+  Engine keeps them); NVFP4-style elements times E4M3 block scales. Not FP16 (11
+  significant bits), not FP32, not a non-power-of-two per-tensor scale, not
+  unrounded FP32 block scales (``fp8_block128``): those values carry more than 8
+  significant bits. NVFP4's FP32 tensor scale is left out of its operands and applied
+  to the GEMM's FP32 sum, as NVFP4 hardware applies it (``alpha``, in the epilogue;
+  :func:`bf16_exact_unscaled`): such GEMMs need the FP32 sum, so they run as
+  ``"bf16-fp32"`` below, never ``"bf16"`` (multiplying the scales out after a BF16
+  result would round twice);
 - the result format is BF16 rounded to nearest without a scale (fp8-hybrid, bf16, the
   MX recipes' results): the kernel's own output rounding is then the emulation's one
   rounding. A stochastically rounded or scaled result needs the FP32 sum: FP32 kernel;
