@@ -283,15 +283,12 @@ def quantize_blocks_factored(
     (``alpha``). The same elements and scales as :func:`quantize_blocks`, whose values
     are ``element * (tensor_scale * block_scale)`` rounded to float32. Formats without
     a tensor scale return :func:`quantize_blocks`' values and None."""
-    x = _check_tensor(x)
-    _check_rounding(rounding)
     if not fmt.tensor_scale:
         return quantize_blocks(x, fmt, rounding, axis=axis, random_key=random_key), None
-    amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
-    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    x, moved, dims, moved_shape, axis, key, amax_t = checked_blocks(x, fmt, rounding, axis, None, tensor_amax,
+                                                                    random_key)
     if moved.numel() == 0:
         return restore_layout(moved.float(), axis, x.dim()), torch.ones((), device=x.device)
-    key = _key(None, x.device, random_key) if rounding == "stochastic" else None
     x4 = block_kernels.blocked(moved, dims)
     target = torch.empty(moved_shape, dtype=torch.float32, device=x.device)
     tensor_scale = _round_blocks(fmt, x4, _block_params(fmt, x.device), rounding, key, amax_t,
