@@ -404,3 +404,19 @@ def test_bf16_values_refused_where_they_would_round() -> None:
         quantize_blocks(x, blocks.get("fp8_block128"), dtype=torch.bfloat16)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="without out"):
         quantize_blocks(x, blocks.get("mxfp8_e4m3"), dtype=torch.bfloat16, out=torch.empty(4, 32))  # type: ignore[arg-type]
+
+
+def test_many_variants_of_one_kernel_all_compile() -> None:
+    """Each scale rule and input dtype of a block kernel compiles as a variant of its own:
+    one compiled function for all twelve would pass dynamo's limit of 8 recompilations,
+    after which it refuses to compile (an error under the "compiled" backend, eager
+    for good under "auto")."""
+    from mixprec.core.kernels import kernel_backend
+
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 3, 64)  # FP16's range
+    with kernel_backend("compiled"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rule in ("floor", "ceil", "even", "rceil"):
+                fmt = blocks.get("mxfp8_e4m3").with_rule(rule)
+                want = quantize_blocks(x.to(dtype).float(), fmt)
+                assert torch.equal(quantize_blocks(x.to(dtype), fmt), want), (dtype, rule)

@@ -344,6 +344,7 @@ def pow2_nearest_fused(
     caller rounds them again with :func:`round_pow2_grid` (:func:`tiny_groups`). The
     scale ``rule`` is a constant to the compiler: the per-block arithmetic of all four
     rules, inlined into the element loop, made inductor split the pass in two."""
+    x4 = x4.float()  # a 16-bit x widened as it is read
     amax = x4.abs().amax(dim=(1, 3), keepdim=True)
     bad = ~torch.isfinite(amax)
     k = _pow2_exponent(amax, bp, rule)
@@ -452,6 +453,7 @@ def amax_parts(
     return round_elements(x4, reciprocal, pe, key, zero_below), block, tensor_scale
 
 
+# x4 may be 16-bit (a BF16 or FP16 operand): each entry widens it as it reads it.
 # The compiled path runs in two calls: the block scales (one reduction over x, then
 # the scale math once per block, writing (groups, 1, h, 1) tensors), then one
 # element-wise pass that multiplies, rounds and scales back (power-of-two scales: the
@@ -463,48 +465,48 @@ def amax_parts(
 # function so the result is never materialised twice; ``zb`` is :func:`zero_below_ok`
 # (a constant to dynamo).
 def _pow2_scales(x4, bp):  # type: ignore[no-untyped-def]
-    return pow2_scales(x4, bp)
+    return pow2_scales(x4.float(), bp)
 
 
 def _amax_scales(x4, ps, fp, two_level, tensor_amax, unscaled=False):  # type: ignore[no-untyped-def]
     # unscaled: the values come out as element * block scale, and the tensor scale apart
-    block, tensor_scale, reciprocal = amax_scales(x4, ps, fp, two_level, tensor_amax)
+    block, tensor_scale, reciprocal = amax_scales(x4.float(), ps, fp, two_level, tensor_amax)
     full = block if tensor_scale is None or unscaled else tensor_scale * block
     return full, reciprocal, tensor_scale
 
 
 def _pow2_grid(x4, bp, pe):  # type: ignore[no-untyped-def]
-    return pow2_grid(x4, bp, pe)
+    return pow2_grid(x4.float(), bp, pe)
 
 
 def _pow2_nearest_out(x4, sb, largest, past, step, pe, out):  # type: ignore[no-untyped-def]
-    out.copy_(round_pow2_grid(x4, sb, largest, past, step, pe[0], None))
+    out.copy_(round_pow2_grid(x4.float(), sb, largest, past, step, pe[0], None))
 
 
 def _pow2_stochastic_out(x4, sb, largest, past, step, pe, key, out):  # type: ignore[no-untyped-def]
-    out.copy_(round_pow2_grid(x4, sb, largest, past, step, pe[0], key))
+    out.copy_(round_pow2_grid(x4.float(), sb, largest, past, step, pe[0], key))
 
 
 def _amax_floor_scales(x4, ps, fp, two_level, tensor_amax, unscaled=False):  # type: ignore[no-untyped-def]
-    block, tensor_scale, reciprocal = amax_scales(x4, ps, fp, two_level, tensor_amax)
+    block, tensor_scale, reciprocal = amax_scales(x4.float(), ps, fp, two_level, tensor_amax)
     full = block if tensor_scale is None or unscaled else tensor_scale * block
     return full, reciprocal, flush_floor(reciprocal), tensor_scale
 
 
 def _flushed_nearest_out(x4, factor, floor, full, pe, out):  # type: ignore[no-untyped-def]
-    out.copy_(flushed_nearest(x4, factor, floor, pe) * full)
+    out.copy_(flushed_nearest(x4.float(), factor, floor, pe) * full)
 
 
 def _flushed_stochastic_out(x4, factor, floor, full, pe, key, out):  # type: ignore[no-untyped-def]
-    out.copy_(_round_bits(times_flushed(x4, factor, floor), pe, key) * full)
+    out.copy_(_round_bits(times_flushed(x4.float(), factor, floor), pe, key) * full)
 
 
 def _blocks_nearest_out(x4, factor, full, pe, zb, out):  # type: ignore[no-untyped-def]
-    out.copy_(round_elements(x4, factor, pe, None, zb) * full)
+    out.copy_(round_elements(x4.float(), factor, pe, None, zb) * full)
 
 
 def _blocks_stochastic_out(x4, factor, full, pe, zb, key, out):  # type: ignore[no-untyped-def]
-    out.copy_(round_elements(x4, factor, pe, key, zb) * full)
+    out.copy_(round_elements(x4.float(), factor, pe, key, zb) * full)
 
 
 _ENTRIES.update(

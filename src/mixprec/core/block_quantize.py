@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
 
 from mixprec.core import block_kernels
 from mixprec.core.formats.blocks import BlockFormat
-from mixprec.core.kernels import _params, _run, param_values, run_variant
+from mixprec.core.kernels import _ENTRIES, _params, param_values, run_variant
 from mixprec.core.quantize import Rounding, _check_tensor, _key
 
 __all__ = ["BlockParts", "BlockCounts", "quantize_blocks", "quantize_blocks_factored", "block_parts", "block_counts",
@@ -250,7 +251,8 @@ def quantize_blocks(
         if out is not None:
             raise ValueError("out is float32; pass dtype=torch.bfloat16 without out")
     amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
-    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis)
+    # a 16-bit x stays 16-bit: the kernels widen it as they read it
+    moved, dims, moved_shape, axis = blocked_view(x, fmt, axis, keep_dtype=True)
     if moved.numel() == 0:
         result = restore_layout(moved.to(dtype, copy=True), axis, x.dim())
         return out.copy_(result) if out is not None else result
@@ -286,7 +288,7 @@ def quantize_blocks_factored(
     if not fmt.tensor_scale:
         return quantize_blocks(x, fmt, rounding, axis=axis, random_key=random_key), None
     x, moved, dims, moved_shape, axis, key, amax_t = checked_blocks(x, fmt, rounding, axis, None, tensor_amax,
-                                                                    random_key)
+                                                                    random_key, keep_dtype=True)
     if moved.numel() == 0:
         return restore_layout(moved.float(), axis, x.dim()), torch.ones((), device=x.device)
     x4 = block_kernels.blocked(moved, dims)
@@ -295,6 +297,19 @@ def quantize_blocks_factored(
                                  block_kernels.blocked(target, dims), unscaled=True)
     assert tensor_scale is not None
     return restore_layout(target, axis, x.dim()), tensor_scale.reshape(())
+
+
+def _dtypes(*tensors: torch.Tensor) -> str:
+    return "_".join(str(t.dtype)[6:] for t in tensors)
+
+
+def _run_kind(entry: str, kind: str, x: torch.Tensor, *args: Any) -> Any:
+    """Block kernel ``entry`` (:data:`mixprec.core.kernels._ENTRIES`) as a compiled
+    variant of its own per ``kind`` (the dtypes and constants it is specialised on):
+    one entry called with float32, BF16 and FP16 operands, several scale rules and
+    flags would run past dynamo's limit of 8 recompilations of one function, after
+    which it refuses to compile (and "auto" falls back to eager for good)."""
+    return run_variant(f"{entry}_{kind}", _ENTRIES[entry], x, *args)
 
 
 def _round_blocks(
@@ -315,6 +330,8 @@ def _round_blocks(
     from the power-of-two paths)."""
     pe = params[0]
     stochastic = () if key is None else (key,)
+    # the constants an amax-scale kernel is specialised on (each a compiled variant of its own)
+    flags = f"{int(fmt.tensor_scale)}{int(amax_t is None)}{int(unscaled)}"
     if _pow2_grid(fmt):
         # power-of-two scales: x rounded onto each block's moved grid, writing the
         # dequantized values (no multiply by the scale and back)
@@ -322,31 +339,34 @@ def _round_blocks(
             # one pass in float arithmetic; the rare blocks whose grid reaches below
             # float32's normals again by the integer kernel. A data-dependent branch,
             # so not on devices (a sync) nor inside a user's torch.compile.
-            amax, tiny = _run("pow2_nearest_fused", x4, params[1], pe, fmt.scale_rule, out4)  # type: ignore[misc]
+            amax, tiny = _run_kind("pow2_nearest_fused", f"{fmt.scale_rule}_{_dtypes(x4, out4)}", x4, params[1], pe,
+                                   fmt.scale_rule, out4)  # type: ignore[misc]
             if bool(tiny):
                 groups = block_kernels.tiny_groups(amax, params[1], pe)
-                few = x4[groups]
+                few = x4[groups].float()
                 grid = block_kernels.pow2_grid(few, params[1], pe)
                 out4[groups] = block_kernels.round_pow2_grid(few, *grid, pe[0], None)
             return None
-        grid = _run("pow2_grid", x4, params[1], pe)
-        _run(f"pow2_{rounding}_out", x4, *grid, pe, *stochastic, out4)  # type: ignore[misc]
+        grid = _run_kind("pow2_grid", _dtypes(x4), x4, params[1], pe)
+        _run_kind(f"pow2_{rounding}_out", _dtypes(x4, out4), x4, *grid, pe, *stochastic, out4)  # type: ignore[misc]
         return None
     zero_below = _zero_below(fmt, pe)
     tensor_scale = None
     if fmt.scale_rule not in block_kernels.RULE_IDS and zero_below:
         # amax scales: one float multiply by the block's factor, x under the block's
         # flush floor zeroed first (no subnormal product)
-        scales = _run("amax_floor_scales", x4, *params[1:], fmt.tensor_scale, amax_t, unscaled)  # type: ignore[arg-type]
+        scales = _run_kind("amax_floor_scales", f"{flags}_{_dtypes(x4)}", x4, *params[1:], fmt.tensor_scale, amax_t,
+                           unscaled)  # type: ignore[arg-type]
         full, factor, floor, tensor_scale = scales  # type: ignore[misc]
-        _run(f"flushed_{rounding}_out", x4, factor, floor, full, pe, *stochastic, out4)
+        _run_kind(f"flushed_{rounding}_out", _dtypes(x4, out4), x4, factor, floor, full, pe, *stochastic, out4)
         return tensor_scale
     if fmt.scale_rule in block_kernels.RULE_IDS:
-        full, factor = _run("pow2_scales", x4, params[1])  # type: ignore[misc]
+        full, factor = _run_kind("pow2_scales", _dtypes(x4), x4, params[1])  # type: ignore[misc]
     else:
-        scales = _run("amax_scales", x4, *params[1:], fmt.tensor_scale, amax_t, unscaled)  # type: ignore[arg-type]
+        scales = _run_kind("amax_scales", f"{flags}_{_dtypes(x4)}", x4, *params[1:], fmt.tensor_scale, amax_t, unscaled)  # type: ignore[arg-type]
         full, factor, tensor_scale = scales  # type: ignore[misc]
-    _run(f"blocks_{rounding}_out", x4, factor, full, pe, zero_below, *stochastic, out4)  # type: ignore[arg-type]
+    _run_kind(f"blocks_{rounding}_out", f"{int(zero_below)}_{_dtypes(x4, out4)}", x4, factor, full, pe, zero_below,
+              *stochastic, out4)  # type: ignore[arg-type]
     return tensor_scale
 
 
