@@ -10,9 +10,10 @@ and a mask took 0.91 ms against 0.40 ms with a vector cast, the E4M3 element rou
 3.1 ms against 0.9 ms, MXFP8 quantization 2.2 ms against 0.8 ms.
 
 :func:`vector_bitcasts` adds the vector form for the 32-bit pairs while it is active:
-``at::vec::cast<int32_t>(x)`` (ATen's bit reinterpretation of a vector; on x86 one
-``castps``/``castsi`` instruction, elsewhere a same-width store and load; register by
-register where a loop's vectors span several). Other widths keep inductor's own code. Nothing
+``at::vec::cast<int32_t>(x)`` (ATen's bit reinterpretation of a vector: a register
+cast where ATen specialises it, as for int32 -> float32 on AVX-512, elsewhere one
+same-width store and load of the whole vector; register by register where a loop's
+vectors span several). Other widths keep inductor's own code. Nothing
 else in the generated C++ changes, and a bit cast has one meaning, so results are
 unchanged (the exhaustive and random exactness tests run through these kernels).
 
