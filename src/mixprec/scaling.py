@@ -226,7 +226,11 @@ class AmaxHistory:
     def record(self, x: torch.Tensor) -> None:
         """Push ``x``'s absolute maximum (as a device tensor; no synchronisation); a
         non-finite amax is pushed as 0."""
-        current = abs_max(x)
+        self.record_amax(abs_max(x))
+
+    def record_amax(self, current: torch.Tensor) -> None:
+        """Push an absolute maximum already taken (a 0-d float32 tensor: a rounding
+        pass that reduced it while it read the tensor); a non-finite one as 0."""
         # an overflowing step's Inf/NaN is not a range to scale for (the step is skipped):
         # recorded as 0, it leaves the history's maximum to the finite steps around it
         current = torch.where(torch.isfinite(current), current, torch.zeros_like(current))

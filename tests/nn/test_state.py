@@ -90,3 +90,27 @@ def test_block_values_from_the_rounding_pass_equal_the_unpacked_codes(name: str,
         assert direct.storage.dtype == (torch.bfloat16 if exact_bf16 else torch.float32)
         assert torch.equal(direct.values(), packed.values())
         assert torch.equal(direct.drop_values().values(), packed.values())  # as backward would keep it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delayed_scaling_records_the_amax_its_rounding_pass_took(dtype: torch.dtype) -> None:
+    """An FP8 operand under delayed scaling is rounded with the history's scale and its
+    amax is reduced by that same pass: the history holds abs_max(x) exactly, a non-finite
+    amax as 0, and the rounding used the scale from before the record."""
+    from mixprec.core.quantize import abs_max
+
+    state = EngineState(mixprec.get_recipe("fp8-hybrid"), None)
+    state.recording = True
+    operand = Operand("e4m3", scaling=TensorScaling("delayed", history=4))
+    x = (torch.randn(64, 48) * 37.0).to(dtype)
+    first = quantize_operand(x, operand, state, "site")
+    history = state.histories["site"]
+    assert float(history.amax[0]) == float(abs_max(x)) and int(history.count) == 1
+    assert float(first.scale) == 1.0  # the empty history's scale, taken before the record
+    y = x * 3
+    y[0, 0] = float("nan")
+    second = quantize_operand(y, operand, state, "site")
+    assert float(history.amax[1]) == 0.0 and int(history.count) == 2
+    # rounded with the scale of the history before this record (x's amax alone); the
+    # recorded 0 leaves it unchanged
+    assert float(second.scale) == float(history.scale("e4m3")) != 1.0

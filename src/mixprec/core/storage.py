@@ -20,9 +20,10 @@ from mixprec.core import formats
 from mixprec.core.block_storage import PackedBlocks
 from mixprec.core.formats import BlockFormat, FloatFormat
 from mixprec.core.kernels import _params, _round_bits, run_variant
-from mixprec.core.quantize import Rounding, _key, quantize, resolve_overflow
+from mixprec.core.quantize import Rounding, _key, abs_max, quantize, resolve_overflow
 
-__all__ = ["storage_dtype", "to_storage", "from_storage", "quantize_stored", "stored_values", "PackedBlocks"]
+__all__ = ["storage_dtype", "to_storage", "from_storage", "quantize_stored", "quantize_stored_with_amax",
+           "stored_values", "PackedBlocks"]
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -192,12 +193,33 @@ def quantize_stored(
     bfloat16 x is widened inside the pass (:func:`mixprec.core.kernels.run_variant`);
     other formats take quantize, then to_storage. ``scale`` is a one-element float32
     tensor on x's device."""
+    values, stored, _ = quantize_stored_with_amax(x, fmt, rounding, scale, saturate, random_key, with_values,
+                                                  values_dtype, with_amax=False)
+    return values, stored
+
+
+def quantize_stored_with_amax(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    rounding: Rounding = "nearest",
+    scale: torch.Tensor | None = None,
+    saturate: bool | None = None,
+    random_key: torch.Tensor | None = None,
+    with_values: bool = True,
+    values_dtype: torch.dtype = torch.float32,
+    with_amax: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_stored`, and ``x``'s absolute maximum as a 0-d float32 tensor
+    (NaN where x holds one; None unless ``with_amax``), reduced by the same pass over x:
+    delayed scaling records the amax of a tensor it rounds with an earlier scale, and
+    taking it there saves a pass that reads x again."""
     resolved = formats.get(fmt)
     dtype = resolved.torch_dtype
     if dtype not in _FP8_DTYPES or x.numel() == 0:
         values = quantize(x, resolved, rounding, scale=scale, saturate=saturate, random_key=random_key)
         unscaled = values if scale is None else values * torch.reciprocal(scale)
-        return values if with_values else None, to_storage(unscaled, resolved)  # type: ignore[return-value]
+        amax = abs_max(x) if with_amax else None
+        return values if with_values else None, to_storage(unscaled, resolved), amax  # type: ignore[return-value]
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"quantize_stored takes float32, float16 or bfloat16 tensors, not {x.dtype}")
     # a 16-bit x is widened inside the kernel as it is read (with vector bit casts,
@@ -209,21 +231,23 @@ def quantize_stored(
     key = _key(None, x.device, random_key) if rounding == "stochastic" else None
     scales = () if scale is None else (torch.reciprocal(scale), scale)
     name = (f"stored_{resolved.name}_{overflow}_{rounding}_{'scaled' if scales else 'unscaled'}_"
-            f"{str(flat.dtype)[6:]}{'_values_' + str(values_dtype)[6:] if with_values else ''}")
-    kernel = _stored_kernel(dtype, bool(scales), values_dtype if with_values else None)
-    values, stored = run_variant(name, kernel, flat, p, key, *scales)
-    return None if values is None else values.view(x.shape), stored.view(x.shape)
+            f"{str(flat.dtype)[6:]}{'_values_' + str(values_dtype)[6:] if with_values else ''}"
+            f"{'_amax' if with_amax else ''}")
+    kernel = _stored_kernel(dtype, bool(scales), values_dtype if with_values else None, with_amax)
+    values, stored, amax = run_variant(name, kernel, flat, p, key, *scales)
+    return None if values is None else values.view(x.shape), stored.view(x.shape), amax
 
 
-def _stored_kernel(dtype: torch.dtype, scaled: bool,
-                   values_dtype: torch.dtype | None) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor]]:
+def _stored_kernel(dtype: torch.dtype, scaled: bool, values_dtype: torch.dtype | None, with_amax: bool = False
+                   ) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
     """One pass of :func:`quantize_stored`: ``q(x * scale_inv)`` (the rounding kernel)
-    as storage ``q`` in ``dtype`` and (unless ``values_dtype`` is None) as values ``q *
-    scale`` in ``values_dtype``."""
+    as storage ``q`` in ``dtype``, (unless ``values_dtype`` is None) as values ``q *
+    scale`` in ``values_dtype``, and (``with_amax``) x's absolute maximum."""
 
     def stored(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None, scale_inv: torch.Tensor | None = None,
-               scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+               scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         x = x.float()
+        amax = x.abs().amax() if with_amax else None
         if not scaled:
             rounded = _round_bits(x, p, key)
             values = rounded
@@ -231,7 +255,7 @@ def _stored_kernel(dtype: torch.dtype, scaled: bool,
             assert scale_inv is not None and scale is not None
             rounded = _round_bits(x * scale_inv, p, key)
             values = rounded * scale
-        return (None if values_dtype is None else values.to(values_dtype)), rounded.to(dtype)
+        return (None if values_dtype is None else values.to(values_dtype)), rounded.to(dtype), amax
 
     return stored
 

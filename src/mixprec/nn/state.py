@@ -34,7 +34,7 @@ from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
 from mixprec.core.kernels import _MIX1, _MIX2  # murmur3's finaliser, as the rounding kernel's hash
 from mixprec.core.quantize import abs_max, quantize, scale_from_amax, tensor_scale
-from mixprec.core.storage import quantize_stored, stored_values, to_storage
+from mixprec.core.storage import quantize_stored_with_amax, stored_values, to_storage
 from mixprec.recipe import Operand, Recipe
 from mixprec.scaling import AmaxHistory
 
@@ -234,25 +234,31 @@ class EngineState:
 
     # ---- scales -----------------------------------------------------------------------
 
-    def scale(self, x: torch.Tensor, operand: Operand, key: str) -> torch.Tensor | None:
+    def scale(self, x: torch.Tensor, operand: Operand, key: str, defer: bool = False
+              ) -> tuple[torch.Tensor | None, AmaxHistory | None]:
         """The per-tensor scale for ``x`` at call site ``key`` (None without scaling);
-        under delayed scaling the history records x's amax when training."""
+        under delayed scaling the history records x's amax when training, or, with
+        ``defer``, is returned for the caller to record an amax its rounding pass took
+        (second item; None where nothing is left to record)."""
         scaling = operand.scaling
         if scaling is None:
-            return None
+            return None, None
         fmt = operand.fmt
         if scaling.mode == "current":
             if self.amax_reduce is not None and self.recording:
                 return scale_from_amax(self.amax_reduce(abs_max(x)), fmt, margin=scaling.margin,
-                                       power_of_two=scaling.power_of_two)
-            return tensor_scale(x, fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
+                                       power_of_two=scaling.power_of_two), None
+            return tensor_scale(x, fmt, margin=scaling.margin, power_of_two=scaling.power_of_two), None
         if key not in self.histories:
             self.reserve_history(key, operand, x.device)
         history = self.histories[key]
         scale = history.scale(fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
-        if self.recording:
-            history.record(x if self.amax_reduce is None else self.amax_reduce(abs_max(x)))
-        return scale
+        if not self.recording:
+            return scale, None
+        if defer and self.amax_reduce is None:
+            return scale, history
+        history.record(x if self.amax_reduce is None else self.amax_reduce(abs_max(x)))
+        return scale, None
 
     def reserve_history(self, key: str, operand: Operand, device: torch.device) -> None:
         """Create the amax history of call site ``key`` now if ``operand`` scales by
@@ -388,18 +394,25 @@ def quantize_operand(
         # torch's cast rounds to FP16/BF16 exactly as quantize does (tests/core check every
         # FP16 value and random bit patterns): one pass, the float32 copy only if asked
         return Quantized(x.detach().to(fmt.torch_dtype), None, operand)
+    fp8 = fmt.torch_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    history = None
     if scale is None:
-        scale = state.scale(x, operand, key)
+        # FP8 storage: a delayed-scaling amax is taken by the rounding pass itself
+        scale, history = state.scale(x, operand, key, defer=fp8)
     random_key = state.random_key(key, forward_key) if operand.rounding == "stochastic" else None
     saturate = True if scale is not None else None
-    if fmt.torch_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if fp8:
         # the 1-byte storage in one pass over x; the values are decoded from it when a
         # GEMM asks, in the dtype of its kernel (BF16: 3 bytes an element, not 6)
         if not _holds_exactly(values_dtype, scale, operand):
             values_dtype = torch.float32
-        values, stored = quantize_stored(x, fmt, operand.rounding, scale=scale, saturate=saturate,
-                                         random_key=random_key, with_values=values_dtype is not None,
-                                         values_dtype=values_dtype or torch.float32)
+        values, stored, amax = quantize_stored_with_amax(
+            x, fmt, operand.rounding, scale=scale, saturate=saturate, random_key=random_key,
+            with_values=values_dtype is not None, values_dtype=values_dtype or torch.float32,
+            with_amax=history is not None)
+        if history is not None:  # delayed scaling: the amax the rounding pass took
+            assert amax is not None
+            history.record_amax(amax)
         return Quantized(stored, scale, operand, values)
     x32 = x.detach()
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
