@@ -51,10 +51,18 @@ def test_backend_switch_is_scoped_and_validated():
 
 def test_auto_uses_eager_for_small_tensors(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "_compiled_entry", lambda name: calls.append(name))
+    original = kernels._compiled_entry
+
+    def recording(name, fn):
+        calls.append(name)
+        return original(name, fn)
+
+    monkeypatch.setattr(kernels, "_compiled_entry", recording)
     with kernel_backend("auto"):
-        mixprec.quantize(torch.randn(16), "fp16")
-    assert calls == []
+        mixprec.quantize(torch.randn(kernels.COMPILE_MIN_NUMEL - 1), "fp16")
+        assert calls == []
+        mixprec.quantize(torch.randn(kernels.COMPILE_MIN_NUMEL), "fp16")
+    assert len(calls) == 1
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
@@ -102,3 +110,59 @@ def test_auto_retries_compiling_a_few_times_before_staying_eager(monkeypatch):
         for _ in range(6):
             assert_same(mixprec.quantize(x, "e5m2"), x.to(torch.float8_e5m2).float(), x, "eager fallback")
     assert len(attempts) == kernels._MAX_COMPILE_FAILURES
+
+
+def test_small_kernels_run_on_one_thread_under_passive_openmp(monkeypatch):
+    """Below the threshold a compiled kernel runs with one thread (no sleeping OpenMP
+    thread to wake), gives the same bits as with all threads, and the thread count is
+    restored after it, also when the kernel raises."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs at least two torch threads")
+    threads = torch.get_num_threads()
+    original = kernels._compiled_entry
+    seen = []
+
+    def recording(name, fn):
+        compiled = original(name, fn)
+
+        def call(*args):
+            seen.append(torch.get_num_threads())
+            return compiled(*args)
+
+        return call
+
+    monkeypatch.setattr(kernels, "_compiled_entry", recording)
+    x = adversarial(1 << 12)
+    with kernel_backend("compiled"):
+        monkeypatch.setattr(kernels, "_serial_below", lambda: 0)
+        parallel = mixprec.quantize(x, "e5m2", "stochastic", random_key=torch.tensor([3, 4], dtype=torch.int32))
+        monkeypatch.setattr(kernels, "_serial_below", lambda: 1 << 13)
+        serial = mixprec.quantize(x, "e5m2", "stochastic", random_key=torch.tensor([3, 4], dtype=torch.int32))
+        large = mixprec.quantize(adversarial(1 << 14), "e5m2")
+    assert seen == [threads, 1, threads]
+    assert torch.equal(serial.view(torch.int32), parallel.view(torch.int32))
+    assert_same(large, adversarial(1 << 14).to(torch.float8_e5m2).float(), adversarial(1 << 14), "large")
+    assert torch.get_num_threads() == threads
+
+    def broken(name, fn):
+        def fail(*args):
+            raise RuntimeError("kernel failed")
+
+        return fail
+
+    monkeypatch.setattr(kernels, "_compiled_entry", broken)
+    with kernel_backend("compiled"), pytest.raises(RuntimeError, match="kernel failed"):
+        mixprec.quantize(x, "e5m2")
+    assert torch.get_num_threads() == threads
+
+
+def test_one_thread_only_under_the_passive_wait_policy(monkeypatch):
+    kernels._serial_below.cache_clear()
+    try:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+        assert kernels._serial_below() == kernels.SERIAL_BELOW_PASSIVE
+        kernels._serial_below.cache_clear()
+        monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+        assert kernels._serial_below() == 0
+    finally:
+        kernels._serial_below.cache_clear()

@@ -16,6 +16,7 @@ identical on every device, and need no random tensor in memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import threading
@@ -327,6 +328,25 @@ def _run(name: str, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor
     return run_variant(name, _ENTRIES[name], x, *args)
 
 
+SERIAL_BELOW_PASSIVE = 1 << 18
+"""Under ``OMP_WAIT_POLICY=passive`` a compiled kernel on fewer elements than this runs
+on one thread. Inductor opens an OpenMP parallel region in every kernel whatever the
+size (its shapes are dynamic), and passive OpenMP threads sleep between regions: waking
+them cost 120-190 us a region here (a 2-core VM), more than the work of a kernel on
+100K elements. Measured on 64x64 to 1024x1024 float32 (e5m2 nearest and stochastic,
+mxfp8): one thread was 3x faster at 4K elements, 1.1-1.6x at 128K, even at 256K, slower
+from 1M. Under the default (spinning) policy the wake-up is cheap and two threads were
+as fast or faster at every size, so kernels keep every thread there."""
+
+
+@functools.cache
+def _serial_below() -> int:
+    """The element count below which compiled kernels run on one thread, from the OpenMP
+    wait policy of this process (read at first use)."""
+    passive = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+    return SERIAL_BELOW_PASSIVE if passive else 0
+
+
 def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
     """``fn(x, *args)``, compiled by ``torch.compile`` where the backend and ``x``'s size
     and device call for it (see :data:`Backend`), else eagerly: the same results. ``name``
@@ -341,8 +361,17 @@ def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) 
             grad = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
             named = (torch.profiler.record_function(f"mixprec.{name}")
                      if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext())
+            compiled = _compiled_entry(name, fn)
+            threads = torch.get_num_threads()
+            serial = threads > 1 and x.numel() < _serial_below()
             with grad, named, vector_bitcasts():
-                return _compiled_entry(name, fn)(x, *args)
+                if not serial:
+                    return compiled(x, *args)
+                torch.set_num_threads(1)
+                try:
+                    return compiled(x, *args)
+                finally:
+                    torch.set_num_threads(threads)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":
                 raise
