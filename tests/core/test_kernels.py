@@ -166,3 +166,49 @@ def test_one_thread_only_under_the_passive_wait_policy(monkeypatch):
         assert kernels._serial_below() == 0
     finally:
         kernels._serial_below.cache_clear()
+
+
+_FLOAT_NEAREST = ["fp16", "e5m2", "e4m3", "e2m1fn", "e2m3fn", "e3m2fn", "e3m4", "e6m9", "e2m1", "e5m10"]
+
+
+@pytest.mark.parametrize("name", _FLOAT_NEAREST)
+@pytest.mark.parametrize("overflow", ["inf", "saturate", "nan"])
+def test_float_nearest_path_equals_the_integer_kernel(name, overflow):
+    """Rounding to nearest in exact float arithmetic gives the integer kernel's bits, on
+    random bit patterns (NaN payloads, Inf, float32 subnormals, overflow) and on every
+    value near each of the format's grid points and midpoints, eager and compiled."""
+    fmt = mixprec.formats.get(name)
+    values = kernels.param_values(fmt, overflow)
+    assert kernels.float_nearest_ok(values)
+    p = torch.tensor(values, dtype=torch.int32)
+    x = adversarial(1 << 16)
+    # grid points and midpoints of the format, a few ulps either side, both signs
+    grid = mixprec.quantize(torch.logspace(-30, 20, 4096, base=2.0), fmt, saturate=True).unique()
+    mids = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, grid * 1.75])
+    near = (mids.view(torch.int32)[:, None] + torch.arange(-2, 3, dtype=torch.int32)).flatten().view(torch.float32)
+    x = torch.cat([x, near, -near])
+    expected = kernels._round_bits(x, p, None)
+    eager = kernels._round_nearest_float(x, p)
+    assert torch.equal(eager.view(torch.int32), expected.view(torch.int32))
+    compiled = torch.compile(kernels._round_nearest_float, dynamic=True)(x, p)
+    assert torch.equal(compiled.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["bf16", "e8m0fnu", "e8m0", "fp32", "e8m7", "e2m0", "e4m0"])
+def test_float_nearest_path_refuses_grids_it_cannot_hold(name):
+    """BF16's and E8M0's smallest values are float32 subnormals (or there is no zero,
+    or nothing to round): they keep the integer kernel."""
+    fmt = mixprec.formats.get(name)
+    assert not kernels.float_nearest(fmt, fmt.overflow)
+
+
+def test_quantize_takes_the_float_path_to_nearest_only(monkeypatch):
+    names = []
+    original = kernels._compiled_entry
+    monkeypatch.setattr(kernels, "_compiled_entry", lambda name, fn: names.append(name) or original(name, fn))
+    x = adversarial(4096)
+    with kernel_backend("compiled"):
+        mixprec.quantize(x, "e5m2")
+        mixprec.quantize(x, "bf16", saturate=True)
+        mixprec.quantize(x, "e5m2", "stochastic")
+    assert names == ["nearest_float", "nearest", "stochastic"]

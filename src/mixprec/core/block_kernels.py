@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mixprec.core.kernels import _ABS_MASK, _ENTRIES, _F32_QNAN_BITS, _INT32_MIN, _hash_bits, _round_bits
+from mixprec.core.kernels import _ABS_MASK, _ENTRIES, _F32_QNAN_BITS, _INT32_MIN, _hash_bits, _round_bits, nearest_steps
 
 __all__ = ["RULE_IDS", "pow2_parts", "amax_parts", "range_counts", "blocked"]
 
@@ -293,29 +293,10 @@ def round_pow2_grid(
 def nearest_on_grid(
     magnitude: torch.Tensor, mantissa_bits: torch.Tensor, step_min: torch.Tensor, largest: torch.Tensor
 ) -> torch.Tensor:
-    """Round to nearest even, in float arithmetic, the nonnegative finite float32 values
-    whose int32 bits are ``magnitude`` onto the grid of ``mantissa_bits``-bit significands
-    whose spacing stops shrinking at ``2**(step_min - 127)`` (``step_min``, at least 2, is
-    the biased float32 exponent of the grid's smallest subnormal), saturating at
-    ``largest`` (bits). Returns the result's int32 bits.
-
-    ``magnitude`` must be finite: Inf would meet a zero inverse. Every float operation
-    is exact: in binade E the spacing is ``s = 2**max(E - m,
-    step_min - 127)``, a power of two whose inverse is a float32 normal, so ``x * (1/s)``
-    is x's value in steps (a normal float32 of at most m + 1 integer bits), ``round``
-    (half to even) picks the grid point, and ``q * s`` is exact. Values at or below half
-    the smallest spacing round to zero (ties to the even zero) and are zeroed before the
-    multiply, so no operand or product is a float32 subnormal, which would cost a
-    microcode assist per vector on x86. About 15 vector operations per element against
-    :func:`round_pow2_grid`'s 45, which is why nearest rounding of the block formats
-    takes this path (stochastic rounding keeps the integer kernel, whose random
-    increment is exact at every bit)."""
-    step_exp = torch.maximum((magnitude >> 23) - mantissa_bits, step_min)
-    inverse = ((254 - step_exp) << 23).view(torch.float32)
-    step = (step_exp << 23).view(torch.float32)
-    kept = torch.where(magnitude <= ((step_min - 1) << 23), 0, magnitude).view(torch.float32)
-    # past the largest, or an overflow to Inf at the top of float32's range: saturated
-    return torch.minimum((torch.round(kept * inverse) * step).view(torch.int32), largest)
+    """:func:`.kernels.nearest_steps` (round to nearest even in exact float arithmetic)
+    saturating at ``largest`` (bits): the element formats here saturate. Returns the
+    result's int32 bits."""
+    return torch.minimum(nearest_steps(magnitude, mantissa_bits, step_min), largest)
 
 
 def flushed_nearest(x4: torch.Tensor, factor: torch.Tensor, floor: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:

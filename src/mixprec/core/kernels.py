@@ -106,6 +106,7 @@ def _f32_bits(value: float) -> int:
 
 
 _params_cache: dict[tuple[FloatFormat, str, torch.device], torch.Tensor] = {}
+_float_nearest_cache: dict[tuple[FloatFormat, str], bool] = {}
 
 
 # Run as it is while torch.compile traces (its result is a constant of the format): a
@@ -138,6 +139,17 @@ def param_values(fmt: FloatFormat, overflow: Overflow) -> tuple[int, ...]:
     invalid_below = _INT32_MIN if fmt.signed else (0 if fmt.has_zero else 1)
     return (shift, max_bits, overflow_bits, subnormal_below, _f32_bits(fmt.smallest_subnormal),
             f32_subnormal_drop, min_bits, invalid_below)
+
+
+def float_nearest(fmt: FloatFormat, overflow: Overflow) -> bool:
+    """:func:`float_nearest_ok` for ``fmt`` and ``overflow`` (cached)."""
+    key = (fmt, overflow)
+    cached = _float_nearest_cache.get(key)
+    if cached is None:
+        cached = float_nearest_ok(param_values(fmt, overflow))
+        if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
+            _float_nearest_cache[key] = cached
+    return cached
 
 
 def _params(fmt: FloatFormat, overflow: Overflow, device: torch.device) -> torch.Tensor:
@@ -233,22 +245,97 @@ def _round_bits(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None) -> t
     return result.view(torch.float32)
 
 
+def nearest_steps(magnitude: torch.Tensor, mantissa_bits: torch.Tensor, step_min: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even, in float arithmetic, the nonnegative finite float32 values
+    whose int32 bits are ``magnitude`` onto the grid of ``mantissa_bits``-bit significands
+    whose spacing stops shrinking at ``2**(step_min - 127)`` (``step_min``, at least 2, is
+    the biased float32 exponent of the grid's smallest subnormal), without a largest
+    value. Returns the result's int32 bits (Inf's where the result overflows float32).
+
+    ``magnitude`` must be finite: Inf would meet a zero inverse. Every float operation
+    is exact: in binade E the spacing is ``s = 2**max(E - m, step_min - 127)``, a power
+    of two whose inverse is a float32 normal, so ``x * (1/s)`` is x's value in steps (a
+    normal float32 of at most m + 1 integer bits), ``round`` (half to even) picks the
+    grid point, and ``q * s`` is exact. Values at or below half the smallest spacing
+    round to zero (ties to the even zero) and are zeroed before the multiply, so no
+    operand or product is a float32 subnormal, which would cost a microcode assist per
+    vector on x86. About 15 vector operations per element against :func:`_round_bits`'
+    45: 1.6x faster on 1M elements (one thread), which is why rounding to nearest takes
+    this path wherever it applies (:func:`float_nearest_ok`). Stochastic rounding keeps
+    the integer kernel, whose random increment is exact at every bit."""
+    step_exp = torch.maximum((magnitude >> 23) - mantissa_bits, step_min)
+    inverse = ((254 - step_exp) << 23).view(torch.float32)
+    step = (step_exp << 23).view(torch.float32)
+    kept = torch.where(magnitude <= ((step_min - 1) << 23), 0, magnitude).view(torch.float32)
+    return (torch.round(kept * inverse) * step).view(torch.int32)
+
+
+def float_nearest_ok(p: tuple[int, ...]) -> bool:
+    """Whether :func:`_round_nearest_float` gives :func:`_round_bits`' nearest results
+    bit for bit for the format with kernel parameters ``p`` (:func:`param_values`): it
+    has a zero and signed values (no result floor, no invalid inputs), subnormals whose
+    smallest is a float32 normal of at least 2**-125 (float32's subnormal inputs then
+    round to zero both ways), a normal range that starts where its subnormal spacing
+    stops (a grid of fixed spacing below it), and at least one mantissa bit (so that
+    the inverse spacing in float32's top binade, ``2**(m - 127)``, is a normal).
+    FP16, every FP8 and the MX and NVFP4 elements; not BF16 (its subnormals are
+    float32's), E8M0 or ``eXm0``."""
+    shift, _, _, subnormal_below, step_bits, _, min_bits, invalid_below = p
+    step_exp = step_bits >> 23
+    return (min_bits == 0 and invalid_below == _INT32_MIN and 0 <= shift <= 22 and step_bits & 0x7FFFFF == 0
+            and step_exp >= 2 and subnormal_below == step_exp + 23 - shift)
+
+
+def _round_nearest_float(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """:func:`_round_bits` of ``x`` to nearest for a format :func:`float_nearest_ok`
+    accepts, by :func:`nearest_steps`: Inf rounds as float32's largest value does
+    (past the format's largest, to the overflow result), a NaN keeps its bits."""
+    bits = x.view(torch.int32)
+    magnitude = bits & _ABS_MASK
+    rounded = nearest_steps(torch.clamp(magnitude, max=_F32_INF_BITS - 1), 23 - p[0], p[4] >> 23)
+    rounded = torch.where(rounded > p[1], p[2], rounded)
+    rounded = torch.where(magnitude > _F32_INF_BITS, magnitude, rounded)  # NaN stays NaN
+    return (rounded | (bits & _INT32_MIN)).view(torch.float32)
+
+
+def round_nearest(x: torch.Tensor, p: torch.Tensor, float_path: bool) -> torch.Tensor:
+    """:func:`_round_bits` to nearest, by :func:`_round_nearest_float` where
+    ``float_path`` (:func:`float_nearest_ok` of the format; a constant to the compiler)."""
+    return _round_nearest_float(x, p) if float_path else _round_bits(x, p, None)
+
+
 def _scaled(
     x: torch.Tensor,
     p: torch.Tensor,
     key: torch.Tensor | None,
     scale_inv: torch.Tensor | None,
     scale: torch.Tensor | None,
+    float_path: bool = False,
 ) -> torch.Tensor:
+    def rounded(v: torch.Tensor) -> torch.Tensor:
+        return round_nearest(v, p, float_path) if key is None else _round_bits(v, p, key)
+
     if scale_inv is None or scale is None:
-        return _round_bits(x, p, key)
-    return _round_bits(x * scale_inv, p, key) * scale
+        return rounded(x)
+    return rounded(x * scale_inv) * scale
 
 
 # One entry point per variant, each its own code object, so that dynamo's per-function
 # recompile limit is never reached by the variants together.
 def _nearest(x, p, scale_inv, scale):  # type: ignore[no-untyped-def]
     return _scaled(x, p, None, scale_inv, scale)
+
+
+def _nearest_float(x, p, scale_inv, scale):  # type: ignore[no-untyped-def]
+    return _scaled(x, p, None, scale_inv, scale, True)
+
+
+def _nearest_float_out(x, p, scale_inv, scale, out):  # type: ignore[no-untyped-def]
+    out.copy_(_scaled(x, p, None, scale_inv, scale, True))
+
+
+def _nearest_float_inplace(x, p, scale_inv, scale):  # type: ignore[no-untyped-def]
+    x.copy_(_scaled(x, p, None, scale_inv, scale, True))
 
 
 def _nearest_out(x, p, scale_inv, scale, out):  # type: ignore[no-untyped-def]
@@ -275,6 +362,9 @@ def _stochastic_inplace(x, p, key, scale_inv, scale):  # type: ignore[no-untyped
 
 _ENTRIES: dict[str, Callable[..., torch.Tensor | None]] = {
     "nearest": _nearest,
+    "nearest_float": _nearest_float,
+    "nearest_float_out": _nearest_float_out,
+    "nearest_float_inplace": _nearest_float_inplace,
     "nearest_out": _nearest_out,
     "nearest_inplace": _nearest_inplace,
     "stochastic": _stochastic,
@@ -413,20 +503,21 @@ def round_to_format(
     flat = x.reshape(-1).detach()
     p = _params(fmt, overflow, x.device)
     scale_inv = None if scale is None else torch.reciprocal(scale)
+    nearest = "nearest_float" if float_nearest(fmt, overflow) else "nearest"
     if out is not None and out.is_contiguous() and _same_memory(out, x):
         if key is None:
-            _run("nearest_inplace", flat, p, scale_inv, scale)
+            _run(f"{nearest}_inplace", flat, p, scale_inv, scale)
         else:
             _run("stochastic_inplace", flat, p, key, scale_inv, scale)
         return out
     if out is not None and out.is_contiguous():
         if key is None:
-            _run("nearest_out", flat, p, scale_inv, scale, out.view(-1).detach())
+            _run(f"{nearest}_out", flat, p, scale_inv, scale, out.view(-1).detach())
         else:
             _run("stochastic_out", flat, p, key, scale_inv, scale, out.view(-1).detach())
         return out
     if key is None:
-        result = _run("nearest", flat, p, scale_inv, scale)
+        result = _run(nearest, flat, p, scale_inv, scale)
     else:
         result = _run("stochastic", flat, p, key, scale_inv, scale)
     assert result is not None

@@ -19,7 +19,7 @@ import torch
 from mixprec.core import formats
 from mixprec.core.block_storage import PackedBlocks
 from mixprec.core.formats import BlockFormat, FloatFormat
-from mixprec.core.kernels import _params, _round_bits, run_variant
+from mixprec.core.kernels import _params, _round_bits, float_nearest, round_nearest, run_variant
 from mixprec.core.quantize import Rounding, _key, abs_max, quantize, resolve_overflow
 
 __all__ = ["storage_dtype", "to_storage", "from_storage", "quantize_stored", "quantize_stored_with_amax",
@@ -230,30 +230,33 @@ def quantize_stored_with_amax(
     p = _params(resolved, overflow, x.device)
     key = _key(None, x.device, random_key) if rounding == "stochastic" else None
     scales = () if scale is None else (torch.reciprocal(scale), scale)
+    float_path = key is None and float_nearest(resolved, overflow)
     name = (f"stored_{resolved.name}_{overflow}_{rounding}_{'scaled' if scales else 'unscaled'}_"
             f"{str(flat.dtype)[6:]}{'_values_' + str(values_dtype)[6:] if with_values else ''}"
-            f"{'_amax' if with_amax else ''}")
-    kernel = _stored_kernel(dtype, bool(scales), values_dtype if with_values else None, with_amax)
+            f"{'_amax' if with_amax else ''}{'_float' if float_path else ''}")
+    kernel = _stored_kernel(dtype, bool(scales), values_dtype if with_values else None, with_amax, float_path)
     values, stored, amax = run_variant(name, kernel, flat, p, key, *scales)
     return None if values is None else values.view(x.shape), stored.view(x.shape), amax
 
 
-def _stored_kernel(dtype: torch.dtype, scaled: bool, values_dtype: torch.dtype | None, with_amax: bool = False
-                   ) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
-    """One pass of :func:`quantize_stored`: ``q(x * scale_inv)`` (the rounding kernel)
-    as storage ``q`` in ``dtype``, (unless ``values_dtype`` is None) as values ``q *
-    scale`` in ``values_dtype``, and (``with_amax``) x's absolute maximum."""
+def _stored_kernel(dtype: torch.dtype, scaled: bool, values_dtype: torch.dtype | None, with_amax: bool = False,
+                   float_path: bool = False) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
+    """One pass of :func:`quantize_stored`: ``q(x * scale_inv)`` (the rounding kernel;
+    to nearest by :func:`mixprec.core.kernels.round_nearest`'s float path where
+    ``float_path``) as storage ``q`` in ``dtype``, (unless ``values_dtype`` is None) as
+    values ``q * scale`` in ``values_dtype``, and (``with_amax``) x's absolute maximum."""
 
     def stored(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None, scale_inv: torch.Tensor | None = None,
                scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         x = x.float()
         amax = x.abs().amax() if with_amax else None
         if not scaled:
-            rounded = _round_bits(x, p, key)
+            rounded = _round_bits(x, p, key) if key is not None else round_nearest(x, p, float_path)
             values = rounded
         else:
             assert scale_inv is not None and scale is not None
-            rounded = _round_bits(x * scale_inv, p, key)
+            scaled_x = x * scale_inv
+            rounded = _round_bits(scaled_x, p, key) if key is not None else round_nearest(scaled_x, p, float_path)
             values = rounded * scale
         return (None if values_dtype is None else values.to(values_dtype)), rounded.to(dtype), amax
 
