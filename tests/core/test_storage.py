@@ -188,7 +188,7 @@ def test_quantize_stored_is_quantize_then_to_storage(name, rounding, scaled, dty
     widened inside) equals quantize then to_storage, eager and compiled, and
     stored_values decodes it back into float32 and BF16 exactly."""
     from mixprec.core.kernels import kernel_backend
-    from mixprec.core.storage import quantize_stored, stored_values
+    from mixprec.core.storage import quantize_stored, quantize_stored_with_amax, stored_values
 
     generator = torch.Generator().manual_seed(3)
     x = (torch.randn(96, 64, generator=generator) * 10.0 ** torch.randint(-12, 6, (96, 1), generator=generator))
@@ -213,5 +213,18 @@ def test_quantize_stored_is_quantize_then_to_storage(name, rounding, scaled, dty
         assert_same(values, expected, x.float(), f"{name} {backend} values")
         assert torch.equal(stored.view(torch.uint8), expected_storage.view(torch.uint8)), backend
         assert torch.equal(only_stored.view(torch.uint8), stored.view(torch.uint8)), backend
+        with kernel_backend(backend):
+            only_values, no_storage, _ = quantize_stored_with_amax(
+                x, name, rounding, scale=scale, saturate=saturate, random_key=key, with_amax=False,
+                with_storage=False)
+        assert no_storage is None
+        assert torch.equal(only_values.view(torch.int32), values.view(torch.int32)), backend
         assert_same(decoded, expected, x.float(), f"{name} {backend} decoded")
         assert_same(decoded_bf16.float(), expected, x.float(), f"{name} {backend} decoded to bf16")
+
+
+def test_quantize_stored_asks_for_something():
+    from mixprec.core.storage import quantize_stored_with_amax
+
+    with pytest.raises(ValueError, match="values, the storage or both"):
+        quantize_stored_with_amax(torch.ones(4), "e5m2", with_values=False, with_storage=False)

@@ -53,6 +53,26 @@ def test_values_from_the_rounding_pass_equal_the_decoded_storage(name, scaling, 
     assert torch.equal(q.values_as(torch.bfloat16 if held != torch.float16 else held),
                        decoded.values_as(torch.bfloat16 if held != torch.float16 else held))
     assert quantize_operand(x, operand, state, "site").cached_values is None  # by default only the bytes
+    # a result used at once: its values alone, the same ones, with no bytes written
+    alone = quantize_operand(x, operand, state, "site", values_dtype=wanted, keep_storage=False)
+    assert alone.storage is alone.cached_values and alone.storage.dtype == held
+    assert torch.equal(alone.values(), q.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_weights_rounding_pass_gives_the_forward_its_values_and_caches_the_bytes(dtype):
+    """The forward's weight comes with its values from the rounding pass (no decoding
+    pass); the per-step cache keeps only the FP8 bytes, which later uses decode."""
+    operand = Operand("e4m3", scaling=TensorScaling("current"))
+    state = EngineState(mixprec.get_recipe("fp8-hybrid"), None)
+    weight = torch.nn.Parameter(torch.randn(32, 48))
+    first = state.weight(weight, operand, "w", values_dtype=dtype)
+    assert first.cached_values is not None and first.cached_values.dtype == dtype
+    again = state.weight(weight, operand, "w", values_dtype=dtype)
+    assert again.cached_values is None and again.storage is first.storage
+    assert torch.equal(again.values_as(dtype), first.values_as(dtype))
+    block = state.weight(weight, Operand("mxfp8_e4m3"), "w", values_dtype=dtype)
+    assert block.layout is not None and block.cached_values is None  # block weights keep their codes
 
 
 @pytest.mark.parametrize("name", ["mxfp8_e4m3:rceil", "mxfp4_e2m1", "nvfp4", "fp8_block128", "nvfp4_16x16"])

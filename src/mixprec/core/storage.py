@@ -195,6 +195,7 @@ def quantize_stored(
     tensor on x's device."""
     values, stored, _ = quantize_stored_with_amax(x, fmt, rounding, scale, saturate, random_key, with_values,
                                                   values_dtype, with_amax=False)
+    assert stored is not None
     return values, stored
 
 
@@ -208,18 +209,24 @@ def quantize_stored_with_amax(
     with_values: bool = True,
     values_dtype: torch.dtype = torch.float32,
     with_amax: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    with_storage: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """:func:`quantize_stored`, and ``x``'s absolute maximum as a 0-d float32 tensor
     (NaN where x holds one; None unless ``with_amax``), reduced by the same pass over x:
     delayed scaling records the amax of a tensor it rounds with an earlier scale, and
-    taking it there saves a pass that reads x again."""
+    taking it there saves a pass that reads x again. ``with_storage=False`` returns None
+    for the storage and writes only the values (a GEMM's result, used at once and never
+    kept: the FP8 conversion and its bytes cost 0.3 ms a million elements here)."""
+    if not (with_values or with_storage):
+        raise ValueError("quantize_stored_with_amax: ask for the values, the storage or both")
     resolved = formats.get(fmt)
     dtype = resolved.torch_dtype
     if dtype not in _FP8_DTYPES or x.numel() == 0:
         values = quantize(x, resolved, rounding, scale=scale, saturate=saturate, random_key=random_key)
         unscaled = values if scale is None else values * torch.reciprocal(scale)
         amax = abs_max(x) if with_amax else None
-        return values if with_values else None, to_storage(unscaled, resolved), amax  # type: ignore[return-value]
+        stored = to_storage(unscaled, resolved) if with_storage else None
+        return values if with_values else None, stored, amax
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"quantize_stored takes float32, float16 or bfloat16 tensors, not {x.dtype}")
     # a 16-bit x is widened inside the kernel as it is read (with vector bit casts,
@@ -233,21 +240,25 @@ def quantize_stored_with_amax(
     float_path = key is None and float_nearest(resolved, overflow)
     name = (f"stored_{resolved.name}_{overflow}_{rounding}_{'scaled' if scales else 'unscaled'}_"
             f"{str(flat.dtype)[6:]}{'_values_' + str(values_dtype)[6:] if with_values else ''}"
-            f"{'_amax' if with_amax else ''}{'_float' if float_path else ''}")
-    kernel = _stored_kernel(dtype, bool(scales), values_dtype if with_values else None, with_amax, float_path)
+            f"{'_amax' if with_amax else ''}{'_float' if float_path else ''}{'' if with_storage else '_nostorage'}")
+    kernel = _stored_kernel(dtype if with_storage else None, bool(scales), values_dtype if with_values else None,
+                            with_amax, float_path)
     values, stored, amax = run_variant(name, kernel, flat, p, key, *scales)
-    return None if values is None else values.view(x.shape), stored.view(x.shape), amax
+    return (None if values is None else values.view(x.shape), None if stored is None else stored.view(x.shape),
+            amax)
 
 
-def _stored_kernel(dtype: torch.dtype, scaled: bool, values_dtype: torch.dtype | None, with_amax: bool = False,
-                   float_path: bool = False) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
+def _stored_kernel(dtype: torch.dtype | None, scaled: bool, values_dtype: torch.dtype | None,
+                   with_amax: bool = False, float_path: bool = False
+                   ) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """One pass of :func:`quantize_stored`: ``q(x * scale_inv)`` (the rounding kernel;
     to nearest by :func:`mixprec.core.kernels.round_nearest`'s float path where
-    ``float_path``) as storage ``q`` in ``dtype``, (unless ``values_dtype`` is None) as
-    values ``q * scale`` in ``values_dtype``, and (``with_amax``) x's absolute maximum."""
+    ``float_path``) as storage ``q`` in ``dtype`` (unless None), as values ``q * scale``
+    in ``values_dtype`` (unless None), and (``with_amax``) x's absolute maximum."""
 
     def stored(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None, scale_inv: torch.Tensor | None = None,
-               scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+               scale: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         x = x.float()
         amax = x.abs().amax() if with_amax else None
         if not scaled:
@@ -258,7 +269,8 @@ def _stored_kernel(dtype: torch.dtype, scaled: bool, values_dtype: torch.dtype |
             scaled_x = x * scale_inv
             rounded = _round_bits(scaled_x, p, key) if key is not None else round_nearest(scaled_x, p, float_path)
             values = rounded * scale
-        return (None if values_dtype is None else values.to(values_dtype)), rounded.to(dtype), amax
+        return ((None if values_dtype is None else values.to(values_dtype)),
+                (None if dtype is None else rounded.to(dtype)), amax)
 
     return stored
 

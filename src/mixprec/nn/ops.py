@@ -82,7 +82,8 @@ def _forward_operand(call: _Call, x: torch.Tensor, weight: bool, key: str, axis:
     recipe = call.recipe
     operand = recipe.forward.right if weight else recipe.forward.left
     if weight:
-        return call.state.weight(x, operand, f"{call.site}.{key}", axis=axis, forward_key=call.forward_key)
+        return call.state.weight(x, operand, f"{call.site}.{key}", axis=axis, forward_key=call.forward_key,
+                                 values_dtype=_kernel_dtype(path))
     return quantize_operand(x, operand, call.state, f"{call.site}.{key}", axis=axis,
                             forward_key=call.forward_key, values_dtype=_kernel_dtype(path))
 
@@ -268,9 +269,11 @@ def _finish(call: _Call, y: torch.Tensor, operand: Operand, key: str, dtype: tor
     target = dtype or result_dtype(operand, call.recipe.compute)
     if y.dtype != torch.float32 and kernels.kernel_rounds_to(operand, y.dtype):
         return y.to(target)
-    # an FP8 result's values come out of its rounding pass in the holding dtype
+    # an FP8 result's values come out of its rounding pass in the holding dtype, with no
+    # storage bytes (a result is used at once; an input a later GEMM keeps is rounded
+    # again there, which a value already on the grid passes unchanged)
     rounded = quantize_operand(y, operand, call.state, f"{call.site}.{key}", in_place=True,
-                               forward_key=call.forward_key, values_dtype=target)
+                               forward_key=call.forward_key, values_dtype=target, keep_storage=False)
     return rounded.values_as(target)
 
 
@@ -469,7 +472,7 @@ class _Convolution(torch.autograd.Function):
         # torch's BF16 convolution takes no FP32 bias: with a bias, the FP32 kernel
         path = _conv_path(_forward_path(call, x.device, False)) if bias is None else "fp32"
         qx = _forward_operand(call, x, False, "input", path=path)
-        qw = _forward_operand(call, weight, _is_weight(weight), "weight")
+        qw = _forward_operand(call, weight, _is_weight(weight), "weight", path=path)
         with _no_autocast():
             y = torch.ops.aten.convolution(_values(path, qx), _values(path, qw),
                                            None if bias is None else bias.float(), *geometry)

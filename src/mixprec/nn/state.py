@@ -279,14 +279,17 @@ class EngineState:
     # ---- weights ----------------------------------------------------------------------
 
     def weight(self, param: torch.Tensor, operand: Operand, key: str, axis: int = -1,
-               forward_key: torch.Tensor | None = None) -> Quantized:
+               forward_key: torch.Tensor | None = None, values_dtype: torch.dtype | None = None) -> Quantized:
         """``param`` rounded for ``operand`` (block formats: along ``axis``), once per
         parameter version: a weight used several times in one step (tied, shared,
         recurrent) is rounded once, and the optimizer's in-place update (a new version)
         makes the next forward round again. A weight in a 1-D block format has one copy
         per axis (forward's and dgrad's); square 2-D tiles serve both. A slice of a
         parameter used as a weight (MultiheadAttention's packed projection for
-        cross-attention) is rounded at each use, not cached."""
+        cross-attention) is rounded at each use, not cached. ``values_dtype`` asks the
+        rounding pass of an FP8 weight for its values too, in the dtype of the GEMM that
+        uses them at once (the forward's): the cache keeps the bytes alone, and a
+        later use decodes them."""
         if torch.compiler.is_compiling():
             # a compiled graph rounds its weights afresh each call: tensor versions are
             # not traceable, and inductor fuses the rounding into the GEMM's inputs
@@ -296,7 +299,9 @@ class EngineState:
         version = param._version
         if entry is not None and entry[0]() is param and entry[1] == version:
             return entry[3]
-        rounded = quantize_operand(param.detach(), operand, self, key, axis=axis, forward_key=forward_key)
+        values_dtype = None if isinstance(operand.fmt, BlockFormat) else values_dtype  # block weights: codes
+        rounded = quantize_operand(param.detach(), operand, self, key, axis=axis, forward_key=forward_key,
+                                   values_dtype=values_dtype)
         if isinstance(param, torch.nn.Parameter):
             self.weights[cache_key] = (weakref.ref(param), version, operand, rounded.drop_values())
         return rounded
@@ -369,7 +374,7 @@ def _holds_exactly(dtype: torch.dtype | None, scale: torch.Tensor | None, operan
 def quantize_operand(
     x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False,
     scale: torch.Tensor | None = None, axis: int = -1, forward_key: torch.Tensor | None = None,
-    values_dtype: torch.dtype | None = None,
+    values_dtype: torch.dtype | None = None, keep_storage: bool = True,
 ) -> Quantized:
     """``x`` rounded for ``operand`` (see :class:`Quantized`). A tensor already in the
     format's own dtype is on its grid and is not rounded again. ``in_place`` rounds a
@@ -381,7 +386,9 @@ def quantize_operand(
     ``values_dtype`` asks FP8 storage for the values too, written by the same pass in
     the dtype the GEMM's kernel multiplies (float32, or bfloat16 where that is exact),
     instead of a decoding pass later: for an operand used at once (a forward's input,
-    backward's error), not one kept (backward's copies keep only the bytes)."""
+    backward's error), not one kept (backward's copies keep only the bytes).
+    ``keep_storage=False`` (with ``values_dtype``: a GEMM's result, used at once) skips
+    FP8 storage: the operand holds its values alone."""
     if operand.is_fp32:
         return Quantized(x, None, operand, x.float())
     fmt = operand.fmt
@@ -401,18 +408,24 @@ def quantize_operand(
         scale, history = state.scale(x, operand, key, defer=fp8)
     random_key = state.random_key(key, forward_key) if operand.rounding == "stochastic" else None
     saturate = True if scale is not None else None
-    if fp8:
+    if fp8 and not _holds_exactly(values_dtype, scale, operand):
+        values_dtype = torch.float32
+    values_only = not keep_storage and values_dtype is not None
+    # float32 values alone of a fresh x: rounded in place below, no new tensor
+    in_place_values = values_only and values_dtype == torch.float32 and history is None
+    if fp8 and not in_place_values:
         # the 1-byte storage in one pass over x; the values are decoded from it when a
         # GEMM asks, in the dtype of its kernel (BF16: 3 bytes an element, not 6)
-        if not _holds_exactly(values_dtype, scale, operand):
-            values_dtype = torch.float32
         values, stored, amax = quantize_stored_with_amax(
             x, fmt, operand.rounding, scale=scale, saturate=saturate, random_key=random_key,
             with_values=values_dtype is not None, values_dtype=values_dtype or torch.float32,
-            with_amax=history is not None)
+            with_amax=history is not None, with_storage=not values_only)
         if history is not None:  # delayed scaling: the amax the rounding pass took
             assert amax is not None
             history.record_amax(amax)
+        if stored is None:  # values alone: they stand in for the storage
+            assert values is not None
+            return Quantized(values, None, operand, values)
         return Quantized(stored, scale, operand, values)
     x32 = x.detach()
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
@@ -420,6 +433,8 @@ def quantize_operand(
         x32, fresh = x32.float(), x32.is_contiguous()
     values = quantize(x32, fmt, operand.rounding, scale=scale, saturate=saturate, out=x32 if fresh else None,
                       random_key=random_key)
+    if values_only:
+        return Quantized(values, None, operand, values)
     unscaled = values if scale is None else values * torch.reciprocal(scale)
     return Quantized(to_storage(unscaled, fmt), scale, operand, values)
 
