@@ -71,8 +71,17 @@ def test_a_weights_rounding_pass_gives_the_forward_its_values_and_caches_the_byt
     again = state.weight(weight, operand, "w", values_dtype=dtype)
     assert again.cached_values is None and again.storage is first.storage
     assert torch.equal(again.values_as(dtype), first.values_as(dtype))
-    block = state.weight(weight, Operand("mxfp8_e4m3"), "w", values_dtype=dtype)
-    assert block.layout is not None and block.cached_values is None  # block weights keep their codes
+    for name in ("mxfp8_e4m3", "mxfp4_e2m1", "fp8_block128x128:rceil", "nvfp4_16x16"):
+        # block weights: codes, and (no tensor scale) the values from the same pass
+        block = state.weight(weight, Operand(name), "w", values_dtype=dtype)
+        assert block.layout is not None
+        decoded = block.drop_values()
+        if name == "nvfp4_16x16":
+            assert block.cached_values is None
+            continue
+        assert block.cached_values is not None and block.cached_values.dtype == dtype
+        assert torch.equal(block.values(), decoded.values())
+        assert torch.equal(block.values_as(dtype), decoded.values_as(dtype))
 
 
 @pytest.mark.parametrize("name", ["mxfp8_e4m3:rceil", "mxfp4_e2m1", "nvfp4", "fp8_block128", "nvfp4_16x16"])

@@ -299,9 +299,8 @@ class EngineState:
         version = param._version
         if entry is not None and entry[0]() is param and entry[1] == version:
             return entry[3]
-        values_dtype = None if isinstance(operand.fmt, BlockFormat) else values_dtype  # block weights: codes
         rounded = quantize_operand(param.detach(), operand, self, key, axis=axis, forward_key=forward_key,
-                                   values_dtype=values_dtype)
+                                   values_dtype=values_dtype, keep_storage=True)
         if isinstance(param, torch.nn.Parameter):
             self.weights[cache_key] = (weakref.ref(param), version, operand, rounded.drop_values())
         return rounded
@@ -374,7 +373,7 @@ def _holds_exactly(dtype: torch.dtype | None, scale: torch.Tensor | None, operan
 def quantize_operand(
     x: torch.Tensor, operand: Operand, state: EngineState, key: str, in_place: bool = False,
     scale: torch.Tensor | None = None, axis: int = -1, forward_key: torch.Tensor | None = None,
-    values_dtype: torch.dtype | None = None, keep_storage: bool = True,
+    values_dtype: torch.dtype | None = None, keep_storage: bool | None = None,
 ) -> Quantized:
     """``x`` rounded for ``operand`` (see :class:`Quantized`). A tensor already in the
     format's own dtype is on its grid and is not rounded again. ``in_place`` rounds a
@@ -387,13 +386,16 @@ def quantize_operand(
     the dtype the GEMM's kernel multiplies (float32, or bfloat16 where that is exact),
     instead of a decoding pass later: for an operand used at once (a forward's input,
     backward's error), not one kept (backward's copies keep only the bytes).
-    ``keep_storage=False`` (with ``values_dtype``: a GEMM's result, used at once) skips
-    FP8 storage: the operand holds its values alone."""
+    ``keep_storage`` with ``values_dtype``: False (a GEMM's result, used at once) skips
+    the storage, the operand holds its values alone; True (a weight: used at once and
+    kept) keeps it beside them, block codes included; None (the default) keeps FP8
+    storage and skips block codes (an input, whose backward copy is another)."""
     if operand.is_fp32:
         return Quantized(x, None, operand, x.float())
     fmt = operand.fmt
     if isinstance(fmt, BlockFormat):
-        return _quantize_blocks(x, operand, fmt, state, axis, key, forward_key, values_dtype)
+        return _quantize_blocks(x, operand, fmt, state, axis, key, forward_key, values_dtype,
+                                with_codes=values_dtype is None or bool(keep_storage))
     if operand.scaling is None and x.dtype == fmt.torch_dtype:
         return Quantized(x, None, operand)  # values() makes the float32 copy only if a kernel asks
     if (operand.scaling is None and scale is None and operand.rounding == "nearest" and fmt.overflow == "inf"
@@ -410,7 +412,7 @@ def quantize_operand(
     saturate = True if scale is not None else None
     if fp8 and not _holds_exactly(values_dtype, scale, operand):
         values_dtype = torch.float32
-    values_only = not keep_storage and values_dtype is not None
+    values_only = keep_storage is False and values_dtype is not None
     # float32 values alone of a fresh x: rounded in place below, no new tensor
     in_place_values = values_only and values_dtype == torch.float32 and history is None
     if fp8 and not in_place_values:
@@ -441,12 +443,15 @@ def quantize_operand(
 
 def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state: EngineState,
                      axis: int, key: str = "", forward_key: torch.Tensor | None = None,
-                     values_dtype: torch.dtype | None = None) -> Quantized:
+                     values_dtype: torch.dtype | None = None, with_codes: bool = True) -> Quantized:
     """``x`` in block format ``fmt`` along ``axis``: zero-padded to whole blocks (see the
     module docstring), Hadamard-rotated where the operand says, quantized, packed; or,
     given ``values_dtype`` (an operand used at once), only its values, written by the
     rounding pass in that dtype (BF16 where the format's values all are BF16 values, else
-    float32) with no codes: the packing and decoding passes are skipped."""
+    float32) with no codes: the packing and decoding passes are skipped. ``values_dtype``
+    with ``with_codes`` (a weight, used at once and kept): the codes, and the values
+    written beside them by the same pass (formats without a tensor scale; NVFP4's come
+    from its codes when asked, without the tensor scale the GEMM applies to its sum)."""
     x32 = x.detach() if x.dtype in (torch.float16, torch.bfloat16) else x.detach().float()  # widened in the kernels
     if x32.dim() < len(fmt.block_shape):
         x32 = x32.reshape((1,) * (len(fmt.block_shape) - x32.dim()) + tuple(x32.shape))
@@ -474,7 +479,7 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
         shape[axis] = x32.shape[axis]  # the rotated padding is part of the product
     # one key per site and axis: the dgrad and wgrad copies of an error draw apart
     random_key = state.random_key(f"{key}@{axis}", forward_key) if operand.rounding == "stochastic" else None
-    if values_dtype is not None:
+    if values_dtype is not None and not with_codes:
         if fmt.tensor_scale:
             # NVFP4: the values without the tensor scale, which the GEMM applies to its sum
             unscaled, tensor_scale = quantize_blocks_factored(x32, fmt, operand.rounding, axis=axis,
@@ -488,9 +493,13 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     # scale over zero codes: the element formats have no NaN code
     # the codes and scales in two passes; the values are decoded from them when a GEMM
     # asks, in the dtype of its kernel
-    _, packed = quantize_packed(x32, fmt, operand.rounding, axis=axis, random_key=random_key, with_values=False)
+    with_values = values_dtype is not None and not fmt.tensor_scale
+    dtype = torch.bfloat16 if values_dtype == torch.bfloat16 and fmt.bf16_values else torch.float32
+    values, packed = quantize_packed(x32, fmt, operand.rounding, axis=axis, random_key=random_key,
+                                     with_values=with_values, values_dtype=dtype)
     layout = BlockLayout(tuple(x32.shape), packed.moved_shape, packed.axis, tuple(shape))
-    return Quantized(packed.codes, packed.scales, operand, None, packed.tensor_scale, layout)
+    cached = None if values is None else _crop(values, tuple(shape))
+    return Quantized(packed.codes, packed.scales, operand, cached, packed.tensor_scale, layout)
 
 
 def _lcm(a: int, b: int) -> int:
