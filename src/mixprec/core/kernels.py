@@ -42,8 +42,10 @@ COMPILE_MIN_NUMEL = 2
 """Below this many elements quantize runs eagerly: sizes 0 and 1 would each cost dynamo
 a recompilation. From 2 elements on a compiled call (~60 us of guards and wrappers) is
 cheaper than the eager chain of ~25 operations (measured: 16 to 4,096 elements, 135-200
-us compiled against 270-710 us eager; once 4,096, which left every bias, norm weight and
-small convolution kernel of a small model on the eager chain)."""
+us compiled against 270-710 us eager, and 65-85 us compiled since small kernels run on
+one thread under a passive OpenMP, :data:`SERIAL_BELOW_PASSIVE`; once 4,096, which left
+every bias, norm weight and small convolution kernel of a small model on the eager
+chain)."""
 
 _INT32_MIN = -(2**31)
 _F32_INF_BITS = 0x7F800000
