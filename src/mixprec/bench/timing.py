@@ -4,6 +4,7 @@ that decide CPU timings."""
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +36,11 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7,
                         warmup: int = 1) -> dict[str, float]:
     """Median wall time of each function, timed in ``repeats`` rounds of one call each
     (after ``warmup`` untimed rounds), so that drift of a shared machine (another
-    process, frequency, cache state) hits all of them alike and their ratios hold."""
+    process, frequency, cache state) hits all of them alike and their ratios hold. Each
+    round calls them in an order of its own (a seeded shuffle): a call is slowed by what
+    ran just before it (after an allocating baseline's 64 MB of fresh pages, a
+    quantization into ``out=`` ran 25% slower than after a copy), and a fixed order
+    would charge that to the same function every round."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -44,8 +49,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7,
             fn()
     sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    orders = random.Random(0)
+    names = list(fns)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        orders.shuffle(names)
+        for name in names:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             sync()

@@ -188,11 +188,13 @@ def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]
         key = (operand, block_axis_key(operand, axis, grad.dim()))
         if key not in done:
             # the error's values come with it, in its first GEMM's kernel dtype (used at
-            # once: by dgrad and wgrad, or by that GEMM alone for a block format)
+            # once: by dgrad and wgrad, or by that GEMM alone for a block format), and
+            # without FP8 bytes, which nothing keeps, unless FP8 tensor cores take them
             values_dtype = _kernel_dtype(kernels.choose([gemm.left, gemm.right], gemm.result, call.policy,
                                                         grad.device))
             done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis,
-                                       forward_key=call.forward_key, values_dtype=values_dtype)
+                                       forward_key=call.forward_key, values_dtype=values_dtype,
+                                       keep_storage=None if kernels.fp8_tensor_cores(grad.device) else False)
         out.append(done[key])
     return out
 
