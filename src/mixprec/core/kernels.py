@@ -428,7 +428,9 @@ them cost 120-190 us a region here (a 2-core VM), more than the work of a kernel
 100K elements. Measured on 64x64 to 1024x1024 float32 (e5m2 nearest and stochastic,
 mxfp8): one thread was 3x faster at 4K elements, 1.1-1.6x at 128K, even at 256K, slower
 from 1M. Under the default (spinning) policy the wake-up is cheap and two threads were
-as fast or faster at every size, so kernels keep every thread there."""
+as fast or faster at every size, so kernels keep every thread there. torch's thread
+count is process-wide: another thread starting a parallel torch op during such a kernel
+(tens of microseconds) runs it on one thread."""
 
 
 @functools.cache
