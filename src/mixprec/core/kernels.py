@@ -300,9 +300,12 @@ def _round_nearest_float(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (rounded | (bits & _INT32_MIN)).view(torch.float32)
 
 
-def round_nearest(x: torch.Tensor, p: torch.Tensor, float_path: bool) -> torch.Tensor:
-    """:func:`_round_bits` to nearest, by :func:`_round_nearest_float` where
-    ``float_path`` (:func:`float_nearest_ok` of the format; a constant to the compiler)."""
+def round_grid(x: torch.Tensor, p: torch.Tensor, key: torch.Tensor | None, float_path: bool) -> torch.Tensor:
+    """:func:`_round_bits`: stochastically with ``key``, else to nearest, by
+    :func:`_round_nearest_float` where ``float_path`` (:func:`float_nearest_ok` of the
+    format; a constant to the compiler)."""
+    if key is not None:
+        return _round_bits(x, p, key)
     return _round_nearest_float(x, p) if float_path else _round_bits(x, p, None)
 
 
@@ -314,12 +317,9 @@ def _scaled(
     scale: torch.Tensor | None,
     float_path: bool = False,
 ) -> torch.Tensor:
-    def rounded(v: torch.Tensor) -> torch.Tensor:
-        return round_nearest(v, p, float_path) if key is None else _round_bits(v, p, key)
-
     if scale_inv is None or scale is None:
-        return rounded(x)
-    return rounded(x * scale_inv) * scale
+        return round_grid(x, p, key, float_path)
+    return round_grid(x * scale_inv, p, key, float_path) * scale
 
 
 # One entry point per variant, each its own code object, so that dynamo's per-function

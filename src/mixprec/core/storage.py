@@ -19,7 +19,7 @@ import torch
 from mixprec.core import formats
 from mixprec.core.block_storage import PackedBlocks
 from mixprec.core.formats import BlockFormat, FloatFormat
-from mixprec.core.kernels import _params, _round_bits, float_nearest, round_nearest, run_variant
+from mixprec.core.kernels import _params, float_nearest, round_grid, run_variant
 from mixprec.core.quantize import Rounding, _key, abs_max, quantize, resolve_overflow
 
 __all__ = ["storage_dtype", "to_storage", "from_storage", "quantize_stored", "quantize_stored_with_amax",
@@ -252,7 +252,7 @@ def _stored_kernel(dtype: torch.dtype | None, scaled: bool, values_dtype: torch.
                    with_amax: bool = False, float_path: bool = False
                    ) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """One pass of :func:`quantize_stored`: ``q(x * scale_inv)`` (the rounding kernel;
-    to nearest by :func:`mixprec.core.kernels.round_nearest`'s float path where
+    to nearest by :func:`mixprec.core.kernels.round_grid`'s float path where
     ``float_path``) as storage ``q`` in ``dtype`` (unless None), as values ``q * scale``
     in ``values_dtype`` (unless None), and (``with_amax``) x's absolute maximum."""
 
@@ -262,12 +262,11 @@ def _stored_kernel(dtype: torch.dtype | None, scaled: bool, values_dtype: torch.
         x = x.float()
         amax = x.abs().amax() if with_amax else None
         if not scaled:
-            rounded = _round_bits(x, p, key) if key is not None else round_nearest(x, p, float_path)
+            rounded = round_grid(x, p, key, float_path)
             values = rounded
         else:
             assert scale_inv is not None and scale is not None
-            scaled_x = x * scale_inv
-            rounded = _round_bits(scaled_x, p, key) if key is not None else round_nearest(scaled_x, p, float_path)
+            rounded = round_grid(x * scale_inv, p, key, float_path)
             values = rounded * scale
         return ((None if values_dtype is None else values.to(values_dtype)),
                 (None if dtype is None else rounded.to(dtype)), amax)
