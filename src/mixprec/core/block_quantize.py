@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mixprec.core import block_kernels
+from mixprec.core import block_kernels, native
 from mixprec.core.formats.blocks import BlockFormat
-from mixprec.core.kernels import _ENTRIES, _params, param_values, run_variant
+from mixprec.core.kernels import _ENTRIES, _params, current_backend, param_values, run_variant, serial_threads
 from mixprec.core.quantize import Rounding, _check_tensor, _key
 
 __all__ = ["BlockParts", "BlockCounts", "quantize_blocks", "quantize_blocks_factored", "block_parts", "block_counts",
@@ -312,6 +312,16 @@ def _run_kind(entry: str, kind: str, x: torch.Tensor, *args: Any) -> Any:
     return run_variant(f"{entry}_{kind}", _ENTRIES[entry], x, *args)
 
 
+def _native_amax(x4: torch.Tensor, out4: torch.Tensor) -> bool:
+    """Whether :func:`_round_blocks` of an amax-scaled format runs the native kernel
+    (:mod:`mixprec.core.native`): the ``"auto"`` backend (``"compiled"`` keeps
+    inductor's kernels, ``"eager"`` torch's operations), a CPU tensor outside a user's
+    ``torch.compile``, float32 output, and a library built for this machine."""
+    return (current_backend() == "auto" and x4.device.type == "cpu" and out4.dtype == torch.float32
+            and x4.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
+            and x4.is_contiguous() and out4.is_contiguous() and native.available())
+
+
 def _round_blocks(
     fmt: BlockFormat,
     x4: torch.Tensor,
@@ -352,6 +362,10 @@ def _round_blocks(
         return None
     zero_below = _zero_below(fmt, pe)
     tensor_scale = None
+    if fmt.scale_rule not in block_kernels.RULE_IDS and _native_amax(x4, out4):
+        # amax scales on the CPU: the hand-written kernel, one pass (mixprec.core.native)
+        return native.amax_blocks(x4, out4, pe, params[1], params[2], fmt.tensor_scale, amax_t, unscaled, key,
+                                  serial_threads(x4.numel()))
     if fmt.scale_rule not in block_kernels.RULE_IDS and zero_below:
         # amax scales: one float multiply by the block's factor, x under the block's
         # flush floor zeroed first (no subnormal product)

@@ -441,6 +441,12 @@ def _serial_below() -> int:
     return SERIAL_BELOW_PASSIVE if passive else 0
 
 
+def serial_threads(numel: int) -> int:
+    """The threads a kernel on ``numel`` elements runs on: one below
+    :func:`_serial_below`'s bound (see :data:`SERIAL_BELOW_PASSIVE`), else torch's."""
+    return 1 if numel < _serial_below() else torch.get_num_threads()
+
+
 def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
     """``fn(x, *args)``, compiled by ``torch.compile`` where the backend and ``x``'s size
     and device call for it (see :data:`Backend`), else eagerly: the same results. ``name``

@@ -1,0 +1,344 @@
+// Block quantization with amax scales (NVFP4, DeepSeek-V3's FP8 blocks) in one pass
+// over memory: per block the amax, the scale in its format, and the elements rounded
+// onto their grid, times the scale. Loaded by mixprec.core.native; its results equal
+// mixprec.core.block_kernels' (amax_scales, flushed_nearest, _round_bits) bit for bit,
+// and its tests compare the two on adversarial inputs.
+//
+// The arithmetic is the torch kernels', operation for operation: integer operations on
+// float32 bit patterns (int32 with two's complement wrap, spelled with uint32 where C++
+// would call the wrap undefined), IEEE float32 multiplies and divides, round half to
+// even. Compiled without fast-math, so no float operation is reassociated or flushed.
+// Loops are branch-free so that the compiler vectorises them.
+
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int32_t kAbsMask = 0x7FFFFFFF;
+constexpr int32_t kInt32Min = INT32_MIN;
+constexpr int32_t kF32Inf = 0x7F800000;
+constexpr int32_t kF32QNaN = 0x7FC00000;
+constexpr uint32_t kGolden = 0x9E3779B9u;
+constexpr uint32_t kMix1 = 0x85EBCA6Bu;
+constexpr uint32_t kMix2 = 0xC2B2AE35u;
+
+inline int32_t bits_of(float v) { return __builtin_bit_cast(int32_t, v); }
+inline float float_of(int32_t b) { return __builtin_bit_cast(float, b); }
+
+// The kernel parameters of a format (mixprec.core.kernels.param_values).
+struct Params {
+  int32_t shift, max_bits, overflow_bits, subnormal_below, step_bits, f32_subnormal_drop, min_bits,
+      invalid_below;
+};
+
+inline Params params_of(const int32_t* p) {
+  return Params{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
+}
+
+// mixprec.core.kernels._hash_bits of flat index ``index``.
+inline uint32_t hash_bits(uint32_t index, uint32_t key0, uint32_t key1) {
+  uint32_t h = ((index ^ key1) * kGolden) ^ key0;
+  h ^= h >> 16;
+  h *= kMix1;
+  h ^= h >> 13;
+  h *= kMix2;
+  return h ^ (h >> 16);
+}
+
+// mixprec.core.kernels._round_bits of the float32 with bits ``bits``; ``stochastic``
+// adds the random bits ``random``.
+inline int32_t round_bits(int32_t bits, const Params p, bool stochastic, uint32_t random) {
+  int32_t magnitude = bits & kAbsMask;
+  int32_t sign = bits & kInt32Min;
+  int32_t exponent = std::max(magnitude >> 23, 1);
+  int32_t significand = magnitude - ((exponent - 1) << 23);
+  int32_t drop = p.shift + std::max(p.subnormal_below - exponent, 0);
+  drop = magnitude < (1 << 23) ? p.f32_subnormal_drop : drop;
+  int32_t increment, drop_mask;
+  bool tiny_up;
+  if (!stochastic) {
+    drop = std::min(drop, 25);
+    drop_mask = (1 << drop) - 1;
+    increment = (drop_mask >> 1) + ((significand >> drop) & 1 & drop_mask);
+    tiny_up = significand > ((1 << drop) >> 1);
+  } else {
+    drop = std::min(drop, 61);
+    drop_mask = (1 << std::min(drop, 24)) - 1;
+    increment = static_cast<int32_t>(random) & drop_mask;
+    int32_t left = static_cast<int32_t>(static_cast<uint32_t>(significand) << std::max(30 - drop, 0));
+    int32_t threshold = left >> std::min(std::max(drop - 30, 0), 31);
+    tiny_up = static_cast<int32_t>(random & 0x3FFFFFFFu) < threshold;
+  }
+  int32_t rounded = static_cast<int32_t>((static_cast<uint32_t>(magnitude) + static_cast<uint32_t>(increment)) &
+                                         ~static_cast<uint32_t>(drop_mask));
+  const int32_t step_bits = p.step_bits;  // a value, not a load under a mask
+  int32_t result = drop >= 24 ? (tiny_up ? step_bits : 0) : rounded;
+  result = result > p.max_bits ? p.overflow_bits : result;
+  result = std::max(result, p.min_bits);
+  result = magnitude > kF32Inf ? magnitude : result;
+  return bits < p.invalid_below ? kF32QNaN : (result | sign);
+}
+
+// mixprec.core.block_kernels.flushed_nearest's rounding of one product's bits: round to
+// nearest even in float arithmetic (mixprec.core.kernels.nearest_steps), saturating at
+// the element's largest value, NaN kept.
+inline int32_t nearest_saturating(int32_t bits, int32_t mantissa_bits, int32_t step_min, int32_t largest) {
+  int32_t magnitude = bits & kAbsMask;
+  int32_t clamped = std::min(magnitude, kF32Inf - 1);
+  int32_t step_exp = std::max((clamped >> 23) - mantissa_bits, step_min);
+  float inverse = float_of((254 - step_exp) << 23);
+  float step = float_of(step_exp << 23);
+  float kept = float_of(clamped <= ((step_min - 1) << 23) ? 0 : clamped);
+  // kept * inverse is x in steps, at most 2**(mantissa_bits + 1) <= 2**23: adding and
+  // subtracting 2**23 rounds it half to even (the default rounding mode), vectorised
+  // where gcc's roundevenf is not
+  const float in_steps = kept * inverse;
+  const float whole = (in_steps + 8388608.0f) - 8388608.0f;
+  int32_t rounded = std::min(bits_of(whole * step), largest);
+  rounded = magnitude > kF32Inf ? magnitude : rounded;
+  return rounded | (bits & kInt32Min);
+}
+
+template <typename T>
+inline int32_t load_bits(const T* x, int64_t i);
+
+template <>
+inline int32_t load_bits<float>(const float* x, int64_t i) { return bits_of(x[i]); }
+
+template <>
+inline int32_t load_bits<uint16_t>(const uint16_t* x, int64_t i) {  // bfloat16
+  return static_cast<int32_t>(static_cast<uint32_t>(x[i]) << 16);
+}
+
+// Store n floats (a multiple of 16; dst 64-byte aligned) with non-temporal stores where
+// the CPU has AVX-512: written past the cache, without first reading the line.
+inline void stream_row(float* dst, const float* src, int64_t n) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_load_ps(src + i));
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+#endif
+}
+
+struct Job {
+  int64_t groups, rows, h, cols;
+  Params element, scale;
+  float largest, divisor, scale_min;  // element largest, scale largest * element largest, scale's smallest normal
+  int two_level, unscaled, stochastic, stream;
+  float tensor_scale;
+  uint32_t key0, key1;
+};
+
+constexpr int64_t kUnitBlocks = 64;  // blocks per unit of work where blocks are rows of one (1-D blocks)
+
+// One unit of work: ``count`` blocks whose element (r, j, c) lies at base + r * row_stride
+// + j * cols + c, block j's scale going to scales[j].
+// kCols: the block's columns as a constant (0: job.cols), so that a block of 16 is one
+// vector with no loop around it.
+template <typename T, int64_t kCols>
+void run_unit(const T* x, float* out, int64_t base, int64_t count, int64_t row_stride, const Job& job,
+              float* full_out, int32_t* amax, float* factor, int32_t* floor, float* full) {
+  const int64_t rows = job.rows, cols = kCols != 0 ? kCols : job.cols;
+  for (int64_t j = 0; j < count; ++j) amax[j] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t start = base + r * row_stride + j * cols;
+      int32_t m = amax[j];
+      for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
+      amax[j] = m;
+    }
+  }
+  // the scales, as block_kernels.amax_scales computes them
+  const float tensor_scale = job.tensor_scale;
+  const float tensor_inverse = 1.0f / tensor_scale;
+  for (int64_t j = 0; j < count; ++j) {
+    const int32_t a = amax[j];
+    const bool bad = a >= kF32Inf;
+    float block = float_of(a) / job.largest;
+    if (job.two_level) block = block / tensor_scale;
+    block = block < job.scale_min ? job.scale_min : block;  // NaN stays NaN, as torch.clamp
+    block = float_of(round_bits(bits_of(block), job.scale, false, 0));
+    block = bad ? float_of(kF32QNaN) : block;
+    float reciprocal = job.two_level ? tensor_inverse / block : 1.0f / block;
+    reciprocal = a == 0 ? 0.0f : reciprocal;
+    factor[j] = reciprocal;
+    // block_kernels.flush_floor: x under it gives a product under 2**-125, zero either way
+    const int32_t r_exp = (bits_of(reciprocal) >> 23) & 0xFF;
+    const float tiny = (1.0f / reciprocal) * 0x1.6a09e6p-126f;  // 2**-125.5 in float32
+    floor[j] = (r_exp != 0 && r_exp != 0xFF) ? bits_of(tiny) : 0;
+    full[j] = job.two_level && !job.unscaled ? tensor_scale * block : block;
+    if (full_out != nullptr) full_out[j] = job.two_level ? block : full[j];
+  }
+  const int32_t mantissa_bits = 23 - job.element.shift;
+  const int32_t step_min = job.element.step_bits >> 23;
+  const int32_t largest = job.element.max_bits;
+  const Params element = job.element;
+  const uint32_t key0 = job.key0, key1 = job.key1;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t start = base + r * row_stride + j * cols;
+      const float f = factor[j], s = full[j];
+      const int32_t fl = floor[j];
+      // a row of a block is computed into ``row`` and then stored, streaming past the
+      // cache where the caller asks (a tensor too large for it), else in place
+      alignas(64) float row[kCols != 0 ? kCols : 1];
+      const bool staged = kCols != 0 && kCols % 16 == 0 && job.stream;
+      float* o = staged ? row : out + start;
+      if (!job.stochastic) {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          const int32_t b = load_bits(x, start + c);
+          const int32_t kept = (b & kAbsMask) < fl ? (b & kInt32Min) : b;
+          const int32_t product = bits_of(float_of(kept) * f);
+          o[c] = float_of(nearest_saturating(product, mantissa_bits, step_min, largest)) * s;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          const int32_t b = load_bits(x, start + c);
+          const int32_t kept = (b & kAbsMask) < fl ? (b & kInt32Min) : b;
+          const int32_t product = bits_of(float_of(kept) * f);
+          const uint32_t random = hash_bits(static_cast<uint32_t>(start + c), key0, key1);
+          o[c] = float_of(round_bits(product, element, true, random)) * s;
+        }
+      }
+      if (staged) stream_row(out + start, row, cols);
+    }
+  }
+}
+
+template <typename T, int64_t kCols>
+int32_t finite_amax(const T* x, int64_t blocks_total, const Job& job, int threads) {
+  // the tensor amax over blocks holding no NaN or Inf (1-D blocks; 2-D tiles go by tile)
+  const int64_t cols = kCols != 0 ? kCols : job.cols;
+  int32_t result = 0;
+  const int64_t units = job.rows == 1 ? (blocks_total + kUnitBlocks - 1) / kUnitBlocks : job.groups;
+#pragma omp parallel for num_threads(threads) reduction(max : result) schedule(static)
+  for (int64_t u = 0; u < units; ++u) {
+    std::vector<int32_t> amax(job.rows == 1 ? kUnitBlocks : job.h);
+    int64_t base, count, row_stride = job.h * cols;
+    if (job.rows == 1) {
+      base = u * kUnitBlocks * cols;
+      count = std::min(kUnitBlocks, blocks_total - u * kUnitBlocks);
+    } else {
+      base = u * job.rows * job.h * cols;
+      count = job.h;
+    }
+    for (int64_t j = 0; j < count; ++j) amax[j] = 0;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t start = base + r * row_stride + j * cols;
+        int32_t m = amax[j];
+        for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
+        amax[j] = m;
+      }
+    }
+    for (int64_t j = 0; j < count; ++j) result = std::max(result, amax[j] < kF32Inf ? amax[j] : 0);
+  }
+  return result;
+}
+
+template <typename T, int64_t kCols>
+void run_all(const T* x, float* out, Job job, const float* tensor_amax, float* tensor_scale_out, float* scales_out,
+             int threads) {
+  const int64_t blocks_total = job.groups * job.h;
+  if (job.two_level) {
+    float amax_value;
+    if (tensor_amax != nullptr) {
+      amax_value = *tensor_amax;
+    } else {
+      // the largest magnitude in one streaming pass; only where it is NaN or Inf does
+      // the amax go block by block, leaving out the blocks that hold them
+      const int64_t numel = blocks_total * job.rows * job.cols;
+      int32_t largest = 0;
+#pragma omp parallel for simd num_threads(threads) reduction(max : largest) schedule(static)
+      for (int64_t i = 0; i < numel; ++i) largest = std::max(largest, load_bits(x, i) & kAbsMask);
+      amax_value = float_of(largest < kF32Inf ? largest : finite_amax<T, kCols>(x, blocks_total, job, threads));
+    }
+    const float scale = amax_value / job.divisor;
+    job.tensor_scale = scale < 0x1p-126f ? 0x1p-126f : scale;
+    *tensor_scale_out = job.tensor_scale;
+  }
+  const bool one_d = job.rows == 1;
+  const int64_t units = one_d ? (blocks_total + kUnitBlocks - 1) / kUnitBlocks : job.groups;
+  const int64_t per_unit = one_d ? kUnitBlocks : job.h;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> amax(per_unit), floor(per_unit);
+    std::vector<float> factor(per_unit), full(per_unit);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      int64_t base, count, first_block;
+      if (one_d) {
+        first_block = u * kUnitBlocks;
+        base = first_block * job.cols;
+        count = std::min(kUnitBlocks, blocks_total - first_block);
+      } else {
+        first_block = u * job.h;
+        base = u * job.rows * job.h * job.cols;
+        count = job.h;
+      }
+      run_unit<T, kCols>(x, out, base, count, job.h * job.cols, job, scales_out == nullptr ? nullptr : scales_out + first_block,
+               amax.data(), factor.data(), floor.data(), full.data());
+    }
+#if defined(__AVX512F__)
+    if (job.stream) _mm_sfence();  // this thread's streamed stores are visible before it returns
+#endif
+  }
+}
+
+template <typename T>
+int dispatch_cols(const T* x, float* out, const Job& job, const float* tensor_amax, float* tensor_scale_out,
+                  float* scales_out, int threads) {
+  switch (job.cols) {
+    case 16:
+      run_all<T, 16>(x, out, job, tensor_amax, tensor_scale_out, scales_out, threads);
+      break;
+    case 128:
+      run_all<T, 128>(x, out, job, tensor_amax, tensor_scale_out, scales_out, threads);
+      break;
+    default:
+      run_all<T, 0>(x, out, job, tensor_amax, tensor_scale_out, scales_out, threads);
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Quantize x, contiguous in the blocked layout (groups, rows, h, cols), to an amax-scaled
+// block format, writing the dequantized float32 values (element * scale; NVFP4 with
+// ``unscaled``: element * block scale) into ``out``. dtype: 0 float32, 1 bfloat16. ``pe``/``ps``: the element's and the scale format's kernel parameters
+// (saturating); ``fp``: element largest, scale largest * element largest, the scale
+// format's smallest normal. Two-level formats take the tensor amax from ``tensor_amax``
+// where it is not null and write the tensor scale to ``tensor_scale_out``. Where
+// ``scales_out`` is not null it receives each block's scale (groups * h floats). ``stream``
+// (honoured where out is 64-byte aligned) writes out with non-temporal stores. Returns
+// 0, or 1 for an unknown dtype.
+int mixprec_amax_blocks(const void* x, int dtype, float* out, int64_t groups, int64_t rows, int64_t h, int64_t cols,
+                        const int32_t* pe, const int32_t* ps, const float* fp, int two_level, const float* tensor_amax,
+                        int unscaled, int stochastic, const int32_t* key, float* tensor_scale_out, float* scales_out,
+                        int threads, int stream) {
+  Job job{groups, rows, h, cols, params_of(pe), params_of(ps), fp[0], fp[1], fp[2], two_level, unscaled,
+          stochastic, 0, 1.0f, 0u, 0u};
+  if (stochastic) {
+    job.key0 = static_cast<uint32_t>(key[0]);
+    job.key1 = static_cast<uint32_t>(key[1]);
+  }
+  threads = std::max(threads, 1);
+  job.stream = stream && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  if (dtype == 0) return dispatch_cols(static_cast<const float*>(x), out, job, tensor_amax, tensor_scale_out,
+                                       scales_out, threads);
+  if (dtype == 1) return dispatch_cols(static_cast<const uint16_t*>(x), out, job, tensor_amax, tensor_scale_out,
+                                       scales_out, threads);
+  return 1;
+}
+
+}  // extern "C"

@@ -1,0 +1,225 @@
+"""The native amax-scale block kernel (mixprec.core.native) against the eager torch kernels
+it replaces: the same bits on adversarial inputs, every path through it (block widths
+as constants and not, 2-D tiles, BF16 input, two-level scaling with and without a given
+tensor amax, unscaled values, streamed stores, one and two threads), and the fallback
+where it cannot be built."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixprec.bench.quantize_speed import bench_input
+from mixprec.core import formats, native
+from mixprec.core.block_quantize import quantize_blocks, quantize_blocks_factored
+from mixprec.core.kernels import kernel_backend
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build the native kernel")
+
+AMAX_FORMATS = [
+    formats.resolve("nvfp4"),
+    formats.resolve("nvfp4_16x16"),
+    formats.resolve("fp8_block128"),
+    formats.resolve("fp8_block128x128"),
+    # a block width the kernel does not specialise (a loop over columns), E5M2 elements
+    dataclasses.replace(formats.resolve("fp8_block128"), name="e5m2_block32", element=formats.e5m2, block_shape=(32,)),
+]
+KEY = torch.tensor([0x1234567, -0x7654321], dtype=torch.int32)
+
+
+def adversarial(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Values over float32's whole range (subnormals, values that flush, that overflow),
+    plus NaN, Inf, all-zero blocks, blocks of subnormals and of huge values."""
+    numel = shape[0] * shape[1]
+    x = bench_input(numel, seed=seed).view(shape)
+    flat = x.view(-1)
+    generator = torch.Generator().manual_seed(seed)
+    flat[97::2003] = float("nan")
+    flat[5::3001] = float("inf")
+    flat[7::4001] = -float("inf")
+    flat[:128] = 0.0
+    flat[128:256] = torch.randn(128, generator=generator) * 1e-40
+    flat[256:384] = torch.randn(128, generator=generator) * 1e38
+    flat[384:512] = torch.randn(128, generator=generator)
+    flat[512:528] = 2.0**-149
+    return x
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal bit for bit, NaNs aside (any NaN equals any: a block with NaN or Inf reads
+    back NaN, whose payload the multiply order decides, eager and compiled differ)."""
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(nan_a, nan_b)
+    bits_a = a.masked_fill(nan_a, 0).view(torch.int32)
+    bits_b = b.masked_fill(nan_b, 0).view(torch.int32)
+    assert torch.equal(bits_a, bits_b), f"{int((bits_a != bits_b).sum())} values differ"
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes the native kernel was called with (it still runs)."""
+    seen: list[tuple[int, ...]] = []
+    real = native.amax_blocks
+
+    def counting(x4: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(tuple(x4.shape))
+        return real(x4, *args, **kwargs)
+
+    monkeypatch.setattr(native, "amax_blocks", counting)
+    return seen
+
+
+@pytest.mark.parametrize("fmt", AMAX_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_equals_eager(fmt, rounding: str, dtype: torch.dtype, calls: list) -> None:
+    x = adversarial((256, 384), seed=1).to(dtype)
+    for axis in (-1, -2):
+        result = quantize_blocks(x, fmt, rounding, axis=axis, random_key=KEY)
+        with kernel_backend("eager"):
+            reference = quantize_blocks(x, fmt, rounding, axis=axis, random_key=KEY)
+        same_bits(result, reference)
+    assert len(calls) == 2
+    # the values lie on the grid: quantized again (with scales that are powers of two
+    # times the first ones, FP32 scales), nothing changes
+    if dtype == torch.float32 and rounding == "nearest" and not fmt.tensor_scale and fmt.scale == formats.fp32:
+        finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        once = quantize_blocks(finite, fmt)
+        same_bits(quantize_blocks(once, fmt), once)
+
+
+@pytest.mark.parametrize("fmt", [f for f in AMAX_FORMATS if f.tensor_scale], ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("tensor_amax", [None, 3.5e3, 0.0])
+def test_two_level_factored_and_given_amax(fmt, rounding: str, tensor_amax, calls: list) -> None:
+    x = adversarial((128, 256), seed=2)
+    values, scale = quantize_blocks_factored(x, fmt, rounding, random_key=KEY, tensor_amax=tensor_amax)
+    with kernel_backend("eager"):
+        ref_values, ref_scale = quantize_blocks_factored(x, fmt, rounding, random_key=KEY, tensor_amax=tensor_amax)
+    same_bits(values, ref_values)
+    same_bits(scale, ref_scale)
+    assert scale.shape == () and scale.dtype == torch.float32
+    full = quantize_blocks(x, fmt, rounding, random_key=KEY, tensor_amax=tensor_amax)
+    with kernel_backend("eager"):
+        same_bits(full, quantize_blocks(x, fmt, rounding, random_key=KEY, tensor_amax=tensor_amax))
+    assert len(calls) == 2
+
+
+def test_tensor_amax_leaves_out_blocks_with_nan_or_inf() -> None:
+    """With no NaN or Inf the tensor amax comes from one streaming pass; with them, block
+    by block without the bad blocks: both give the eager kernels' tensor scale."""
+    fmt = formats.resolve("nvfp4")
+    x = torch.randn(64, 64) * 3.0
+    x[0, 0] = 1e6  # the largest value, in a block that also holds a NaN
+    clean_scale = quantize_blocks_factored(x, fmt)[1]
+    x[0, 1] = float("nan")
+    scale = quantize_blocks_factored(x, fmt)[1]
+    with kernel_backend("eager"):
+        reference = quantize_blocks_factored(x, fmt)[1]
+    same_bits(scale, reference)
+    assert float(scale) < float(clean_scale) / 1000  # the 1e6 no longer sets it
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    log_scale=st.floats(-140.0, 120.0),
+    fmt_index=st.integers(0, len(AMAX_FORMATS) - 1),
+    stochastic=st.booleans(),
+)
+def test_native_equals_eager_random(seed: int, log_scale: float, fmt_index: int, stochastic: bool) -> None:
+    fmt = AMAX_FORMATS[fmt_index]
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 128, generator=generator) * 2.0**log_scale
+    rounding = "stochastic" if stochastic else "nearest"
+    key = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32, generator=generator)
+    result = quantize_blocks(x, fmt, rounding, random_key=key)
+    with kernel_backend("eager"):
+        same_bits(result, quantize_blocks(x, fmt, rounding, random_key=key))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_streamed_stores(monkeypatch: pytest.MonkeyPatch, threads: int, aligned: bool) -> None:
+    """Large outputs go out by non-temporal stores where ``out`` is 64-byte aligned; an
+    unaligned ``out`` (a view one float in) takes the ordinary stores: same bits."""
+    monkeypatch.setattr(native, "STREAM_FROM", 0)
+    fmt = formats.resolve("nvfp4")
+    x = adversarial((64, 512), seed=3)
+    storage = torch.empty(x.numel() + 16)
+    out = storage[:x.numel()] if aligned else storage[1:x.numel() + 1]
+    out = out.view(x.shape)
+    assert (out.data_ptr() % 64 == 0) == aligned
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        quantize_blocks(x, fmt, out=out)
+    finally:
+        torch.set_num_threads(previous)
+    with kernel_backend("eager"):
+        same_bits(out, quantize_blocks(x, fmt))
+
+
+def test_other_backends_and_dtypes_keep_torch_kernels(calls: list) -> None:
+    """``"compiled"`` and ``"eager"`` keep their own kernels, FP16 input the compiled
+    path: the native kernel serves ``"auto"`` with float32 or BF16 input."""
+    fmt = formats.resolve("nvfp4")
+    x = torch.randn(32, 64)
+    with kernel_backend("compiled"):
+        compiled = quantize_blocks(x, fmt)
+    with kernel_backend("eager"):
+        eager = quantize_blocks(x, fmt)
+    assert calls == []
+    same_bits(quantize_blocks(x.half(), fmt), quantize_blocks(x.half().float(), fmt))
+    assert len(calls) == 1  # the float32 call
+    same_bits(compiled, eager)
+
+
+def test_without_a_compiler_quantize_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No compiler, or one that fails: one warning that names the cause, and quantize
+    runs on the compiled torch kernels with the same results."""
+    x = torch.randn(16, 64)
+    fmt = formats.resolve("nvfp4")
+    expected = quantize_blocks(x, fmt)
+    monkeypatch.setenv("MIXPREC_CACHE_DIR", str(tmp_path))
+    try:
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        native._library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+            assert not native.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not per call
+            same_bits(quantize_blocks(x, fmt), expected)
+        monkeypatch.setattr(native, "_compiler", lambda: "false")  # exits 1: a failed build
+        native._library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="building the native block kernel failed"):
+            assert not native.available()
+        assert not any(tmp_path.rglob("*.so"))  # no half-written library left behind
+    finally:
+        native._library.cache_clear()
+
+
+def test_library_is_cached_per_source_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A fresh cache directory gets the library built once, under a name that changes
+    with the compiler."""
+    monkeypatch.setenv("MIXPREC_CACHE_DIR", str(tmp_path))
+    compiler = native._compiler()
+    assert compiler is not None
+    first = native.library_path(compiler)
+    assert first.parent == tmp_path / "native"
+    assert native.library_path(compiler + "x") != first
+    try:
+        native._library.cache_clear()
+        assert native.available()
+        assert first.exists()
+        built = first.stat().st_mtime_ns
+        native._library.cache_clear()
+        assert native.available()
+        assert first.stat().st_mtime_ns == built  # loaded, not rebuilt
+    finally:
+        native._library.cache_clear()
