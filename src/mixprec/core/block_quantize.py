@@ -312,14 +312,15 @@ def _run_kind(entry: str, kind: str, x: torch.Tensor, *args: Any) -> Any:
     return run_variant(f"{entry}_{kind}", _ENTRIES[entry], x, *args)
 
 
-def _native_amax(x4: torch.Tensor, out4: torch.Tensor) -> bool:
-    """Whether :func:`_round_blocks` of an amax-scaled format runs the native kernel
+def _native_amax(x4: torch.Tensor, out4: torch.Tensor | None) -> bool:
+    """Whether a block quantization with amax scales runs the native kernel
     (:mod:`mixprec.core.native`): the ``"auto"`` backend (``"compiled"`` keeps
-    inductor's kernels, ``"eager"`` torch's operations), a CPU tensor outside a user's
-    ``torch.compile``, float32 output, and a library built for this machine."""
-    return (current_backend() == "auto" and x4.device.type == "cpu" and out4.dtype == torch.float32
-            and x4.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
-            and x4.is_contiguous() and out4.is_contiguous() and native.available())
+    inductor's kernels, ``"eager"`` torch's operations), a contiguous float32 or BF16
+    CPU tensor outside a user's ``torch.compile``, float32 output (or none: codes
+    alone), and a library built for this machine."""
+    return (current_backend() == "auto" and x4.device.type == "cpu" and x4.dtype in (torch.float32, torch.bfloat16)
+            and (out4 is None or (out4.dtype == torch.float32 and out4.is_contiguous()))
+            and not torch.compiler.is_compiling() and x4.is_contiguous() and native.available())
 
 
 def _round_blocks(

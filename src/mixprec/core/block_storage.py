@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mixprec.core import block_kernels
-from mixprec.core.block_quantize import _block_params, _zero_below, checked_blocks, restore_layout
+from mixprec.core import block_kernels, native
+from mixprec.core.block_quantize import _block_params, _native_amax, _zero_below, checked_blocks, restore_layout
 from mixprec.core.formats import BlockFormat, FloatFormat
-from mixprec.core.kernels import run_variant
+from mixprec.core.kernels import current_backend, run_variant, serial_threads
 from mixprec.core.quantize import Rounding
 
 __all__ = ["PackedBlocks", "pack_blocks", "quantize_packed", "unpack_blocks"]
@@ -205,6 +205,9 @@ def quantize_packed(
     params = _block_params(fmt, x.device)
     pow2 = fmt.scale_rule in block_kernels.RULE_IDS
     width = str(x4.dtype)[6:]
+    if not pow2 and values_dtype == torch.float32 and native.packs(fmt.element, dims[2]) and _native_amax(x4, None):
+        # amax scales on the CPU: values, codes and scales in one native pass
+        return _native_packed(x, x4, fmt, params, key, amax_t, with_values, moved_shape, axis)
     if pow2:
         scales, factor, floor = run_variant(f"pow2_scales_{width}", _scales_kernel(pow2), x4, params[1])
         full, tensor_scale = scales, None
@@ -231,6 +234,28 @@ def quantize_packed(
     return restore_layout(values4.reshape(moved_shape), axis, x.dim()), packed
 
 
+def _native_packed(x: torch.Tensor, x4: torch.Tensor, fmt: BlockFormat, params: tuple[torch.Tensor, ...],
+                   key: torch.Tensor | None, amax_t: torch.Tensor | None, with_values: bool,
+                   moved_shape: tuple[int, ...], axis: int) -> tuple[torch.Tensor | None, PackedBlocks]:
+    """:func:`quantize_packed` of an amax-scaled format by :func:`mixprec.core.native.amax_blocks`:
+    the same values, codes and scales as the compiled pack and scale kernels."""
+    groups, _, h, _ = x4.shape
+    element = fmt.element
+    values4 = torch.empty(x4.shape, dtype=torch.float32) if with_values else None
+    codes = torch.empty(x4.numel() * element.total_bits // 8, dtype=torch.uint8)
+    scales = torch.empty((groups, h), dtype=torch.float32)
+    tensor_scale = native.amax_blocks(x4, values4, *params, fmt.tensor_scale, amax_t, False, key,
+                                      serial_threads(x4.numel()), scales=scales, codes=codes, element=element)
+    if element.torch_dtype is not None:
+        codes = codes.view(element.torch_dtype)
+    scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32
+    packed = PackedBlocks(fmt, codes, scales.to(scale_dtype), None if tensor_scale is None else tensor_scale.reshape(1),
+                          tuple(x.shape), moved_shape, axis)
+    if values4 is None:
+        return None, packed
+    return restore_layout(values4.reshape(moved_shape), axis, x.dim()), packed
+
+
 def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dequantized float32 values of ``packed``, in its original shape (as ``dtype``:
     rounded once from float32, decoded in one pass; exact in bfloat16 for MX formats)."""
@@ -249,6 +274,12 @@ def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object, dtype: torch.
     element = packed.format.element
     two_level = packed.tensor_scale is not None
     block_scales = packed.scales
+    if _native_unpack(packed, cols, dtype):
+        groups, h = block_scales.shape
+        moved = torch.empty(packed.moved_shape, dtype=dtype)
+        native.unpack_blocks(packed.codes, element.total_bits, _value_table(element), block_scales.float(),
+                             packed.tensor_scale, moved, (groups, rows, h, cols), serial_threads(moved.numel()))
+        return restore_layout(moved, packed.axis, len(packed.shape))
     codes = _split_nibbles(packed.codes) if element.total_bits == 4 else packed.codes
     if element.total_bits != 6:  # one code a byte: blocked, with the block extents static
         if dtype.itemsize == 2 and cols > _NARROW_COLS and cols % _NARROW_COLS == 0:
@@ -263,6 +294,31 @@ def unpack_blocks(packed: PackedBlocks, fmt: BlockFormat | object, dtype: torch.
     name = f"unpack_{element.name}_{rows}x{cols}_{int(two_level)}_{str(dtype)[6:]}"
     moved = run_variant(name, kernel, codes, *scales)
     return restore_layout(moved.reshape(packed.moved_shape), packed.axis, len(packed.shape))
+
+
+def _native_unpack(packed: PackedBlocks, cols: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`unpack_blocks` decodes by the native kernel: 4- or 8-bit codes in
+    blocks a multiple of 16 wide, on the CPU, into float32 or BF16, under the ``"auto"``
+    backend, outside a user's ``torch.compile``, with the library built."""
+    return (packed.format.element.total_bits in (4, 8) and cols % 16 == 0 and packed.codes.device.type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16) and packed.codes.is_contiguous()
+            and current_backend() == "auto" and not torch.compiler.is_compiling() and native.available())
+
+
+_value_tables: dict[FloatFormat, torch.Tensor] = {}
+
+
+def _value_table(element: FloatFormat) -> torch.Tensor:
+    """The float32 value of each of ``element``'s codes (4 or 8 bits), decoded by
+    :func:`_element_values` itself (cached)."""
+    table = _value_tables.get(element)
+    if table is None:
+        codes = torch.arange(2**element.total_bits, dtype=torch.int32).to(torch.uint8)
+        if element.torch_dtype is not None:
+            codes = codes.view(element.torch_dtype)
+        table = _element_values(codes, element).contiguous()
+        _value_tables[element] = table
+    return table
 
 
 _NARROW_COLS = 16  # one AVX-512 register of float32

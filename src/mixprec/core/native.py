@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["amax_blocks", "available", "library_path"]
+from mixprec.core.formats import FloatFormat
+
+__all__ = ["amax_blocks", "available", "library_path", "packs", "unpack_blocks"]
 
 _SOURCE = Path(__file__).with_name("native") / "amax_blocks.cpp"
 _FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
@@ -112,11 +114,19 @@ def _library() -> ctypes.CDLL | None:
                       "block quantization with amax scales runs on the compiled torch kernels (same results, slower)",
                       RuntimeWarning, stacklevel=3)
         return None
-    function = library.mixprec_amax_blocks
+    try:
+        function, unpack = library.mixprec_amax_blocks, library.mixprec_unpack_blocks
+    except AttributeError as error:  # a library from elsewhere under this name
+        warnings.warn(f"mixprec: the native block kernel at {target} lacks a function ({error}); delete it to "
+                      "rebuild. Block quantization runs on the compiled torch kernels (same results, slower)",
+                      RuntimeWarning, stacklevel=3)
+        return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     function.argtypes = [pointer, i32, pointer, i64, i64, i64, i64, pointer, pointer, pointer, i32, pointer, i32, i32,
-                         pointer, pointer, pointer, i32, i32]
+                         pointer, pointer, pointer, i32, i32, pointer, pointer, i32]
     function.restype = i32
+    unpack.argtypes = [pointer, i32, pointer, pointer, pointer, pointer, i32, i64, i64, i64, i64, i32]
+    unpack.restype = i32
     return library
 
 
@@ -127,7 +137,7 @@ def available() -> bool:
 
 def amax_blocks(
     x4: torch.Tensor,
-    out4: torch.Tensor,
+    out4: torch.Tensor | None,
     pe: torch.Tensor,
     ps: torch.Tensor,
     fp: torch.Tensor,
@@ -137,6 +147,8 @@ def amax_blocks(
     key: torch.Tensor | None,
     threads: int,
     scales: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    element: FloatFormat | None = None,
 ) -> torch.Tensor | None:
     """Quantize contiguous CPU ``x4`` (float32 or BF16, blocked ``(groups, rows, h,
     cols)``) to an amax-scaled block format into contiguous float32 ``out4``: what
@@ -144,19 +156,73 @@ def amax_blocks(
     bit for bit. The parameters are theirs (``pe``, ``ps``, ``fp``: the element's and
     scale's kernel parameters and the float constants; ``key``: stochastic rounding).
     ``scales`` (float32, ``groups * h`` elements), when given, receives the block scales.
-    Returns the tensor scale (a 0-d tensor) of two-level formats, else None. The caller
-    checks :func:`available` first."""
+    ``codes`` (uint8; ``cols`` a multiple of 16), when given, receives the codes of
+    ``element`` (4 or 8 bits) as :mod:`mixprec.core.block_storage` packs them, and
+    ``out4`` may be None. Returns the tensor scale (a 0-d tensor) of two-level formats,
+    else None. The caller checks :func:`available` first."""
     library = _library()
     assert library is not None, "call native.available() first"
     groups, rows, h, cols = x4.shape
     tensor_scale = torch.empty((), dtype=torch.float32) if two_level else None
     amax_value = None if tensor_amax is None else tensor_amax.detach().to("cpu", torch.float32).reshape(())
+    encoding = None if codes is None else _encoding(element)
     status = library.mixprec_amax_blocks(
-        x4.data_ptr(), _DTYPE_CODES[x4.dtype], out4.data_ptr(), groups, rows, h, cols, pe.data_ptr(), ps.data_ptr(),
-        fp.data_ptr(), int(two_level), None if amax_value is None else amax_value.data_ptr(), int(unscaled),
-        int(key is not None), None if key is None else key.data_ptr(),
-        None if tensor_scale is None else tensor_scale.data_ptr(), None if scales is None else scales.data_ptr(),
-        max(int(threads), 1), int(out4.numel() >= STREAM_FROM))
+        x4.data_ptr(), _DTYPE_CODES[x4.dtype], None if out4 is None else out4.data_ptr(), groups, rows, h, cols,
+        pe.data_ptr(), ps.data_ptr(), fp.data_ptr(), int(two_level),
+        None if amax_value is None else amax_value.data_ptr(), int(unscaled), int(key is not None),
+        None if key is None else key.data_ptr(), None if tensor_scale is None else tensor_scale.data_ptr(),
+        None if scales is None else scales.data_ptr(), max(int(threads), 1),
+        int(out4 is not None and out4.numel() >= STREAM_FROM), None if codes is None else codes.data_ptr(),
+        None if encoding is None else encoding.data_ptr(), 0 if element is None else element.total_bits)
     if status != 0:
-        raise ValueError(f"native amax_blocks: unsupported dtype {x4.dtype}")
+        raise ValueError(f"native amax_blocks: unsupported input (status {status}: dtype {x4.dtype}, "
+                         f"{cols} columns, {None if element is None else element.name} codes)")
     return tensor_scale
+
+
+def unpack_blocks(
+    codes: torch.Tensor,
+    code_bits: int,
+    table: torch.Tensor,
+    scales: torch.Tensor,
+    tensor_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    blocked: tuple[int, int, int, int],
+    threads: int,
+) -> None:
+    """Decode contiguous ``codes`` (``code_bits`` 4: two a byte, first in the low
+    nibble; or 8) laid out in the blocked shape ``blocked`` = ``(groups, rows, h,
+    cols)``, cols a multiple of 16, into contiguous ``out`` (float32 or BF16):
+    ``table[code] * (tensor_scale * scale)`` with ``scales`` float32, one per block
+    ``(groups, h)``, rounded once to out's dtype, as
+    :func:`mixprec.core.block_storage.unpack_blocks` decodes them."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    ts = None if tensor_scale is None else tensor_scale.detach().to("cpu", torch.float32).reshape(())
+    scales = scales.contiguous()
+    status = library.mixprec_unpack_blocks(
+        codes.data_ptr(), code_bits, table.data_ptr(), scales.data_ptr(), None if ts is None else ts.data_ptr(),
+        out.data_ptr(), _DTYPE_CODES[out.dtype], *blocked, max(int(threads), 1))
+    if status != 0:
+        raise ValueError(f"native unpack_blocks: unsupported input (status {status}: {code_bits}-bit codes, "
+                         f"blocked {blocked}, {out.dtype})")
+
+
+_encodings: dict[FloatFormat, torch.Tensor] = {}
+
+
+def _encoding(element: FloatFormat | None) -> torch.Tensor:
+    """The int32 ``[mantissa bits, bias, float32 biased exponent of the smallest normal,
+    sign bit]`` the kernel encodes ``element``'s codes by (cached)."""
+    assert element is not None, "codes need their element format"
+    cached = _encodings.get(element)
+    if cached is None:
+        cached = torch.tensor([element.mantissa_bits, element.bias, element.min_exponent + 127,
+                               element.exponent_bits + element.mantissa_bits], dtype=torch.int32)
+        _encodings[element] = cached
+    return cached
+
+
+def packs(element: FloatFormat, cols: int) -> bool:
+    """Whether the kernel packs codes of ``element`` in blocks ``cols`` wide."""
+    return element.total_bits in (4, 8) and cols % 16 == 0

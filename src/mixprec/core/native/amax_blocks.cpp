@@ -133,7 +133,70 @@ struct Job {
   int two_level, unscaled, stochastic, stream;
   float tensor_scale;
   uint32_t key0, key1;
+  const int32_t* codes;  // the element's encoding (pack only)
+  int code_bits;
 };
+
+// storage._encode of an element value on its grid (finite): the format's code, sign
+// bit on top, from the format's mantissa bits, bias, float32 biased exponent of the
+// smallest normal and sign bit.
+inline int32_t encode(int32_t bits, int32_t m, int32_t bias, int32_t min_exp_biased, int32_t sign_bit) {
+  const int32_t magnitude = bits & kAbsMask;
+  const int32_t exponent = magnitude >> 23;
+  const int32_t normal = ((exponent - 127 + bias) << m) | ((magnitude & 0x7FFFFF) >> (23 - m));
+  // a subnormal k * 2**(min_exponent - m) times 2**(m - min_exponent) is the integer k
+  const int32_t steps = static_cast<int32_t>(float_of(magnitude + ((m - (min_exp_biased - 127)) << 23)));
+  const int32_t subnormal = exponent == 0 ? 0 : steps;
+  const int32_t code = exponent < min_exp_biased ? subnormal : normal;
+  return code | (((bits >> 31) & 1) << sign_bit);
+}
+
+// One row of a block (cols a multiple of 16) packed as block_storage's pack kernel does:
+// the element codes (zero in a block whose scale is NaN; 4-bit ones two a byte, the
+// first in the low nibble) and, where ``out`` is not null, the values element * scale.
+template <typename T>
+void pack_row(const T* x, float* out, uint8_t* codes, int64_t start, int64_t cols, float f, int32_t fl, float s,
+              const Job& job) {
+  const int32_t mantissa_bits = 23 - job.element.shift;
+  const int32_t step_min = job.element.step_bits >> 23;
+  const int32_t largest = job.element.max_bits;
+  const Params element = job.element;
+  const uint32_t key0 = job.key0, key1 = job.key1;
+  const bool bad = s != s;
+  const int32_t m = job.codes[0], bias = job.codes[1], min_exp_biased = job.codes[2], sign_bit = job.codes[3];
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const int64_t at = start + c0;
+    int32_t rounded[16];
+    if (!job.stochastic) {
+#pragma omp simd
+      for (int c = 0; c < 16; ++c) {
+        const int32_t b = load_bits(x, at + c);
+        const int32_t kept = (b & kAbsMask) < fl ? (b & kInt32Min) : b;
+        rounded[c] = nearest_saturating(bits_of(float_of(kept) * f), mantissa_bits, step_min, largest);
+      }
+    } else {
+#pragma omp simd
+      for (int c = 0; c < 16; ++c) {
+        const int32_t b = load_bits(x, at + c);
+        const int32_t kept = (b & kAbsMask) < fl ? (b & kInt32Min) : b;
+        const uint32_t random = hash_bits(static_cast<uint32_t>(at + c), key0, key1);
+        rounded[c] = round_bits(bits_of(float_of(kept) * f), element, true, random);
+      }
+    }
+    if (out != nullptr) {
+#pragma omp simd
+      for (int c = 0; c < 16; ++c) out[at + c] = float_of(rounded[c]) * s;
+    }
+    int32_t code[16];
+#pragma omp simd
+    for (int c = 0; c < 16; ++c) code[c] = bad ? 0 : encode(rounded[c], m, bias, min_exp_biased, sign_bit);
+    if (job.code_bits == 4) {
+      for (int c = 0; c < 8; ++c) codes[at / 2 + c] = static_cast<uint8_t>(code[2 * c] | (code[2 * c + 1] << 4));
+    } else {
+      for (int c = 0; c < 16; ++c) codes[at + c] = static_cast<uint8_t>(code[c]);
+    }
+  }
+}
 
 constexpr int64_t kUnitBlocks = 64;  // blocks per unit of work where blocks are rows of one (1-D blocks)
 
@@ -141,8 +204,8 @@ constexpr int64_t kUnitBlocks = 64;  // blocks per unit of work where blocks are
 // + j * cols + c, block j's scale going to scales[j].
 // kCols: the block's columns as a constant (0: job.cols), so that a block of 16 is one
 // vector with no loop around it.
-template <typename T, int64_t kCols>
-void run_unit(const T* x, float* out, int64_t base, int64_t count, int64_t row_stride, const Job& job,
+template <typename T, int64_t kCols, bool kPack>
+void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t count, int64_t row_stride, const Job& job,
               float* full_out, int32_t* amax, float* factor, int32_t* floor, float* full) {
   const int64_t rows = job.rows, cols = kCols != 0 ? kCols : job.cols;
   for (int64_t j = 0; j < count; ++j) amax[j] = 0;
@@ -180,6 +243,15 @@ void run_unit(const T* x, float* out, int64_t base, int64_t count, int64_t row_s
   const int32_t largest = job.element.max_bits;
   const Params element = job.element;
   const uint32_t key0 = job.key0, key1 = job.key1;
+  if constexpr (kPack) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t start = base + r * row_stride + j * cols;
+        pack_row(x, out, codes, start, cols, factor[j], floor[j], full[j], job);
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < count; ++j) {
       const int64_t start = base + r * row_stride + j * cols;
@@ -244,8 +316,8 @@ int32_t finite_amax(const T* x, int64_t blocks_total, const Job& job, int thread
   return result;
 }
 
-template <typename T, int64_t kCols>
-void run_all(const T* x, float* out, Job job, const float* tensor_amax, float* tensor_scale_out, float* scales_out,
+template <typename T, int64_t kCols, bool kPack>
+void run_all(const T* x, float* out, uint8_t* codes, Job job, const float* tensor_amax, float* tensor_scale_out, float* scales_out,
              int threads) {
   const int64_t blocks_total = job.groups * job.h;
   if (job.two_level) {
@@ -284,7 +356,7 @@ void run_all(const T* x, float* out, Job job, const float* tensor_amax, float* t
         base = u * job.rows * job.h * job.cols;
         count = job.h;
       }
-      run_unit<T, kCols>(x, out, base, count, job.h * job.cols, job, scales_out == nullptr ? nullptr : scales_out + first_block,
+      run_unit<T, kCols, kPack>(x, out, codes, base, count, job.h * job.cols, job, scales_out == nullptr ? nullptr : scales_out + first_block,
                amax.data(), factor.data(), floor.data(), full.data());
     }
 #if defined(__AVX512F__)
@@ -293,20 +365,107 @@ void run_all(const T* x, float* out, Job job, const float* tensor_amax, float* t
   }
 }
 
-template <typename T>
-int dispatch_cols(const T* x, float* out, const Job& job, const float* tensor_amax, float* tensor_scale_out,
-                  float* scales_out, int threads) {
+template <typename T, bool kPack>
+int dispatch_cols(const T* x, float* out, uint8_t* codes, const Job& job, const float* tensor_amax,
+                  float* tensor_scale_out, float* scales_out, int threads) {
   switch (job.cols) {
     case 16:
-      run_all<T, 16>(x, out, job, tensor_amax, tensor_scale_out, scales_out, threads);
+      run_all<T, 16, kPack>(x, out, codes, job, tensor_amax, tensor_scale_out, scales_out, threads);
       break;
     case 128:
-      run_all<T, 128>(x, out, job, tensor_amax, tensor_scale_out, scales_out, threads);
+      run_all<T, 128, kPack>(x, out, codes, job, tensor_amax, tensor_scale_out, scales_out, threads);
       break;
     default:
-      run_all<T, 0>(x, out, job, tensor_amax, tensor_scale_out, scales_out, threads);
+      run_all<T, 0, kPack>(x, out, codes, job, tensor_amax, tensor_scale_out, scales_out, threads);
   }
   return 0;
+}
+
+template <typename T>
+int dispatch_pack(const T* x, float* out, uint8_t* codes, const Job& job, const float* tensor_amax,
+                  float* tensor_scale_out, float* scales_out, int threads) {
+  if (codes == nullptr) return dispatch_cols<T, false>(x, out, codes, job, tensor_amax, tensor_scale_out, scales_out,
+                                                       threads);
+  return dispatch_cols<T, true>(x, out, codes, job, tensor_amax, tensor_scale_out, scales_out, threads);
+}
+
+// Decode block-format codes: each element's value (``table``, indexed by code) times its
+// block's scale, as block_storage.unpack_blocks computes it: (value * (tensor_scale *
+// scale)) rounded to the output dtype. Blocked layout as for quantization; cols a
+// multiple of 16.
+inline uint16_t bf16_bits(float v) {
+  // torch's float32 -> bfloat16 conversion: round half to even, NaN to 0x7FC0
+  const uint32_t u = static_cast<uint32_t>(bits_of(v));
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return v != v ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
+// 16 codes starting at element ``at``: 4-bit ones from 8 bytes (element 2i in the low
+// nibble of byte i), else one a byte.
+inline void load_codes(const uint8_t* codes, int code_bits, int64_t at, int32_t* code) {
+  if (code_bits == 4) {
+    for (int c = 0; c < 8; ++c) {
+      const int32_t byte = codes[at / 2 + c];
+      code[2 * c] = byte & 0xF;
+      code[2 * c + 1] = byte >> 4;
+    }
+  } else {
+    for (int c = 0; c < 16; ++c) code[c] = codes[at + c];
+  }
+}
+
+template <typename Out>
+void unpack_row(const uint8_t* codes, int code_bits, const float* table, float full, Out* out, int64_t start,
+                int64_t cols) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const int64_t at = start + c0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (code_bits == 4) {
+      // the 8 bytes widened to 16-bit lanes, each lane's two nibbles moved into its two
+      // bytes (low nibble first), widened again to 16 int32 codes: a register lookup
+      // into the 16-entry table
+      const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + at / 2)));
+      const __m128i nibbles = _mm_or_si128(_mm_and_si128(bytes, _mm_set1_epi16(0xF)),
+                                           _mm_slli_epi16(_mm_srli_epi16(bytes, 4), 8));
+      const __m512 values = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles),
+                                                                 _mm512_loadu_ps(table)),
+                                          _mm512_set1_ps(full));
+      if constexpr (sizeof(Out) == 4) {
+        _mm512_storeu_ps(reinterpret_cast<float*>(out + at), values);
+      } else {
+        alignas(64) float staged[16];
+        _mm512_store_ps(staged, values);
+#pragma omp simd
+        for (int c = 0; c < 16; ++c) out[at + c] = bf16_bits(staged[c]);
+      }
+      continue;
+    }
+#endif
+    int32_t code[16];
+    load_codes(codes, code_bits, at, code);
+    if constexpr (sizeof(Out) == 4) {
+#pragma omp simd
+      for (int c = 0; c < 16; ++c) out[at + c] = table[code[c]] * full;
+    } else {
+#pragma omp simd
+      for (int c = 0; c < 16; ++c) out[at + c] = bf16_bits(table[code[c]] * full);
+    }
+  }
+}
+
+template <typename Out>
+void unpack_all(const uint8_t* codes, int code_bits, const float* table, const float* scales, const float* tensor_scale,
+                Out* out, int64_t groups, int64_t rows, int64_t h, int64_t cols, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < h; ++j) {
+        const float scale = scales[g * h + j];
+        const float full = tensor_scale != nullptr ? *tensor_scale * scale : scale;
+        unpack_row(codes, code_bits, table, full, out, ((g * rows + r) * h + j) * cols, cols);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -315,29 +474,55 @@ extern "C" {
 
 // Quantize x, contiguous in the blocked layout (groups, rows, h, cols), to an amax-scaled
 // block format, writing the dequantized float32 values (element * scale; NVFP4 with
-// ``unscaled``: element * block scale) into ``out``. dtype: 0 float32, 1 bfloat16. ``pe``/``ps``: the element's and the scale format's kernel parameters
-// (saturating); ``fp``: element largest, scale largest * element largest, the scale
-// format's smallest normal. Two-level formats take the tensor amax from ``tensor_amax``
-// where it is not null and write the tensor scale to ``tensor_scale_out``. Where
-// ``scales_out`` is not null it receives each block's scale (groups * h floats). ``stream``
-// (honoured where out is 64-byte aligned) writes out with non-temporal stores. Returns
-// 0, or 1 for an unknown dtype.
+// ``unscaled``: element * block scale) into ``out`` (may be null where codes are asked
+// for). dtype: 0 float32, 1 bfloat16. ``pe``/``ps``: the element's and the scale
+// format's kernel parameters (saturating); ``fp``: element largest, scale largest *
+// element largest, the scale format's smallest normal. Two-level formats take the tensor
+// amax from ``tensor_amax`` where it is not null and write the tensor scale to
+// ``tensor_scale_out``. Where ``scales_out`` is not null it receives each block's scale
+// (groups * h floats). ``stream`` (honoured where out is 64-byte aligned) writes out with
+// non-temporal stores. Where ``codes_out`` is not null (cols a multiple of 16), the
+// element codes go there too, ``code_bits`` 4 (two a byte) or 8, encoded by
+// ``element_codes`` (see encode). Returns 0, 1 for an unknown dtype, 2 for columns the
+// packing cannot take.
 int mixprec_amax_blocks(const void* x, int dtype, float* out, int64_t groups, int64_t rows, int64_t h, int64_t cols,
                         const int32_t* pe, const int32_t* ps, const float* fp, int two_level, const float* tensor_amax,
                         int unscaled, int stochastic, const int32_t* key, float* tensor_scale_out, float* scales_out,
-                        int threads, int stream) {
+                        int threads, int stream, uint8_t* codes_out, const int32_t* element_codes, int code_bits) {
   Job job{groups, rows, h, cols, params_of(pe), params_of(ps), fp[0], fp[1], fp[2], two_level, unscaled,
-          stochastic, 0, 1.0f, 0u, 0u};
+          stochastic, 0, 1.0f, 0u, 0u, element_codes, code_bits};
+  if (codes_out != nullptr && (cols % 16 != 0 || (code_bits != 4 && code_bits != 8))) return 2;
   if (stochastic) {
     job.key0 = static_cast<uint32_t>(key[0]);
     job.key1 = static_cast<uint32_t>(key[1]);
   }
   threads = std::max(threads, 1);
-  job.stream = stream && reinterpret_cast<uintptr_t>(out) % 64 == 0;
-  if (dtype == 0) return dispatch_cols(static_cast<const float*>(x), out, job, tensor_amax, tensor_scale_out,
-                                       scales_out, threads);
-  if (dtype == 1) return dispatch_cols(static_cast<const uint16_t*>(x), out, job, tensor_amax, tensor_scale_out,
-                                       scales_out, threads);
+  job.stream = stream && codes_out == nullptr && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  if (dtype == 0) return dispatch_pack(static_cast<const float*>(x), out, codes_out, job, tensor_amax,
+                                       tensor_scale_out, scales_out, threads);
+  if (dtype == 1) return dispatch_pack(static_cast<const uint16_t*>(x), out, codes_out, job, tensor_amax,
+                                       tensor_scale_out, scales_out, threads);
+  return 1;
+}
+
+// Decode ``codes`` (4-bit two a byte, or 8-bit) of a block format into ``out`` (dtype 0
+// float32, 1 bfloat16), blocked (groups, rows, h, cols) with cols a multiple of 16:
+// ``table[code] * (tensor_scale * scales[block])`` (no tensor scale where it is null).
+// Returns 0, 1 for an unknown dtype, 2 for columns or code widths it cannot take.
+int mixprec_unpack_blocks(const uint8_t* codes, int code_bits, const float* table, const float* scales,
+                          const float* tensor_scale, void* out, int dtype, int64_t groups, int64_t rows, int64_t h,
+                          int64_t cols, int threads) {
+  if (cols % 16 != 0 || (code_bits != 4 && code_bits != 8)) return 2;
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    unpack_all(codes, code_bits, table, scales, tensor_scale, static_cast<float*>(out), groups, rows, h, cols, threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    unpack_all(codes, code_bits, table, scales, tensor_scale, static_cast<uint16_t*>(out), groups, rows, h, cols,
+               threads);
+    return 0;
+  }
   return 1;
 }
 
