@@ -223,3 +223,90 @@ def test_library_is_cached_per_source_and_cpu(monkeypatch: pytest.MonkeyPatch, t
         assert first.stat().st_mtime_ns == built  # loaded, not rebuilt
     finally:
         native._library.cache_clear()
+
+
+PACK_FORMATS = [f for f in AMAX_FORMATS if f.name != "e5m2_block32"] + [
+    dataclasses.replace(formats.resolve("fp8_block128"), name="e5m2_block32", element=formats.e5m2, block_shape=(32,)),
+]
+
+
+def same_packed(a, b) -> None:  # type: ignore[no-untyped-def]
+    """Two PackedBlocks hold the same bytes, scales, tensor scale and layout."""
+    assert a.codes.dtype == b.codes.dtype and a.codes.shape == b.codes.shape
+    assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8))
+    assert a.scales.dtype == b.scales.dtype
+    same_bits(a.scales.float(), b.scales.float())
+    assert (a.tensor_scale is None) == (b.tensor_scale is None)
+    if a.tensor_scale is not None:
+        assert a.tensor_scale.shape == b.tensor_scale.shape == (1,)
+        same_bits(a.tensor_scale, b.tensor_scale)
+    assert (a.shape, a.moved_shape, a.axis, a.nbytes) == (b.shape, b.moved_shape, b.axis, b.nbytes)
+
+
+@pytest.mark.parametrize("fmt", PACK_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_packing_equals_compiled(fmt, rounding: str, dtype: torch.dtype, calls: list) -> None:
+    """quantize_packed's values, codes and scales from the native pass equal the compiled
+    pack and scale kernels' (the ``"compiled"`` backend), for both block axes, with and
+    without values, NaN and Inf blocks included (zero codes under a NaN scale)."""
+    from mixprec.core.block_storage import quantize_packed, unpack_blocks
+
+    x = adversarial((128, 256), seed=4).to(dtype)
+    for axis in (-1, -2):
+        for with_values in (True, False):
+            values, packed = quantize_packed(x, fmt, rounding, axis=axis, random_key=KEY, with_values=with_values)
+            with kernel_backend("compiled"):
+                ref_values, ref_packed = quantize_packed(x, fmt, rounding, axis=axis, random_key=KEY,
+                                                         with_values=with_values)
+            same_packed(packed, ref_packed)
+            assert (values is None) == (ref_values is None) == (not with_values)
+            if values is not None:
+                same_bits(values, ref_values)
+                # the values are what the codes decode to
+                same_bits(unpack_blocks(packed, fmt), values)
+    assert len(calls) == 4
+
+
+UNPACK_FORMATS = ["nvfp4", "nvfp4_16x16", "fp8_block128", "fp8_block128x128", "mxfp4_e2m1", "mxfp8_e4m3",
+                  "mxfp8_e5m2", "mxfp6_e2m3"]
+
+
+@pytest.mark.parametrize("name", UNPACK_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decoding_equals_compiled(name: str, dtype: torch.dtype) -> None:
+    """unpack_blocks by the native kernel (4- and 8-bit codes; FP6 keeps the compiled
+    path) equals the compiled decoding on every code: random bytes, NaN codes of E4M3
+    and E5M2 and every scale included, both axes."""
+    from mixprec.core.block_storage import PackedBlocks, quantize_packed, unpack_blocks
+
+    fmt = formats.resolve(name)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(128, 256, generator=generator) * 100
+    for axis in (-1, -2):
+        _, packed = quantize_packed(x, fmt, axis=axis)
+        raw = torch.randint(0, 256, packed.codes.shape, dtype=torch.uint8, generator=generator)
+        scales = packed.scales.float() * torch.exp2(torch.randint(-3, 4, packed.scales.shape, generator=generator))
+        scales.view(-1)[::7] = float("nan")
+        random = PackedBlocks(fmt, raw.view(packed.codes.dtype), scales.to(packed.scales.dtype),
+                              packed.tensor_scale, packed.shape, packed.moved_shape, packed.axis)
+        for case in (packed, random):
+            result = unpack_blocks(case, fmt, dtype)
+            with kernel_backend("compiled"):
+                reference = unpack_blocks(case, fmt, dtype)
+            assert result.dtype == reference.dtype == dtype and result.shape == reference.shape
+            same_bits(result.float(), reference.float())
+
+
+def test_bf16_rounding_of_decoded_values() -> None:
+    """The native BF16 output rounds half to even, as torch's cast: values whose float32
+    products land exactly between two BF16 values (an FP32 block scale with a 9th
+    significand bit) go to the even one."""
+    from mixprec.core.block_storage import quantize_packed, unpack_blocks
+
+    fmt = formats.resolve("fp8_block128")
+    x = torch.full((4, 128), 1.0)
+    x[:, 0] = 448.0 * (1 + 2**-8 + 2**-20)  # the block scale: amax / 448, bits below BF16's
+    _, packed = quantize_packed(x, fmt)
+    decoded = unpack_blocks(packed, fmt, torch.bfloat16)
+    assert torch.equal(decoded, unpack_blocks(packed, fmt).to(torch.bfloat16))
