@@ -310,3 +310,22 @@ def test_bf16_rounding_of_decoded_values() -> None:
     _, packed = quantize_packed(x, fmt)
     decoded = unpack_blocks(packed, fmt, torch.bfloat16)
     assert torch.equal(decoded, unpack_blocks(packed, fmt).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_factored_bf16_values(backend: str, rounding: str, calls: list) -> None:
+    """NVFP4's unscaled values asked as BF16 are the float32 ones cast (exact: element
+    times an E4M3 block scale has at most 5 significant bits), written by the native
+    pass itself under ``"auto"``; formats whose products are not BF16 values refuse."""
+    fmt = formats.resolve("nvfp4")
+    x = adversarial((64, 256), seed=6)
+    with kernel_backend(backend):  # type: ignore[arg-type]
+        values, scale = quantize_blocks_factored(x, fmt, rounding, random_key=KEY, dtype=torch.bfloat16)
+        reference, ref_scale = quantize_blocks_factored(x, fmt, rounding, random_key=KEY)
+    assert values.dtype == torch.bfloat16
+    same_bits(values.float(), reference)
+    same_bits(scale, ref_scale)
+    assert len(calls) == (2 if backend == "auto" else 0)
+    with pytest.raises(ValueError, match="float32, not torch.bfloat16"):
+        quantize_blocks_factored(x, formats.resolve("fp8_block128"), dtype=torch.bfloat16)

@@ -276,6 +276,7 @@ def quantize_blocks_factored(
     axis: int = -1,
     random_key: torch.Tensor | None = None,
     tensor_amax: torch.Tensor | float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`quantize_blocks` of a two-level format (NVFP4) as its two factors: the
     values without the FP32 tensor scale (each element times its block scale: exact in
@@ -284,7 +285,14 @@ def quantize_blocks_factored(
     products in the tensor cores, the two operands' tensor scales on the FP32 sum
     (``alpha``). The same elements and scales as :func:`quantize_blocks`, whose values
     are ``element * (tensor_scale * block_scale)`` rounded to float32. Formats without
-    a tensor scale return :func:`quantize_blocks`' values and None."""
+    a tensor scale return :func:`quantize_blocks`' values and None. ``dtype=
+    torch.bfloat16`` returns the first factor as BF16 (formats whose block products
+    are BF16 values: exact), written by the rounding pass itself where the native
+    kernel runs, for a GEMM on BF16 units."""
+    if dtype != torch.float32 and not (dtype == torch.bfloat16 and fmt.tensor_scale and fmt.block_bf16_values):
+        raise ValueError(f"block format {fmt.name}: the unscaled values can be float32"
+                         f"{' or bfloat16' if fmt.tensor_scale and fmt.block_bf16_values else ''}, not {dtype}; "
+                         "pass dtype=torch.float32")
     if not fmt.tensor_scale:
         return quantize_blocks(x, fmt, rounding, axis=axis, random_key=random_key), None
     x, moved, dims, moved_shape, axis, key, amax_t = checked_blocks(x, fmt, rounding, axis, None, tensor_amax,
@@ -292,11 +300,13 @@ def quantize_blocks_factored(
     if moved.numel() == 0:
         return restore_layout(moved.float(), axis, x.dim()), torch.ones((), device=x.device)
     x4 = block_kernels.blocked(moved, dims)
-    target = torch.empty(moved_shape, dtype=torch.float32, device=x.device)
+    direct = dtype == torch.float32 or _native_amax(x4, dtype)
+    target = torch.empty(moved_shape, dtype=dtype if direct else torch.float32, device=x.device)
     tensor_scale = _round_blocks(fmt, x4, _block_params(fmt, x.device), rounding, key, amax_t,
                                  block_kernels.blocked(target, dims), unscaled=True)
     assert tensor_scale is not None
-    return restore_layout(target, axis, x.dim()), tensor_scale.reshape(())
+    values = target if direct else target.to(dtype)
+    return restore_layout(values, axis, x.dim()), tensor_scale.reshape(())
 
 
 def _dtypes(*tensors: torch.Tensor) -> str:
@@ -312,14 +322,16 @@ def _run_kind(entry: str, kind: str, x: torch.Tensor, *args: Any) -> Any:
     return run_variant(f"{entry}_{kind}", _ENTRIES[entry], x, *args)
 
 
-def _native_amax(x4: torch.Tensor, out4: torch.Tensor | None) -> bool:
-    """Whether a block quantization with amax scales runs the native kernel
-    (:mod:`mixprec.core.native`): the ``"auto"`` backend (``"compiled"`` keeps
+def _native_amax(x4: torch.Tensor, out_dtype: torch.dtype | None) -> bool:
+    """Whether a block quantization with amax scales of blocked ``x4`` runs the native
+    kernel (:mod:`mixprec.core.native`): the ``"auto"`` backend (``"compiled"`` keeps
     inductor's kernels, ``"eager"`` torch's operations), a contiguous float32 or BF16
-    CPU tensor outside a user's ``torch.compile``, float32 output (or none: codes
-    alone), and a library built for this machine."""
+    CPU tensor outside a user's ``torch.compile``, float32 output (BF16 for blocks 16
+    or 128 wide; None: codes alone), and a library built for this machine. Outputs are
+    the callers' fresh tensors or a checked contiguous ``out``."""
     return (current_backend() == "auto" and x4.device.type == "cpu" and x4.dtype in (torch.float32, torch.bfloat16)
-            and (out4 is None or (out4.dtype == torch.float32 and out4.is_contiguous()))
+            and (out_dtype is None or out_dtype == torch.float32
+                 or (out_dtype == torch.bfloat16 and native.writes_bf16(x4.shape[-1])))
             and not torch.compiler.is_compiling() and x4.is_contiguous() and native.available())
 
 
@@ -363,7 +375,7 @@ def _round_blocks(
         return None
     zero_below = _zero_below(fmt, pe)
     tensor_scale = None
-    if fmt.scale_rule not in block_kernels.RULE_IDS and _native_amax(x4, out4):
+    if fmt.scale_rule not in block_kernels.RULE_IDS and _native_amax(x4, out4.dtype):
         # amax scales on the CPU: the hand-written kernel, one pass (mixprec.core.native)
         return native.amax_blocks(x4, out4, pe, params[1], params[2], fmt.tensor_scale, amax_t, unscaled, key,
                                   serial_threads(x4.numel()))

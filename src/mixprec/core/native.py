@@ -123,7 +123,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     function.argtypes = [pointer, i32, pointer, i64, i64, i64, i64, pointer, pointer, pointer, i32, pointer, i32, i32,
-                         pointer, pointer, pointer, i32, i32, pointer, pointer, i32]
+                         pointer, pointer, pointer, i32, i32, pointer, pointer, i32, i32]
     function.restype = i32
     unpack.argtypes = [pointer, i32, pointer, pointer, pointer, pointer, i32, i64, i64, i64, i64, i32]
     unpack.restype = i32
@@ -153,7 +153,7 @@ def amax_blocks(
     """Quantize contiguous CPU ``x4`` (float32 or BF16, blocked ``(groups, rows, h,
     cols)``) to an amax-scaled block format into contiguous float32 ``out4``: what
     :func:`mixprec.core.block_quantize._round_blocks` computes with the torch kernels,
-    bit for bit. The parameters are theirs (``pe``, ``ps``, ``fp``: the element's and
+    bit for bit (``out4`` BF16, blocks 16 or 128 wide: those values cast to BF16). The parameters are theirs (``pe``, ``ps``, ``fp``: the element's and
     scale's kernel parameters and the float constants; ``key``: stochastic rounding).
     ``scales`` (float32, ``groups * h`` elements), when given, receives the block scales.
     ``codes`` (uint8; ``cols`` a multiple of 16), when given, receives the codes of
@@ -173,7 +173,8 @@ def amax_blocks(
         None if key is None else key.data_ptr(), None if tensor_scale is None else tensor_scale.data_ptr(),
         None if scales is None else scales.data_ptr(), max(int(threads), 1),
         int(out4 is not None and out4.numel() >= STREAM_FROM), None if codes is None else codes.data_ptr(),
-        None if encoding is None else encoding.data_ptr(), 0 if element is None else element.total_bits)
+        None if encoding is None else encoding.data_ptr(), 0 if element is None else element.total_bits,
+        int(out4 is not None and out4.dtype == torch.bfloat16))
     if status != 0:
         raise ValueError(f"native amax_blocks: unsupported input (status {status}: dtype {x4.dtype}, "
                          f"{cols} columns, {None if element is None else element.name} codes)")
@@ -221,6 +222,11 @@ def _encoding(element: FloatFormat | None) -> torch.Tensor:
                                element.exponent_bits + element.mantissa_bits], dtype=torch.int32)
         _encodings[element] = cached
     return cached
+
+
+def writes_bf16(cols: int) -> bool:
+    """Whether the kernel writes BF16 values for blocks ``cols`` wide."""
+    return cols in (16, 128)
 
 
 def packs(element: FloatFormat, cols: int) -> bool:

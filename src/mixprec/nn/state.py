@@ -482,8 +482,10 @@ def _quantize_blocks(x: torch.Tensor, operand: Operand, fmt: BlockFormat, state:
     if values_dtype is not None and not with_codes:
         if fmt.tensor_scale:
             # NVFP4: the values without the tensor scale, which the GEMM applies to its sum
+            # BF16 where the GEMM takes BF16 (its block products are BF16 values)
+            dtype = torch.bfloat16 if values_dtype == torch.bfloat16 and fmt.block_bf16_values else torch.float32
             unscaled, tensor_scale = quantize_blocks_factored(x32, fmt, operand.rounding, axis=axis,
-                                                              random_key=random_key)
+                                                              random_key=random_key, dtype=dtype)
             return Quantized(_crop(unscaled, tuple(shape)), None, operand, None, tensor_scale)
         dtype = torch.bfloat16 if values_dtype == torch.bfloat16 and fmt.bf16_values else torch.float32
         values = _crop(quantize_blocks(x32, fmt, operand.rounding, axis=axis, random_key=random_key, dtype=dtype),

@@ -126,11 +126,18 @@ inline void stream_row(float* dst, const float* src, int64_t n) {
 #endif
 }
 
+inline uint16_t bf16_bits(float v) {
+  // torch's float32 -> bfloat16 conversion: round half to even, NaN to 0x7FC0
+  const uint32_t u = static_cast<uint32_t>(bits_of(v));
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return v != v ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
 struct Job {
   int64_t groups, rows, h, cols;
   Params element, scale;
   float largest, divisor, scale_min;  // element largest, scale largest * element largest, scale's smallest normal
-  int two_level, unscaled, stochastic, stream;
+  int two_level, unscaled, stochastic, stream, out_bf16;
   float tensor_scale;
   uint32_t key0, key1;
   const int32_t* codes;  // the element's encoding (pack only)
@@ -259,8 +266,9 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
       const int32_t fl = floor[j];
       // a row of a block is computed into ``row`` and then stored, streaming past the
       // cache where the caller asks (a tensor too large for it), else in place
+      // (BF16 output: computed into ``row``, then rounded to BF16 as torch casts)
       alignas(64) float row[kCols != 0 ? kCols : 1];
-      const bool staged = kCols != 0 && kCols % 16 == 0 && job.stream;
+      const bool staged = kCols != 0 && kCols % 16 == 0 && (job.stream || job.out_bf16);
       float* o = staged ? row : out + start;
       if (!job.stochastic) {
 #pragma omp simd
@@ -280,7 +288,13 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
           o[c] = float_of(round_bits(product, element, true, random)) * s;
         }
       }
-      if (staged) stream_row(out + start, row, cols);
+      if (staged && job.out_bf16) {
+        uint16_t* narrow = reinterpret_cast<uint16_t*>(out) + start;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) narrow[c] = bf16_bits(row[c]);
+      } else if (staged) {
+        stream_row(out + start, row, cols);
+      }
     }
   }
 }
@@ -393,12 +407,6 @@ int dispatch_pack(const T* x, float* out, uint8_t* codes, const Job& job, const 
 // block's scale, as block_storage.unpack_blocks computes it: (value * (tensor_scale *
 // scale)) rounded to the output dtype. Blocked layout as for quantization; cols a
 // multiple of 16.
-inline uint16_t bf16_bits(float v) {
-  // torch's float32 -> bfloat16 conversion: round half to even, NaN to 0x7FC0
-  const uint32_t u = static_cast<uint32_t>(bits_of(v));
-  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  return v != v ? static_cast<uint16_t>(0x7FC0) : rounded;
-}
 
 // 16 codes starting at element ``at``: 4-bit ones from 8 bytes (element 2i in the low
 // nibble of byte i), else one a byte.
@@ -483,21 +491,24 @@ extern "C" {
 // (groups * h floats). ``stream`` (honoured where out is 64-byte aligned) writes out with
 // non-temporal stores. Where ``codes_out`` is not null (cols a multiple of 16), the
 // element codes go there too, ``code_bits`` 4 (two a byte) or 8, encoded by
-// ``element_codes`` (see encode). Returns 0, 1 for an unknown dtype, 2 for columns the
-// packing cannot take.
+// ``element_codes`` (see encode). ``out_bf16`` (blocks 16 or 128 wide, no codes): out
+// holds BF16, each value rounded as torch casts it. Returns 0, 1 for an unknown dtype, 2
+// for columns the packing or the BF16 output cannot take.
 int mixprec_amax_blocks(const void* x, int dtype, float* out, int64_t groups, int64_t rows, int64_t h, int64_t cols,
                         const int32_t* pe, const int32_t* ps, const float* fp, int two_level, const float* tensor_amax,
                         int unscaled, int stochastic, const int32_t* key, float* tensor_scale_out, float* scales_out,
-                        int threads, int stream, uint8_t* codes_out, const int32_t* element_codes, int code_bits) {
+                        int threads, int stream, uint8_t* codes_out, const int32_t* element_codes, int code_bits,
+                        int out_bf16) {
   Job job{groups, rows, h, cols, params_of(pe), params_of(ps), fp[0], fp[1], fp[2], two_level, unscaled,
-          stochastic, 0, 1.0f, 0u, 0u, element_codes, code_bits};
+          stochastic, 0, out_bf16, 1.0f, 0u, 0u, element_codes, code_bits};
   if (codes_out != nullptr && (cols % 16 != 0 || (code_bits != 4 && code_bits != 8))) return 2;
+  if (out_bf16 && (codes_out != nullptr || (cols != 16 && cols != 128))) return 2;
   if (stochastic) {
     job.key0 = static_cast<uint32_t>(key[0]);
     job.key1 = static_cast<uint32_t>(key[1]);
   }
   threads = std::max(threads, 1);
-  job.stream = stream && codes_out == nullptr && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  job.stream = stream && codes_out == nullptr && !out_bf16 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
   if (dtype == 0) return dispatch_pack(static_cast<const float*>(x), out, codes_out, job, tensor_amax,
                                        tensor_scale_out, scales_out, threads);
   if (dtype == 1) return dispatch_pack(static_cast<const uint16_t*>(x), out, codes_out, job, tensor_amax,
