@@ -213,7 +213,7 @@ constexpr int64_t kUnitBlocks = 64;  // blocks per unit of work where blocks are
 // vector with no loop around it.
 template <typename T, int64_t kCols, bool kPack>
 void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t count, int64_t row_stride, const Job& job,
-              float* full_out, int32_t* amax, float* factor, int32_t* floor, float* full) {
+              float* full_out, int32_t* amax, float* factor, int32_t* floor, float* full, float* scale_of) {
   const int64_t rows = job.rows, cols = kCols != 0 ? kCols : job.cols;
   for (int64_t j = 0; j < count; ++j) amax[j] = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -224,26 +224,40 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
       amax[j] = m;
     }
   }
-  // the scales, as block_kernels.amax_scales computes them
+  // the scales, as block_kernels.amax_scales computes them: in whole vectors of 16
+  // blocks (the arrays are padded with zero amaxes), so that no store is masked, which
+  // would stall the element loop's reads of them (no store-to-load forwarding)
   const float tensor_scale = job.tensor_scale;
   const float tensor_inverse = 1.0f / tensor_scale;
-  for (int64_t j = 0; j < count; ++j) {
-    const int32_t a = amax[j];
-    const bool bad = a >= kF32Inf;
-    float block = float_of(a) / job.largest;
-    if (job.two_level) block = block / tensor_scale;
-    block = block < job.scale_min ? job.scale_min : block;  // NaN stays NaN, as torch.clamp
-    block = float_of(round_bits(bits_of(block), job.scale, false, 0));
-    block = bad ? float_of(kF32QNaN) : block;
-    float reciprocal = job.two_level ? tensor_inverse / block : 1.0f / block;
-    reciprocal = a == 0 ? 0.0f : reciprocal;
-    factor[j] = reciprocal;
-    // block_kernels.flush_floor: x under it gives a product under 2**-125, zero either way
-    const int32_t r_exp = (bits_of(reciprocal) >> 23) & 0xFF;
-    const float tiny = (1.0f / reciprocal) * 0x1.6a09e6p-126f;  // 2**-125.5 in float32
-    floor[j] = (r_exp != 0 && r_exp != 0xFF) ? bits_of(tiny) : 0;
-    full[j] = job.two_level && !job.unscaled ? tensor_scale * block : block;
-    if (full_out != nullptr) full_out[j] = job.two_level ? block : full[j];
+  const float element_largest = job.largest, scale_min = job.scale_min;
+  const Params scale_params = job.scale;
+  const bool two_level = job.two_level, unscaled = job.unscaled;
+  const int64_t padded = (count + 15) / 16 * 16;
+  for (int64_t j = count; j < padded; ++j) amax[j] = 0;
+  for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+#pragma omp simd
+    for (int64_t l = 0; l < 16; ++l) {
+      const int64_t j = j0 + l;
+      const int32_t a = amax[j];
+      const bool bad = a >= kF32Inf;
+      float block = float_of(a) / element_largest;
+      block = two_level ? block / tensor_scale : block;
+      block = block < scale_min ? scale_min : block;  // NaN stays NaN, as torch.clamp
+      block = float_of(round_bits(bits_of(block), scale_params, false, 0));
+      block = bad ? float_of(kF32QNaN) : block;
+      float reciprocal = two_level ? tensor_inverse / block : 1.0f / block;
+      reciprocal = a == 0 ? 0.0f : reciprocal;
+      factor[j] = reciprocal;
+      // block_kernels.flush_floor: x under it gives a product under 2**-125, zero either way
+      const int32_t r_exp = (bits_of(reciprocal) >> 23) & 0xFF;
+      const float tiny = (1.0f / reciprocal) * 0x1.6a09e6p-126f;  // 2**-125.5 in float32
+      floor[j] = (r_exp != 0 && r_exp != 0xFF) ? bits_of(tiny) : 0;
+      full[j] = two_level && !unscaled ? tensor_scale * block : block;
+      scale_of[j] = block;
+    }
+  }
+  if (full_out != nullptr) {
+    for (int64_t j = 0; j < count; ++j) full_out[j] = scale_of[j];
   }
   const int32_t mantissa_bits = 23 - job.element.shift;
   const int32_t step_min = job.element.step_bits >> 23;
@@ -299,65 +313,64 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
   }
 }
 
+// The amax of unit u's blocks that hold no NaN or Inf (0 if none): what the tensor amax
+// takes from them (block_kernels.amax_scales leaves the other blocks out).
 template <typename T, int64_t kCols>
-int32_t finite_amax(const T* x, int64_t blocks_total, const Job& job, int threads) {
-  // the tensor amax over blocks holding no NaN or Inf (1-D blocks; 2-D tiles go by tile)
+int32_t unit_finite_amax(const T* x, int64_t u, int64_t blocks_total, const Job& job) {
   const int64_t cols = kCols != 0 ? kCols : job.cols;
-  int32_t result = 0;
-  const int64_t units = job.rows == 1 ? (blocks_total + kUnitBlocks - 1) / kUnitBlocks : job.groups;
-#pragma omp parallel for num_threads(threads) reduction(max : result) schedule(static)
-  for (int64_t u = 0; u < units; ++u) {
-    std::vector<int32_t> amax(job.rows == 1 ? kUnitBlocks : job.h);
-    int64_t base, count, row_stride = job.h * cols;
-    if (job.rows == 1) {
-      base = u * kUnitBlocks * cols;
-      count = std::min(kUnitBlocks, blocks_total - u * kUnitBlocks);
-    } else {
-      base = u * job.rows * job.h * cols;
-      count = job.h;
+  const bool one_d = job.rows == 1;
+  const int64_t base = one_d ? u * kUnitBlocks * cols : u * job.rows * job.h * cols;
+  const int64_t count = one_d ? std::min(kUnitBlocks, blocks_total - u * kUnitBlocks) : job.h;
+  std::vector<int32_t> amax(count, 0);
+  for (int64_t r = 0; r < job.rows; ++r) {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t start = base + r * job.h * cols + j * cols;
+      int32_t m = amax[j];
+      for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
+      amax[j] = m;
     }
-    for (int64_t j = 0; j < count; ++j) amax[j] = 0;
-    for (int64_t r = 0; r < job.rows; ++r) {
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t start = base + r * row_stride + j * cols;
-        int32_t m = amax[j];
-        for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
-        amax[j] = m;
-      }
-    }
-    for (int64_t j = 0; j < count; ++j) result = std::max(result, amax[j] < kF32Inf ? amax[j] : 0);
   }
+  int32_t result = 0;
+  for (int64_t j = 0; j < count; ++j) result = std::max(result, amax[j] < kF32Inf ? amax[j] : 0);
   return result;
 }
 
+// The whole quantization in one OpenMP parallel region (under a passive wait policy each
+// region wakes the threads anew, which costs more than the work on small tensors): the
+// tensor amax where a two-level format needs it, then the units of blocks.
 template <typename T, int64_t kCols, bool kPack>
-void run_all(const T* x, float* out, uint8_t* codes, Job job, const float* tensor_amax, float* tensor_scale_out, float* scales_out,
-             int threads) {
+void run_all(const T* x, float* out, uint8_t* codes, const Job& job, const float* tensor_amax,
+             float* tensor_scale_out, float* scales_out, int threads) {
   const int64_t blocks_total = job.groups * job.h;
-  if (job.two_level) {
-    float amax_value;
-    if (tensor_amax != nullptr) {
-      amax_value = *tensor_amax;
-    } else {
-      // the largest magnitude in one streaming pass; only where it is NaN or Inf does
-      // the amax go block by block, leaving out the blocks that hold them
-      const int64_t numel = blocks_total * job.rows * job.cols;
-      int32_t largest = 0;
-#pragma omp parallel for simd num_threads(threads) reduction(max : largest) schedule(static)
-      for (int64_t i = 0; i < numel; ++i) largest = std::max(largest, load_bits(x, i) & kAbsMask);
-      amax_value = float_of(largest < kF32Inf ? largest : finite_amax<T, kCols>(x, blocks_total, job, threads));
-    }
-    const float scale = amax_value / job.divisor;
-    job.tensor_scale = scale < 0x1p-126f ? 0x1p-126f : scale;
-    *tensor_scale_out = job.tensor_scale;
-  }
+  const int64_t numel = blocks_total * job.rows * job.cols;
   const bool one_d = job.rows == 1;
   const int64_t units = one_d ? (blocks_total + kUnitBlocks - 1) / kUnitBlocks : job.groups;
   const int64_t per_unit = one_d ? kUnitBlocks : job.h;
+  const bool find_amax = job.two_level && tensor_amax == nullptr;
+  int32_t largest = 0, finite = 0;  // shared: the reductions below combine into them
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<int32_t> amax(per_unit), floor(per_unit);
-    std::vector<float> factor(per_unit), full(per_unit);
+    if (find_amax) {
+      // the largest magnitude in one streaming pass; only where it is NaN or Inf does
+      // the amax go block by block, leaving out the blocks that hold them
+#pragma omp for simd reduction(max : largest) schedule(static)
+      for (int64_t i = 0; i < numel; ++i) largest = std::max(largest, load_bits(x, i) & kAbsMask);
+      if (largest >= kF32Inf) {
+#pragma omp for reduction(max : finite) schedule(static)
+        for (int64_t u = 0; u < units; ++u) finite = std::max(finite, unit_finite_amax<T, kCols>(x, u, blocks_total, job));
+      }
+    }
+    Job local = job;  // each thread's copy, with the tensor scale (the same in every thread)
+    if (job.two_level) {
+      const float amax_value = tensor_amax != nullptr ? *tensor_amax : float_of(largest < kF32Inf ? largest : finite);
+      const float scale = amax_value / job.divisor;
+      local.tensor_scale = scale < 0x1p-126f ? 0x1p-126f : scale;
+#pragma omp single nowait
+      *tensor_scale_out = local.tensor_scale;
+    }
+    const int64_t padded = (per_unit + 15) / 16 * 16;
+    std::vector<int32_t> amax(padded), floor(padded);
+    std::vector<float> factor(padded), full(padded), scale_of(padded);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units; ++u) {
       int64_t base, count, first_block;
@@ -370,8 +383,9 @@ void run_all(const T* x, float* out, uint8_t* codes, Job job, const float* tenso
         base = u * job.rows * job.h * job.cols;
         count = job.h;
       }
-      run_unit<T, kCols, kPack>(x, out, codes, base, count, job.h * job.cols, job, scales_out == nullptr ? nullptr : scales_out + first_block,
-               amax.data(), factor.data(), floor.data(), full.data());
+      run_unit<T, kCols, kPack>(x, out, codes, base, count, job.h * job.cols, local,
+                                scales_out == nullptr ? nullptr : scales_out + first_block, amax.data(), factor.data(),
+                                floor.data(), full.data(), scale_of.data());
     }
 #if defined(__AVX512F__)
     if (job.stream) _mm_sfence();  // this thread's streamed stores are visible before it returns
