@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from mixprec.core.kernels import move_last
+
 __all__ = ["hadamard_matrix", "random_signs", "hadamard_transform", "inverse_hadamard_transform"]
 
 
@@ -66,12 +68,10 @@ def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> 
     # On row vectors (v @ M): the forward H D v is v @ (D H) (H is symmetric), and its
     # inverse D H y is y @ (H D).
     matrix = hadamard * signs[None, :] if inverse else hadamard * signs[:, None]
-    moved = x.detach().movedim(axis, -1)
     # contiguous float32, in one pass, so that the groups are the rows of one 2-D matrix
     # product (a batched product of a strided view fell back to one small GEMM and a copy
     # per batch entry: 18,000 calls a step on the benchmark MLP under nvfp4)
-    moved = moved.contiguous() if moved.dtype == torch.float32 else moved.to(
-        torch.float32, memory_format=torch.contiguous_format)
+    moved = move_last(x.detach(), axis, torch.float32)
     rotated = moved.reshape(-1, n) @ matrix  # rows times matrix: each group v becomes v @ matrix
     return rotated.reshape(moved.shape).movedim(-1, axis)
 
