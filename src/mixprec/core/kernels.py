@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from mixprec.core import native
 from mixprec.core.formats import FloatFormat, Overflow
 from mixprec.core.vector_bitcasts import vector_bitcasts
 
@@ -517,6 +518,17 @@ def _axis_mover(axis: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch
     return move
 
 
+def native_rounds(x: torch.Tensor) -> bool:
+    """Whether rounding ``x`` to a scalar format runs the native kernel
+    (:func:`mixprec.core.native.round_scalar`) rather than a compiled one: the
+    ``"auto"`` backend, a contiguous float32 or BF16 CPU tensor, outside a user's
+    ``torch.compile`` (which traces the torch operations instead), with the library
+    built. A native call costs about 10 us where a compiled one's guards and wrappers
+    cost 60, which on small models' many small tensors is most of the rounding's time."""
+    return (_state.backend == "auto" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling() and x.is_contiguous() and native.available())
+
+
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two contiguous tensors are the very same elements."""
     return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and b.is_contiguous()
@@ -537,6 +549,15 @@ def round_to_format(
     # length (guards on a view's base would recompile for every base shape).
     flat = x.reshape(-1).detach()
     p = _params(fmt, overflow, x.device)
+    if native_rounds(flat) and (scale is None or scale.device.type == "cpu"):
+        # one native pass (mixprec.core.native): no compiled call's guards and wrappers
+        direct = out is not None and out.is_contiguous()
+        target = out.view(-1) if direct else torch.empty_like(flat)
+        native.round_scalar(flat, p, key is None and float_nearest(fmt, overflow), key, scale, target, None, None,
+                            serial_threads(flat.numel()))
+        if out is None:
+            return target.view(x.shape)
+        return out if direct else out.copy_(target.view(x.shape))
     scale_inv = None if scale is None else torch.reciprocal(scale)
     nearest = "nearest_float" if float_nearest(fmt, overflow) else "nearest"
     if out is not None and out.is_contiguous() and _same_memory(out, x):

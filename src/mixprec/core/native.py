@@ -5,7 +5,7 @@ Most rounding kernels are torch operations fused by ``torch.compile``
 and 16x16 tiles, DeepSeek-V3's FP8 blocks) is the exception: inductor splits it into a
 reduction per block and an element pass, and its reductions over blocks of 16 ran at
 8-17 ms per 16M float32 whatever form they took (0.29x a copy for NVFP4 into ``out=``).
-``native/amax_blocks.cpp`` does the whole quantization in one pass over memory: per unit
+``native/kernels.cpp`` does the whole quantization in one pass over memory: per unit
 of blocks (64 rows of 1-D blocks, or one strip of 2-D tiles) the amax, the scales and the
 rounded elements, while the unit is in cache. Its arithmetic is the torch kernels'
 operation for operation, so results are the same bit for bit, which
@@ -39,9 +39,9 @@ import torch
 
 from mixprec.core.formats import FloatFormat
 
-__all__ = ["amax_blocks", "available", "library_path", "packs", "unpack_blocks"]
+__all__ = ["amax_blocks", "available", "library_path", "packs", "round_scalar", "unpack_blocks"]
 
-_SOURCE = Path(__file__).with_name("native") / "amax_blocks.cpp"
+_SOURCE = Path(__file__).with_name("native") / "kernels.cpp"
 _FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -77,7 +77,7 @@ def library_path(compiler: str) -> Path:
     digest = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), _cpu_fingerprint().encode()):
         digest.update(part)
-    return _cache_dir() / f"amax_blocks-{digest.hexdigest()[:16]}.so"
+    return _cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -116,6 +116,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         function, unpack = library.mixprec_amax_blocks, library.mixprec_unpack_blocks
+        rounding = library.mixprec_round
     except AttributeError as error:  # a library from elsewhere under this name
         warnings.warn(f"mixprec: the native block kernel at {target} lacks a function ({error}); delete it to "
                       "rebuild. Block quantization runs on the compiled torch kernels (same results, slower)",
@@ -127,6 +128,10 @@ def _library() -> ctypes.CDLL | None:
     function.restype = i32
     unpack.argtypes = [pointer, i32, pointer, pointer, pointer, pointer, i32, i64, i64, i64, i64, i32]
     unpack.restype = i32
+    f32 = ctypes.c_float
+    rounding.argtypes = [pointer, i32, i64, pointer, i32, pointer, i32, f32, f32, pointer, i32, pointer, i32, pointer,
+                         i32]
+    rounding.restype = i32
     return library
 
 
@@ -207,6 +212,42 @@ def unpack_blocks(
     if status != 0:
         raise ValueError(f"native unpack_blocks: unsupported input (status {status}: {code_bits}-bit codes, "
                          f"blocked {blocked}, {out.dtype})")
+
+
+_FP8_KINDS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+
+
+def round_scalar(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    float_path: bool,
+    key: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    values: torch.Tensor | None,
+    storage: torch.Tensor | None,
+    amax: torch.Tensor | None,
+    threads: int,
+) -> None:
+    """Round contiguous CPU ``x`` (float32 or BF16) onto the grid of the scalar format
+    with kernel parameters ``p``, as :func:`mixprec.core.kernels.round_grid` does
+    (``float_path``: to nearest by float arithmetic; ``key``: stochastically), as
+    ``round(x * (1 / scale)) * scale`` where ``scale`` (a 0-d float32 tensor) is given,
+    writing each of these that is given: ``values`` (float32 or BF16, x's size; may be
+    x itself), ``storage`` (a float8_e4m3fn or float8_e5m2 tensor: the rounded values
+    before the scale, as torch casts them) and ``amax`` (a 0-d float32 tensor: the
+    largest ``|x|``, NaN where x holds one). The caller checks :func:`available`."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    scale_inverse = 1.0 if scale is None else float(torch.reciprocal(scale))
+    status = library.mixprec_round(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), p.data_ptr(), int(float_path),
+        None if key is None else key.data_ptr(), int(scale is not None), scale_inverse,
+        1.0 if scale is None else float(scale), None if values is None else values.data_ptr(),
+        0 if values is None else _DTYPE_CODES[values.dtype], None if storage is None else storage.data_ptr(),
+        0 if storage is None else _FP8_KINDS[storage.dtype], None if amax is None else amax.data_ptr(),
+        max(int(threads), 1))
+    if status != 0:
+        raise ValueError(f"native round: unsupported dtype {x.dtype}")
 
 
 _encodings: dict[FloatFormat, torch.Tensor] = {}

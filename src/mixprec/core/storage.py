@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from mixprec.core import formats
+from mixprec.core import formats, native
 from mixprec.core.block_storage import PackedBlocks
 from mixprec.core.formats import BlockFormat, FloatFormat
-from mixprec.core.kernels import _params, float_nearest, round_grid, run_variant
+from mixprec.core.kernels import _params, float_nearest, native_rounds, round_grid, run_variant, serial_threads
 from mixprec.core.quantize import Rounding, _key, abs_max, quantize, resolve_overflow
 
 __all__ = ["storage_dtype", "to_storage", "from_storage", "quantize_stored", "quantize_stored_with_amax",
@@ -236,8 +236,17 @@ def quantize_stored_with_amax(
     overflow = resolve_overflow(resolved, saturate)
     p = _params(resolved, overflow, x.device)
     key = _key(None, x.device, random_key) if rounding == "stochastic" else None
-    scales = () if scale is None else (torch.reciprocal(scale), scale)
     float_path = key is None and float_nearest(resolved, overflow)
+    if native_rounds(flat) and values_dtype in (torch.float32, torch.bfloat16) and (
+            scale is None or scale.device.type == "cpu"):
+        # one native pass: values, bytes and amax (mixprec.core.native.round_scalar)
+        values = torch.empty(flat.shape, dtype=values_dtype) if with_values else None
+        stored = torch.empty(flat.shape, dtype=dtype) if with_storage else None
+        amax = torch.empty((), dtype=torch.float32) if with_amax else None
+        native.round_scalar(flat, p, float_path, key, scale, values, stored, amax, serial_threads(flat.numel()))
+        return (None if values is None else values.view(x.shape), None if stored is None else stored.view(x.shape),
+                amax)
+    scales = () if scale is None else (torch.reciprocal(scale), scale)
     name = (f"stored_{resolved.name}_{overflow}_{rounding}_{'scaled' if scales else 'unscaled'}_"
             f"{str(flat.dtype)[6:]}{'_values_' + str(values_dtype)[6:] if with_values else ''}"
             f"{'_amax' if with_amax else ''}{'_float' if float_path else ''}{'' if with_storage else '_nostorage'}")

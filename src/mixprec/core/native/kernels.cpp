@@ -1,8 +1,13 @@
-// Block quantization with amax scales (NVFP4, DeepSeek-V3's FP8 blocks) in one pass
-// over memory: per block the amax, the scale in its format, and the elements rounded
-// onto their grid, times the scale. Loaded by mixprec.core.native; its results equal
-// mixprec.core.block_kernels' (amax_scales, flushed_nearest, _round_bits) bit for bit,
-// and its tests compare the two on adversarial inputs.
+// mixprec's hand-written CPU kernels, loaded by mixprec.core.native:
+// - block quantization with amax scales (NVFP4, DeepSeek-V3's FP8 blocks) in one pass
+//   over memory: per block the amax, the scale in its format, and the elements rounded
+//   onto their grid, times the scale (mixprec.core.block_kernels' amax_scales,
+//   flushed_nearest and _round_bits), optionally packed into codes;
+// - decoding of block codes (block_storage.unpack_blocks);
+// - rounding to a scalar format (mixprec.core.kernels.round_grid, with a per-tensor
+//   scale), with FP8 storage bytes and the amax beside (storage.quantize_stored_with_amax).
+// Each equals the torch kernels bit for bit; tests/core/test_native.py compares them on
+// adversarial inputs.
 //
 // The arithmetic is the torch kernels', operation for operation: integer operations on
 // float32 bit patterns (int32 with two's complement wrap, spelled with uint32 where C++
@@ -490,6 +495,122 @@ void unpack_all(const uint8_t* codes, int code_bits, const float* table, const f
   }
 }
 
+// mixprec.core.kernels._round_nearest_float of the float32 with bits ``bits``: round to
+// nearest even in float arithmetic (nearest_steps), past the largest to the overflow
+// result, NaN kept.
+inline int32_t nearest_float(int32_t bits, int32_t mantissa_bits, int32_t step_min, int32_t largest,
+                             int32_t overflow_bits) {
+  const int32_t magnitude = bits & kAbsMask;
+  const int32_t clamped = std::min(magnitude, kF32Inf - 1);
+  const int32_t step_exp = std::max((clamped >> 23) - mantissa_bits, step_min);
+  const float inverse = float_of((254 - step_exp) << 23);
+  const float step = float_of(step_exp << 23);
+  const float kept = float_of(clamped <= ((step_min - 1) << 23) ? 0 : clamped);
+  const float whole = (kept * inverse + 8388608.0f) - 8388608.0f;  // half to even, as above
+  int32_t rounded = bits_of(whole * step);
+  rounded = rounded > largest ? overflow_bits : rounded;
+  rounded = magnitude > kF32Inf ? magnitude : rounded;
+  return rounded | (bits & kInt32Min);
+}
+
+// torch's float32 -> float8 cast of a value on the FP8 grid (finite), or of Inf / NaN:
+// the generic encoding for finite values, E4M3FN's NaN code for Inf and NaN, E5M2's
+// Inf and NaN codes. kind 1: e4m3fn, 2: e5m2.
+inline int32_t fp8_code(int32_t bits, int kind) {
+  const int32_t magnitude = bits & kAbsMask;
+  const int32_t sign = (bits >> 24) & 0x80;
+  int32_t code;
+  if (kind == 1) {
+    code = magnitude >= kF32Inf ? 0x7F : encode(bits & kAbsMask, 3, 7, 121, 7);
+  } else {
+    code = magnitude > kF32Inf ? 0x7F : (magnitude == kF32Inf ? 0x7C : encode(bits & kAbsMask, 2, 15, 113, 7));
+  }
+  return code | sign;
+}
+
+struct RoundJob {
+  Params p;
+  int float_path, stochastic;
+  uint32_t key0, key1;
+  int scaled;
+  float scale_inverse, scale;
+  int values_dtype;  // -1 none, 0 float32, 1 bfloat16
+  int storage_kind;  // 0 none, 1 e4m3fn, 2 e5m2
+};
+
+template <typename T>
+void round_range(const T* x, int64_t begin, int64_t end, const RoundJob& job, void* values, uint8_t* storage) {
+  const Params p = job.p;
+  const int32_t mantissa_bits = 23 - p.shift, step_min = p.step_bits >> 23;
+  const int32_t largest = p.max_bits, overflow_bits = p.overflow_bits;
+  const uint32_t key0 = job.key0, key1 = job.key1;
+  const float scale_inverse = job.scale_inverse, scale = job.scale;
+  const bool scaled = job.scaled, stochastic = job.stochastic, float_path = job.float_path;
+  for (int64_t c0 = begin; c0 < end; c0 += 16) {
+    const int64_t width = std::min<int64_t>(16, end - c0);
+    int32_t rounded[16];
+    if (width == 16) {
+      if (stochastic) {
+#pragma omp simd
+        for (int c = 0; c < 16; ++c) {
+          const float v = scaled ? float_of(load_bits(x, c0 + c)) * scale_inverse : float_of(load_bits(x, c0 + c));
+          rounded[c] = round_bits(bits_of(v), p, true, hash_bits(static_cast<uint32_t>(c0 + c), key0, key1));
+        }
+      } else if (float_path) {
+#pragma omp simd
+        for (int c = 0; c < 16; ++c) {
+          const float v = scaled ? float_of(load_bits(x, c0 + c)) * scale_inverse : float_of(load_bits(x, c0 + c));
+          rounded[c] = nearest_float(bits_of(v), mantissa_bits, step_min, largest, overflow_bits);
+        }
+      } else {
+#pragma omp simd
+        for (int c = 0; c < 16; ++c) {
+          const float v = scaled ? float_of(load_bits(x, c0 + c)) * scale_inverse : float_of(load_bits(x, c0 + c));
+          rounded[c] = round_bits(bits_of(v), p, false, 0);
+        }
+      }
+    } else {
+      for (int c = 0; c < width; ++c) {
+        const float v = scaled ? float_of(load_bits(x, c0 + c)) * scale_inverse : float_of(load_bits(x, c0 + c));
+        rounded[c] = stochastic ? round_bits(bits_of(v), p, true, hash_bits(static_cast<uint32_t>(c0 + c), key0, key1))
+                     : float_path ? nearest_float(bits_of(v), mantissa_bits, step_min, largest, overflow_bits)
+                                  : round_bits(bits_of(v), p, false, 0);
+      }
+    }
+    if (job.values_dtype == 0) {
+      float* out = static_cast<float*>(values) + c0;
+#pragma omp simd
+      for (int c = 0; c < width; ++c) out[c] = scaled ? float_of(rounded[c]) * scale : float_of(rounded[c]);
+    } else if (job.values_dtype == 1) {
+      uint16_t* out = static_cast<uint16_t*>(values) + c0;
+#pragma omp simd
+      for (int c = 0; c < width; ++c) out[c] = bf16_bits(scaled ? float_of(rounded[c]) * scale : float_of(rounded[c]));
+    }
+    if (job.storage_kind != 0) {
+      const int kind = job.storage_kind;
+#pragma omp simd
+      for (int c = 0; c < width; ++c) storage[c0 + c] = static_cast<uint8_t>(fp8_code(rounded[c], kind));
+    }
+  }
+}
+
+template <typename T>
+void round_all(const T* x, int64_t n, const RoundJob& job, void* values, uint8_t* storage, float* amax, int threads) {
+  int32_t largest = 0;
+  const int64_t chunks = (n + 4095) / 4096;
+#pragma omp parallel num_threads(threads)
+  {
+    if (amax != nullptr) {
+#pragma omp for simd reduction(max : largest) schedule(static)
+      for (int64_t i = 0; i < n; ++i) largest = std::max(largest, load_bits(x, i) & kAbsMask);
+#pragma omp single nowait
+      *amax = float_of(largest);
+    }
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < chunks; ++k) round_range(x, k * 4096, std::min(n, (k + 1) * 4096), job, values, storage);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -527,6 +648,35 @@ int mixprec_amax_blocks(const void* x, int dtype, float* out, int64_t groups, in
                                        tensor_scale_out, scales_out, threads);
   if (dtype == 1) return dispatch_pack(static_cast<const uint16_t*>(x), out, codes_out, job, tensor_amax,
                                        tensor_scale_out, scales_out, threads);
+  return 1;
+}
+
+// Round x (n elements; dtype 0 float32, 1 bfloat16) onto a scalar format's grid, as
+// mixprec.core.kernels.round_grid does (``p``: the format's kernel parameters;
+// ``float_path``: to nearest by float arithmetic; ``key``: stochastic, else nearest),
+// as round(x * scale_inverse) where ``scaled``. Writes the values (times the scale) into ``values`` (values_dtype 0
+// float32, 1 bfloat16; may be x's own memory), the FP8 storage bytes of the rounded
+// values into ``storage`` (storage_kind 1 e4m3fn, 2 e5m2), and the largest |x| (NaN's
+// bits above every other: a NaN where x holds one) into ``amax``, each where it is not
+// null. Returns 0, 1 for an unknown dtype.
+int mixprec_round(const void* x, int dtype, int64_t n, const int32_t* p, int float_path, const int32_t* key,
+                  int scaled, float scale_inverse, float scale, void* values, int values_dtype, uint8_t* storage,
+                  int storage_kind, float* amax, int threads) {
+  RoundJob job{params_of(p), float_path, key != nullptr, 0u, 0u, scaled, scale_inverse, scale,
+               values == nullptr ? -1 : values_dtype, storage == nullptr ? 0 : storage_kind};
+  if (key != nullptr) {
+    job.key0 = static_cast<uint32_t>(key[0]);
+    job.key1 = static_cast<uint32_t>(key[1]);
+  }
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    round_all(static_cast<const float*>(x), n, job, values, storage, amax, threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    round_all(static_cast<const uint16_t*>(x), n, job, values, storage, amax, threads);
+    return 0;
+  }
   return 1;
 }
 
