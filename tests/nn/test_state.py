@@ -105,7 +105,8 @@ def test_block_values_from_the_rounding_pass_equal_the_unpacked_codes(name: str,
         direct = quantize_operand(x, operand, state, "site", axis=axis, values_dtype=wanted, forward_key=forward)
         assert direct.layout is None
         if operand.fmt.tensor_scale:
-            assert direct.storage.dtype == torch.float32 and direct.tensor_scale is not None
+            # BF16 where the GEMM takes BF16: element times an E4M3 block scale is a BF16 value
+            assert direct.storage.dtype == wanted and direct.tensor_scale is not None
             assert torch.equal(direct.tensor_scale.reshape(()), packed.tensor_scale.reshape(()))
             unscaled = direct.unscaled_as(torch.float32)
             assert torch.equal(unscaled, packed.unscaled_as(torch.float32))
