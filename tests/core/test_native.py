@@ -329,3 +329,83 @@ def test_factored_bf16_values(backend: str, rounding: str, calls: list) -> None:
     assert len(calls) == (2 if backend == "auto" else 0)
     with pytest.raises(ValueError, match="float32, not torch.bfloat16"):
         quantize_blocks_factored(x, formats.resolve("fp8_block128"), dtype=torch.bfloat16)
+
+
+# ---- scalar formats: quantize and FP8 storage ------------------------------------------
+
+
+@pytest.fixture
+def round_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many elements each native scalar rounding call took (it still runs)."""
+    seen: list[int] = []
+    real = native.round_scalar
+
+    def counting(x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(x.numel())
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(native, "round_scalar", counting)
+    return seen
+
+
+def scalar_input(seed: int, numel: int = 40_009) -> torch.Tensor:
+    """float32 values over the whole range, NaN, both infinities and both zeros; an odd
+    length, so that the last vector is partial."""
+    x = bench_input(numel, seed=seed)
+    x[::101] = float("nan")
+    x[7::211] = float("inf")
+    x[9::307] = -float("inf")
+    x[11::401] = 0.0
+    x[13::409] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "e5m2", "e4m3", "e2m1fn", "e3m2fn", "e8m0fnu"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("saturate", [None, True])
+def test_native_quantize_equals_compiled(name: str, rounding: str, saturate, round_calls: list) -> None:
+    """quantize by the native pass equals the compiled kernels, allocating, into out=
+    and in place, with and without a per-tensor scale (the bit path, the float path
+    and stochastic rounding all taken)."""
+    from mixprec.core.quantize import quantize
+
+    x = scalar_input(7)
+    for scale in (None, torch.tensor(2.0**-20), torch.tensor(3.7e-3)):
+        kwargs = dict(rounding=rounding, scale=scale, random_key=KEY, saturate=saturate)
+        with kernel_backend("compiled"):
+            reference = quantize(x, name, **kwargs)
+        same_bits(quantize(x, name, **kwargs), reference)
+        out = torch.empty_like(x)
+        quantize(x, name, out=out, **kwargs)
+        same_bits(out, reference)
+        inplace = x.clone()
+        quantize(inplace, name, out=inplace, **kwargs)
+        same_bits(inplace, reference)
+    assert len(round_calls) == 9
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+def test_native_fp8_storage_equals_compiled(name: str, rounding: str, x_dtype: torch.dtype,
+                                            values_dtype: torch.dtype, round_calls: list) -> None:
+    """FP8 storage with values and amax from one native pass: the compiled kernel's
+    bytes (torch's FP8 casts, NaN and Inf codes included), values and amax."""
+    from mixprec.core.storage import quantize_stored_with_amax
+
+    x = scalar_input(8).to(x_dtype)
+    finite = torch.nan_to_num(x, nan=1.0, posinf=2.0, neginf=-3.0)
+    for source in (x, finite):
+        for scale in (None, torch.tensor(0.125), torch.tensor(0.37)):
+            for saturate in (None, True):
+                kwargs = dict(scale=scale, random_key=KEY, values_dtype=values_dtype, saturate=saturate)
+                values, stored, amax = quantize_stored_with_amax(source, name, rounding, **kwargs)
+                with kernel_backend("compiled"):
+                    ref_values, ref_stored, ref_amax = quantize_stored_with_amax(source, name, rounding, **kwargs)
+                assert values.dtype == ref_values.dtype == values_dtype
+                same_bits(values.float(), ref_values.float())
+                assert stored.dtype == ref_stored.dtype
+                assert torch.equal(stored.view(torch.uint8), ref_stored.view(torch.uint8))
+                same_bits(amax, ref_amax)
+    assert len(round_calls) == 12
