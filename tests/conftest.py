@@ -33,6 +33,15 @@ def backend(request: pytest.FixtureRequest):
         yield request.param
 
 
+@pytest.fixture
+def no_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled kernels in charge under ``"auto"``, as on a machine where the native
+    library cannot be built (tests of the compiled path's own dispatch)."""
+    from mixprec.core import native
+
+    monkeypatch.setattr(native, "available", lambda: False)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

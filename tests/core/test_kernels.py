@@ -49,7 +49,7 @@ def test_backend_switch_is_scoped_and_validated():
             pass
 
 
-def test_auto_uses_eager_for_small_tensors(monkeypatch):
+def test_auto_uses_eager_for_small_tensors(no_native, monkeypatch):
     calls = []
     original = kernels._compiled_entry
 
@@ -65,7 +65,7 @@ def test_auto_uses_eager_for_small_tensors(monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(no_native, monkeypatch):
     def broken(name, fn):
         def fail(*args):
             raise RuntimeError("no C++ compiler")
@@ -93,7 +93,7 @@ def test_quantize_inside_a_users_torch_compile():
     assert_same(compiled(x), step(x), x, "inside torch.compile")
 
 
-def test_auto_retries_compiling_a_few_times_before_staying_eager(monkeypatch):
+def test_auto_retries_compiling_a_few_times_before_staying_eager(no_native, monkeypatch):
     attempts = []
 
     def broken(name, fn):
@@ -112,7 +112,7 @@ def test_auto_retries_compiling_a_few_times_before_staying_eager(monkeypatch):
     assert len(attempts) == kernels._MAX_COMPILE_FAILURES
 
 
-def test_small_kernels_run_on_one_thread_under_passive_openmp(monkeypatch):
+def test_small_kernels_run_on_one_thread_under_passive_openmp(no_native, monkeypatch):
     """Below the threshold a compiled kernel runs with one thread (no sleeping OpenMP
     thread to wake), gives the same bits as with all threads, and the thread count is
     restored after it, also when the kernel raises."""
@@ -156,7 +156,7 @@ def test_small_kernels_run_on_one_thread_under_passive_openmp(monkeypatch):
     assert torch.get_num_threads() == threads
 
 
-def test_one_thread_only_under_the_passive_wait_policy(monkeypatch):
+def test_one_thread_only_under_the_passive_wait_policy(no_native, monkeypatch):
     kernels._serial_below.cache_clear()
     try:
         monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")

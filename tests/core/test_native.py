@@ -386,8 +386,8 @@ def test_native_quantize_equals_compiled(name: str, rounding: str, saturate, rou
 
 @pytest.mark.parametrize("name", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_fp8_storage_equals_compiled(name: str, rounding: str, x_dtype: torch.dtype,
                                             values_dtype: torch.dtype, round_calls: list) -> None:
     """FP8 storage with values and amax from one native pass: the compiled kernel's
@@ -395,6 +395,7 @@ def test_native_fp8_storage_equals_compiled(name: str, rounding: str, x_dtype: t
     from mixprec.core.storage import quantize_stored_with_amax
 
     x = scalar_input(8).to(x_dtype)
+    x[17::503] = torch.tensor(2.0**-20).to(x_dtype)  # FP16 subnormals, widened exactly
     finite = torch.nan_to_num(x, nan=1.0, posinf=2.0, neginf=-3.0)
     for source in (x, finite):
         for scale in (None, torch.tensor(0.125), torch.tensor(0.37)):

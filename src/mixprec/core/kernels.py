@@ -521,11 +521,12 @@ def _axis_mover(axis: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch
 def native_rounds(x: torch.Tensor) -> bool:
     """Whether rounding ``x`` to a scalar format runs the native kernel
     (:func:`mixprec.core.native.round_scalar`) rather than a compiled one: the
-    ``"auto"`` backend, a contiguous float32 or BF16 CPU tensor, outside a user's
+    ``"auto"`` backend, a contiguous float32, BF16 or FP16 CPU tensor, outside a user's
     ``torch.compile`` (which traces the torch operations instead), with the library
     built. A native call costs about 10 us where a compiled one's guards and wrappers
     cost 60, which on small models' many small tensors is most of the rounding's time."""
-    return (_state.backend == "auto" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (_state.backend == "auto" and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not torch.compiler.is_compiling() and x.is_contiguous() and native.available())
 
 

@@ -215,6 +215,7 @@ def unpack_blocks(
 
 
 _FP8_KINDS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+_SCALAR_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def round_scalar(
@@ -228,11 +229,11 @@ def round_scalar(
     amax: torch.Tensor | None,
     threads: int,
 ) -> None:
-    """Round contiguous CPU ``x`` (float32 or BF16) onto the grid of the scalar format
+    """Round contiguous CPU ``x`` (float32, BF16 or FP16) onto the grid of the scalar format
     with kernel parameters ``p``, as :func:`mixprec.core.kernels.round_grid` does
     (``float_path``: to nearest by float arithmetic; ``key``: stochastically), as
     ``round(x * (1 / scale)) * scale`` where ``scale`` (a 0-d float32 tensor) is given,
-    writing each of these that is given: ``values`` (float32 or BF16, x's size; may be
+    writing each of these that is given: ``values`` (float32, BF16 or FP16, x's size; may be
     x itself), ``storage`` (a float8_e4m3fn or float8_e5m2 tensor: the rounded values
     before the scale, as torch casts them) and ``amax`` (a 0-d float32 tensor: the
     largest ``|x|``, NaN where x holds one). The caller checks :func:`available`."""
@@ -240,10 +241,10 @@ def round_scalar(
     assert library is not None, "call native.available() first"
     scale_inverse = 1.0 if scale is None else float(torch.reciprocal(scale))
     status = library.mixprec_round(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), p.data_ptr(), int(float_path),
+        x.data_ptr(), _SCALAR_DTYPES[x.dtype], x.numel(), p.data_ptr(), int(float_path),
         None if key is None else key.data_ptr(), int(scale is not None), scale_inverse,
         1.0 if scale is None else float(scale), None if values is None else values.data_ptr(),
-        0 if values is None else _DTYPE_CODES[values.dtype], None if storage is None else storage.data_ptr(),
+        0 if values is None else _SCALAR_DTYPES[values.dtype], None if storage is None else storage.data_ptr(),
         0 if storage is None else _FP8_KINDS[storage.dtype], None if amax is None else amax.data_ptr(),
         max(int(threads), 1))
     if status != 0:

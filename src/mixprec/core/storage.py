@@ -237,7 +237,7 @@ def quantize_stored_with_amax(
     p = _params(resolved, overflow, x.device)
     key = _key(None, x.device, random_key) if rounding == "stochastic" else None
     float_path = key is None and float_nearest(resolved, overflow)
-    if native_rounds(flat) and values_dtype in (torch.float32, torch.bfloat16) and (
+    if native_rounds(flat) and values_dtype in (torch.float32, torch.bfloat16, torch.float16) and (
             scale is None or scale.device.type == "cpu"):
         # one native pass: values, bytes and amax (mixprec.core.native.round_scalar)
         values = torch.empty(flat.shape, dtype=values_dtype) if with_values else None

@@ -16,6 +16,7 @@
 // Loops are branch-free so that the compiler vectorises them.
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <algorithm>
 #include <vector>
@@ -115,6 +116,38 @@ inline int32_t load_bits(const T* x, int64_t i);
 
 template <>
 inline int32_t load_bits<float>(const float* x, int64_t i) { return bits_of(x[i]); }
+
+// an IEEE half, read through its bits (a type of its own, for the templates)
+struct Half {
+  uint16_t bits;
+};
+
+template <>
+inline int32_t load_bits<Half>(const Half* x, int64_t i) {
+  // widened exactly, as torch's cast: a subnormal half is its integer significand times
+  // 2**-24 (an exact conversion and product), Inf and NaN keep their payload
+  const int32_t h = x[i].bits;
+  const int32_t sign = (h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  const int32_t normal = ((exponent + 112) << 23) | (mantissa << 13);
+  const int32_t special = kF32Inf | (mantissa << 13);
+  const int32_t subnormal = bits_of(static_cast<float>(mantissa) * 0x1p-24f);
+  return sign | (exponent == 0 ? subnormal : (exponent == 31 ? special : normal));
+}
+
+// torch's float32 -> float16 cast (c10's fp16_ieee_from_fp32_value): half to even, Inf
+// past the range, NaN to 0x7E00 with its sign.
+inline uint16_t half_bits(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = static_cast<uint32_t>(bits_of(f));
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = float_of(static_cast<int32_t>((bias >> 1) + 0x07800000u)) + base;
+  const uint32_t bits = static_cast<uint32_t>(bits_of(base));
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
 
 template <>
 inline int32_t load_bits<uint16_t>(const uint16_t* x, int64_t i) {  // bfloat16
@@ -585,6 +618,10 @@ void round_range(const T* x, int64_t begin, int64_t end, const RoundJob& job, vo
       uint16_t* out = static_cast<uint16_t*>(values) + c0;
 #pragma omp simd
       for (int c = 0; c < width; ++c) out[c] = bf16_bits(scaled ? float_of(rounded[c]) * scale : float_of(rounded[c]));
+    } else if (job.values_dtype == 2) {
+      uint16_t* out = static_cast<uint16_t*>(values) + c0;
+#pragma omp simd
+      for (int c = 0; c < width; ++c) out[c] = half_bits(scaled ? float_of(rounded[c]) * scale : float_of(rounded[c]));
     }
     if (job.storage_kind != 0) {
       const int kind = job.storage_kind;
@@ -651,7 +688,7 @@ int mixprec_amax_blocks(const void* x, int dtype, float* out, int64_t groups, in
   return 1;
 }
 
-// Round x (n elements; dtype 0 float32, 1 bfloat16) onto a scalar format's grid, as
+// Round x (n elements; dtype 0 float32, 1 bfloat16, 2 float16) onto a scalar format's grid, as
 // mixprec.core.kernels.round_grid does (``p``: the format's kernel parameters;
 // ``float_path``: to nearest by float arithmetic; ``key``: stochastic, else nearest),
 // as round(x * scale_inverse) where ``scaled``. Writes the values (times the scale) into ``values`` (values_dtype 0
@@ -675,6 +712,10 @@ int mixprec_round(const void* x, int dtype, int64_t n, const int32_t* p, int flo
   }
   if (dtype == 1) {
     round_all(static_cast<const uint16_t*>(x), n, job, values, storage, amax, threads);
+    return 0;
+  }
+  if (dtype == 2) {
+    round_all(static_cast<const Half*>(x), n, job, values, storage, amax, threads);
     return 0;
   }
   return 1;
