@@ -42,7 +42,12 @@ from mixprec.core.formats import FloatFormat
 __all__ = ["amax_blocks", "available", "library_path", "packs", "round_scalar", "unpack_blocks"]
 
 _SOURCE = Path(__file__).with_name("native") / "kernels.cpp"
-_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
+def _flags() -> tuple[str, ...]:
+    """The compiler flags: full-width AVX-512 loops where the CPU has them (an x86 flag,
+    which gcc elsewhere refuses), no fast-math, no FMA contraction."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    return ("-O3", "-march=native", *(("-mprefer-vector-width=512",) if x86 else ()), "-fopenmp",
+            "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
 
@@ -75,7 +80,7 @@ def _cpu_fingerprint() -> str:
 def library_path(compiler: str) -> Path:
     """Where the library built from the current source, flags, compiler and CPU lives."""
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), _cpu_fingerprint().encode()):
+    for part in (_SOURCE.read_bytes(), " ".join(_flags()).encode(), compiler.encode(), _cpu_fingerprint().encode()):
         digest.update(part)
     return _cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
 
@@ -86,7 +91,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
         scratch = Path(handle.name)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(scratch)], check=True, capture_output=True,
+        subprocess.run([compiler, *_flags(), str(_SOURCE), "-o", str(scratch)], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(scratch, target)
     finally:
