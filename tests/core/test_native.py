@@ -331,6 +331,147 @@ def test_factored_bf16_values(backend: str, rounding: str, calls: list) -> None:
         quantize_blocks_factored(x, formats.resolve("fp8_block128"), dtype=torch.bfloat16)
 
 
+# ---- power-of-two scales (MX) ---------------------------------------------------------------
+
+MX_FORMATS = [formats.resolve(name) for name in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3",
+                                                 "mxfp4_e2m1")] + [
+    # the round-up scale rules (Transformer Engine's, torchao's) and a width the kernel
+    # does not specialise (a loop over columns)
+    dataclasses.replace(formats.resolve("mxfp4_e2m1"), name=f"mxfp4_{rule}", scale_rule=rule)
+    for rule in ("ceil", "even", "rceil")
+] + [dataclasses.replace(formats.resolve("mxfp8_e4m3"), name="mxfp8_rceil_block64", scale_rule="rceil",
+                         block_shape=(64,))]
+
+
+@pytest.fixture
+def pow2_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes the native power-of-two kernel was called with (it still runs)."""
+    seen: list[tuple[int, ...]] = []
+    real = native.pow2_blocks
+
+    def counting(x4: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(tuple(x4.shape))
+        return real(x4, *args, **kwargs)
+
+    monkeypatch.setattr(native, "pow2_blocks", counting)
+    return seen
+
+
+def mx_input(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """:func:`adversarial` plus rows whose blocks have the smallest scales (their moved
+    grid reaches below float32's normals: the integer path) and rows near float32's
+    largest (the round-up rules' grid tops past it)."""
+    x = adversarial((256, 384), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    x[10:20] = torch.randn(10, 384, generator=generator) * 2.0**-130
+    x[20:30] = torch.randn(10, 384, generator=generator) * 2.0**-140
+    x[30:40] = torch.randn(10, 384, generator=generator).clamp(-1.9, 1.9) * 2.0**127
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("fmt", MX_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_pow2_equals_compiled(fmt, rounding: str, dtype: torch.dtype, pow2_calls: list) -> None:
+    """The native MX quantization equals the compiled kernels (and those the eager ones)
+    bit for bit: float32 and BF16 values, both block axes, every scale rule, blocks of
+    NaN and Inf, of zeros, of the smallest scales and of the largest."""
+    x = mx_input(dtype, seed=7)
+    for axis in (-1, -2):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            result = quantize_blocks(x, fmt, rounding, axis=axis, random_key=KEY, dtype=out_dtype)
+            with kernel_backend("compiled"):
+                reference = quantize_blocks(x, fmt, rounding, axis=axis, random_key=KEY, dtype=out_dtype)
+            assert result.dtype == reference.dtype == out_dtype
+            same_bits(result.float(), reference.float())
+    assert len(pow2_calls) == 4
+    if rounding == "nearest" and dtype == torch.float32:
+        with kernel_backend("eager"):
+            eager = quantize_blocks(x, fmt)
+        same_bits(quantize_blocks(x, fmt), eager)
+        # on the grid: quantized again, nothing changes (floor keeps each block's scale)
+        if fmt.scale_rule == "floor":
+            finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            once = quantize_blocks(finite, fmt)
+            same_bits(quantize_blocks(once, fmt), once)
+
+
+@pytest.mark.parametrize("fmt", [f for f in MX_FORMATS if f.element.total_bits in (4, 8)], ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_native_pow2_packing_equals_compiled(fmt, rounding: str, pow2_calls: list) -> None:
+    """quantize_packed of an MX format by the native pass: the compiled kernels' codes
+    (zero under a NaN scale), E8M0 scales and values (float32 and BF16), and the codes
+    decode to the values, where the round-up rules put a block's grid top past float32's
+    largest (values Inf, codes the elements x / X rounded) included."""
+    from mixprec.core.block_storage import quantize_packed, unpack_blocks
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = mx_input(dtype, seed=8)
+        for axis in (-1, -2):
+            for values_dtype in (torch.float32, torch.bfloat16):
+                for with_values in (True, False):
+                    values, packed = quantize_packed(x, fmt, rounding, axis=axis, random_key=KEY,
+                                                     with_values=with_values, values_dtype=values_dtype)
+                    with kernel_backend("compiled"):
+                        ref_values, ref_packed = quantize_packed(x, fmt, rounding, axis=axis, random_key=KEY,
+                                                                 with_values=with_values, values_dtype=values_dtype)
+                    same_packed(packed, ref_packed)
+                    assert packed.scales.dtype == torch.float8_e8m0fnu
+                    if with_values:
+                        assert values is not None and values.dtype == ref_values.dtype == values_dtype
+                        same_bits(values.float(), ref_values.float())
+                        if values_dtype == torch.float32:
+                            with kernel_backend("compiled"):
+                                same_bits(unpack_blocks(packed, fmt), values)
+                    else:
+                        assert values is None
+    assert len(pow2_calls) == 16
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    log_scale=st.floats(-150.0, 126.0),
+    fmt_index=st.integers(0, len(MX_FORMATS) - 1),
+    stochastic=st.booleans(),
+)
+def test_native_pow2_equals_eager_random(seed: int, log_scale: float, fmt_index: int, stochastic: bool) -> None:
+    fmt = MX_FORMATS[fmt_index]
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 128, generator=generator) * 2.0**log_scale
+    rounding = "stochastic" if stochastic else "nearest"
+    key = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32, generator=generator)
+    result = quantize_blocks(x, fmt, rounding, random_key=key)
+    with kernel_backend("eager"):
+        same_bits(result, quantize_blocks(x, fmt, rounding, random_key=key))
+
+
+def test_pow2_streamed_stores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large float32 outputs of the MX kernel go out by non-temporal stores: same bits."""
+    monkeypatch.setattr(native, "STREAM_FROM", 0)
+    fmt = formats.resolve("mxfp8_e4m3")
+    x = mx_input(torch.float32, seed=9)
+    out = torch.empty_like(x)
+    assert out.data_ptr() % 64 == 0
+    quantize_blocks(x, fmt, "stochastic", random_key=KEY, out=out)
+    with kernel_backend("compiled"):
+        same_bits(out, quantize_blocks(x, fmt, "stochastic", random_key=KEY))
+
+
+def test_pow2_other_widths_keep_compiled_kernels(pow2_calls: list) -> None:
+    """Blocks not a multiple of 16 wide, FP16 input and the other backends keep the
+    compiled kernels."""
+    fmt = dataclasses.replace(formats.resolve("mxfp8_e4m3"), name="mxfp8_block24", block_shape=(24,))
+    x = torch.randn(32, 96)
+    quantize_blocks(x, fmt)
+    quantize_blocks(x.half(), formats.resolve("mxfp8_e4m3"), axis=0)
+    with kernel_backend("compiled"):
+        quantize_blocks(x, formats.resolve("mxfp8_e4m3"))
+    assert pow2_calls == []
+    quantize_blocks(x, formats.resolve("mxfp8_e4m3"))
+    assert len(pow2_calls) == 1
+
+
 # ---- scalar formats: quantize and FP8 storage ------------------------------------------
 
 

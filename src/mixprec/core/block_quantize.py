@@ -319,6 +319,15 @@ def _native_amax(x4: torch.Tensor, out_dtype: torch.dtype | None) -> bool:
             and not torch.compiler.is_compiling() and x4.is_contiguous() and native.available())
 
 
+def _native_pow2(x4: torch.Tensor, out_dtype: torch.dtype | None) -> bool:
+    """Whether a block quantization with power-of-two scales (:func:`_pow2_grid`) of
+    blocked ``x4`` runs the native kernel: as :func:`_native_amax`, with float32 or BF16
+    output (or None: codes alone) and blocks a multiple of 16 wide."""
+    return (current_backend() == "auto" and x4.device.type == "cpu" and x4.dtype in (torch.float32, torch.bfloat16)
+            and out_dtype in (None, torch.float32, torch.bfloat16) and x4.shape[-1] % 16 == 0
+            and not torch.compiler.is_compiling() and x4.is_contiguous() and native.available())
+
+
 def _round_blocks(
     fmt: BlockFormat,
     x4: torch.Tensor,
@@ -342,6 +351,10 @@ def _round_blocks(
     if _pow2_grid(fmt):
         # power-of-two scales: x rounded onto each block's moved grid, writing the
         # dequantized values (no multiply by the scale and back)
+        if _native_pow2(x4, out4.dtype) and out4.is_contiguous():
+            # on the CPU: the hand-written kernel, one pass (mixprec.core.native)
+            native.pow2_blocks(x4, out4, pe, params[1], key, serial_threads(x4.numel()))
+            return None
         if rounding == "nearest" and x4.device.type == "cpu" and not torch.compiler.is_compiling():
             # one pass in float arithmetic; the rare blocks whose grid reaches below
             # float32's normals again by the integer kernel. A data-dependent branch,
@@ -352,7 +365,7 @@ def _round_blocks(
                 groups = block_kernels.tiny_groups(amax, params[1], pe)
                 few = x4[groups].float()
                 grid = block_kernels.pow2_grid(few, params[1], pe)
-                out4[groups] = block_kernels.round_pow2_grid(few, *grid, pe[0], None)
+                out4[groups] = block_kernels.round_pow2_grid(few, *grid, pe[0], None).to(out4.dtype)
             return None
         grid = _run_kind("pow2_grid", _dtypes(x4), x4, params[1], pe)
         _run_kind(f"pow2_{rounding}_out", _dtypes(x4, out4), x4, *grid, pe, *stochastic, out4)  # type: ignore[misc]

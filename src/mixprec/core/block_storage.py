@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import torch
 
 from mixprec.core import block_kernels, native
-from mixprec.core.block_quantize import _block_params, _native_amax, _zero_below, checked_blocks, restore_layout
+from mixprec.core.block_quantize import (
+    _block_params,
+    _native_amax,
+    _native_pow2,
+    _pow2_grid,
+    _zero_below,
+    checked_blocks,
+    restore_layout,
+)
 from mixprec.core.formats import BlockFormat, FloatFormat
 from mixprec.core.kernels import current_backend, run_variant, serial_threads
 from mixprec.core.quantize import Rounding
@@ -208,6 +216,10 @@ def quantize_packed(
     if not pow2 and values_dtype == torch.float32 and native.packs(fmt.element, dims[2]) and _native_amax(x4, None):
         # amax scales on the CPU: values, codes and scales in one native pass
         return _native_packed(x, x4, fmt, params, key, amax_t, with_values, moved_shape, axis)
+    if (pow2 and _pow2_grid(fmt) and fmt.element.total_bits in (4, 8)
+            and _native_pow2(x4, values_dtype if with_values else None)):
+        # power-of-two scales on the CPU: values, codes and scales in one native pass
+        return _native_packed(x, x4, fmt, params, key, amax_t, with_values, moved_shape, axis, values_dtype)
     if pow2:
         scales, factor, floor = run_variant(f"pow2_scales_{width}", _scales_kernel(pow2), x4, params[1])
         full, tensor_scale = scales, None
@@ -236,16 +248,24 @@ def quantize_packed(
 
 def _native_packed(x: torch.Tensor, x4: torch.Tensor, fmt: BlockFormat, params: tuple[torch.Tensor, ...],
                    key: torch.Tensor | None, amax_t: torch.Tensor | None, with_values: bool,
-                   moved_shape: tuple[int, ...], axis: int) -> tuple[torch.Tensor | None, PackedBlocks]:
-    """:func:`quantize_packed` of an amax-scaled format by :func:`mixprec.core.native.amax_blocks`:
-    the same values, codes and scales as the compiled pack and scale kernels."""
+                   moved_shape: tuple[int, ...], axis: int,
+                   values_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, PackedBlocks]:
+    """:func:`quantize_packed` by :func:`mixprec.core.native.amax_blocks` (amax scales)
+    or :func:`mixprec.core.native.pow2_blocks` (power-of-two scales, values float32 or
+    BF16): the same values, codes and scales as the compiled pack and scale kernels."""
     groups, _, h, _ = x4.shape
     element = fmt.element
-    values4 = torch.empty(x4.shape, dtype=torch.float32) if with_values else None
+    values4 = torch.empty(x4.shape, dtype=values_dtype) if with_values else None
     codes = torch.empty(x4.numel() * element.total_bits // 8, dtype=torch.uint8)
     scales = torch.empty((groups, h), dtype=torch.float32)
-    tensor_scale = native.amax_blocks(x4, values4, *params, fmt.tensor_scale, amax_t, False, key,
-                                      serial_threads(x4.numel()), scales=scales, codes=codes, element=element)
+    threads = serial_threads(x4.numel())
+    if fmt.scale_rule in block_kernels.RULE_IDS:
+        native.pow2_blocks(x4, values4, params[0], params[1], key, threads, scales=scales, codes=codes,
+                           element=element)
+        tensor_scale = None
+    else:
+        tensor_scale = native.amax_blocks(x4, values4, *params, fmt.tensor_scale, amax_t, False, key, threads,
+                                          scales=scales, codes=codes, element=element)
     if element.torch_dtype is not None:
         codes = codes.view(element.torch_dtype)
     scale_dtype = fmt.scale.torch_dtype if fmt.scale.torch_dtype is not None else torch.float32

@@ -39,7 +39,7 @@ import torch
 
 from mixprec.core.formats import FloatFormat
 
-__all__ = ["amax_blocks", "available", "library_path", "packs", "round_scalar", "unpack_blocks"]
+__all__ = ["amax_blocks", "available", "library_path", "packs", "pow2_blocks", "round_scalar", "unpack_blocks"]
 
 _SOURCE = Path(__file__).with_name("native") / "kernels.cpp"
 def _flags() -> tuple[str, ...]:
@@ -121,7 +121,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         function, unpack = library.mixprec_amax_blocks, library.mixprec_unpack_blocks
-        rounding = library.mixprec_round
+        rounding, pow2 = library.mixprec_round, library.mixprec_pow2_blocks
     except AttributeError as error:  # a library from elsewhere under this name
         warnings.warn(f"mixprec: the native block kernel at {target} lacks a function ({error}); delete it to "
                       "rebuild. Block quantization runs on the compiled torch kernels (same results, slower)",
@@ -137,6 +137,9 @@ def _library() -> ctypes.CDLL | None:
     rounding.argtypes = [pointer, i32, i64, pointer, i32, pointer, i32, f32, f32, pointer, i32, pointer, i32, pointer,
                          i32]
     rounding.restype = i32
+    pow2.argtypes = [pointer, i32, pointer, i32, i64, i64, i64, i64, pointer, pointer, i32, pointer, pointer, i32, i32,
+                     pointer, pointer, i32]
+    pow2.restype = i32
     return library
 
 
@@ -189,6 +192,45 @@ def amax_blocks(
         raise ValueError(f"native amax_blocks: unsupported input (status {status}: dtype {x4.dtype}, "
                          f"{cols} columns, {None if element is None else element.name} codes)")
     return tensor_scale
+
+
+_OUT_KINDS = {torch.float32: 1, torch.bfloat16: 2}
+
+
+def pow2_blocks(
+    x4: torch.Tensor,
+    out4: torch.Tensor | None,
+    pe: torch.Tensor,
+    bp: torch.Tensor,
+    key: torch.Tensor | None,
+    threads: int,
+    scales: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    element: FloatFormat | None = None,
+) -> None:
+    """Quantize contiguous CPU ``x4`` (float32 or BF16, blocked ``(groups, rows, h,
+    cols)``, cols a multiple of 16) to a block format with power-of-two scales (MX) into
+    contiguous ``out4`` (float32 or BF16, or None): what
+    :func:`mixprec.core.block_quantize._round_blocks` computes with the compiled pow2
+    kernels, bit for bit, in one pass (``pe``, ``bp``: the element's kernel parameters and
+    the scale rule's; ``key``: stochastic rounding). ``scales`` (float32, ``groups * h``
+    elements), when given, receives the block scales (NaN for a block holding NaN or
+    Inf); ``codes`` (uint8), when given, the codes of ``element`` (4 or 8 bits) as
+    :mod:`mixprec.core.block_storage` packs them. The caller checks :func:`available`."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    groups, rows, h, cols = x4.shape
+    encoding = None if codes is None else _encoding(element)
+    status = library.mixprec_pow2_blocks(
+        x4.data_ptr(), _DTYPE_CODES[x4.dtype], None if out4 is None else out4.data_ptr(),
+        0 if out4 is None else _OUT_KINDS[out4.dtype], groups, rows, h, cols, pe.data_ptr(), bp.data_ptr(),
+        int(key is not None), None if key is None else key.data_ptr(), None if scales is None else scales.data_ptr(),
+        max(int(threads), 1), int(out4 is not None and out4.numel() >= STREAM_FROM),
+        None if codes is None else codes.data_ptr(), None if encoding is None else encoding.data_ptr(),
+        0 if element is None else element.total_bits)
+    if status != 0:
+        raise ValueError(f"native pow2_blocks: unsupported input (status {status}: dtype {x4.dtype}, "
+                         f"{cols} columns, {None if element is None else element.name} codes)")
 
 
 def unpack_blocks(

@@ -648,6 +648,298 @@ void round_all(const T* x, int64_t n, const RoundJob& job, void* values, uint8_t
   }
 }
 
+
+// ---- power-of-two (E8M0) block scales: the MX formats ------------------------------------
+// mixprec.core.block_kernels' pow2 kernels: per block the amax, the scale exponent k by
+// the block's rule (_pow2_exponent), and each element rounded onto the element grid moved
+// up k binades, written as the dequantized value (pow2_nearest_fused to nearest where the
+// moved grid's smallest spacing is a float32 normal, round_pow2_grid otherwise and for
+// stochastic rounding), optionally with its code (the value times 2**-k, encoded).
+
+// 1 << n and a >> n as torch's int32 shifts compute them: 0 (or the sign) for shifts past
+// the width, where C++ leaves them undefined
+// (both shifts evaluated unconditionally, with in-range counts, so that the loops stay
+// branch-free and vectorise)
+inline int32_t shl(int32_t a, int32_t n) {
+  const int32_t shifted = static_cast<int32_t>(static_cast<uint32_t>(a) << (n & 31));
+  return n >= 32 ? 0 : shifted;
+}
+inline int32_t shr(int32_t a, int32_t n) { return a >> std::min(n, 31); }
+
+// block_kernels._pow2: the bits of 2**k for k in [-127, 127]
+inline int32_t pow2_bits(int32_t k) {
+  return k >= -126 ? (k + 127) << 23 : 1 << std::min(std::max(k + 149, 0), 22);
+}
+
+struct Pow2Job {
+  int64_t groups, rows, h, cols;
+  Params element;
+  int rule;
+  int32_t emax, even_add;
+  float largest;
+  int stochastic, stream, out_kind;  // out_kind: 0 none, 1 float32, 2 bfloat16
+  uint32_t key0, key1;
+  const int32_t* codes;  // the element's encoding (see encode); null: no codes
+  int code_bits;
+};
+
+// block_kernels._pow2_exponent of a finite amax's bits (any bits: unused where not
+// finite). Every rule is computed and one selected, branch-free, so that the loop over
+// blocks vectorises.
+inline int32_t pow2_exponent(int32_t abits, const Pow2Job& job) {
+  const int32_t floor_k = (abits >> 23) - 127 - job.emax;
+  const int32_t ceil_k = floor_k + ((abits & 0x7FFFFF) != 0 ? 1 : 0);
+  const int32_t even_k =
+      ((static_cast<int32_t>(static_cast<uint32_t>(abits) + static_cast<uint32_t>(job.even_add)) >> 23) & 0xFF) - 127 -
+      job.emax;
+  const int32_t rbits = bits_of(float_of(abits) / job.largest);
+  const int32_t e_rceil = (rbits >> 23) - 127 + ((rbits & 0x7FFFFF) != 0 ? 1 : 0);
+  const int32_t subnormal = rbits > (1 << 22) ? -126 : -127;
+  const int32_t rceil_k = rbits < (1 << 23) ? subnormal : e_rceil;
+  const int rule = job.rule;
+  const int32_t k = rule == 0 ? floor_k : (rule == 1 ? ceil_k : (rule == 2 ? even_k : rceil_k));
+  return std::min(std::max(k, -127), 127);
+}
+
+// block_kernels.round_pow2_grid of one element's bits (flat index ``index``) onto the grid
+// with bounds sb (subnormal_below), largest, past and step.
+template <bool kStochastic>
+inline int32_t round_moved(int32_t bits, int32_t sb, int32_t largest, int32_t past, int32_t step, int32_t shift,
+                           uint32_t random) {
+  const int32_t magnitude = bits & kAbsMask;
+  const int32_t sign = bits & kInt32Min;
+  const int32_t exponent = std::max(magnitude >> 23, 1);
+  int32_t significand = magnitude - ((exponent - 1) << 23);
+  // the conversion's exponent (exact below 2**23), used whatever the magnitude: gcc would
+  // sink a conversion used in one arm of the select into a branch (it may raise an
+  // inexact flag), and the loop would not vectorise. A normal x's converted exponent plus
+  // 1024 lies above every exponent, so the minimum picks the exponent there.
+  const int32_t converted = (bits_of(static_cast<float>(magnitude)) >> 23) - 149;
+  const int32_t own = std::min(converted + (magnitude < (1 << 23) ? 0 : 1024), exponent);
+  int32_t drop = shift + std::max(sb, own) - exponent;
+  int32_t increment, drop_mask;
+  bool tiny_up;
+  if (!kStochastic) {
+    drop = std::min(drop, 25);
+    drop_mask = shl(1, drop) - 1;
+    increment = (drop_mask >> 1) + (shr(significand, drop) & 1 & drop_mask);
+    tiny_up = significand > (shl(1, drop) >> 1);
+  } else {
+    const int32_t normalise = exponent - own;
+    drop = std::min(drop + normalise, 61);
+    const int32_t wide_mask = shl(1, std::min(drop, 24)) - 1;
+    increment = shr(static_cast<int32_t>(random) & wide_mask, normalise);
+    drop_mask = shr(wide_mask, normalise);
+    significand = shl(significand, normalise);
+    const int32_t threshold = shr(shl(significand, std::max(30 - drop, 0)), std::min(std::max(drop - 30, 0), 31));
+    tiny_up = static_cast<int32_t>(random & 0x3FFFFFFFu) < threshold;
+  }
+  const int32_t rounded = static_cast<int32_t>((static_cast<uint32_t>(magnitude) + static_cast<uint32_t>(increment)) &
+                                               ~static_cast<uint32_t>(drop_mask));
+  // selects one at a time on int32 values (a select on combined conditions did not vectorise)
+  const int32_t tiny = tiny_up ? step : 0;
+  int32_t result = drop >= 24 ? tiny : rounded;
+  result = result < 0 ? past : result;
+  result = result > largest ? past : result;  // past is largest, or NaN in a block where largest is -1
+  return result | sign;
+}
+
+// The per-block constants of a unit's blocks (block_kernels.pow2_grid), computed for 16
+// blocks at a time in vector registers (the arrays are padded with zero amaxes).
+struct Pow2Blocks {
+  std::vector<int32_t> amax, step_min, sb, largest, past, step, integer_path, bad, overflows;
+  std::vector<float> inverse, scale;
+  explicit Pow2Blocks(int64_t n)
+      : amax(n), step_min(n), sb(n), largest(n), past(n), step(n), integer_path(n), bad(n), overflows(n), inverse(n),
+        scale(n) {}
+};
+
+inline void pow2_block_constants(Pow2Blocks& b, int64_t count, const Pow2Job& job) {
+  const Params pe = job.element;
+  const int64_t padded = (count + 15) / 16 * 16;
+  for (int64_t j = count; j < padded; ++j) b.amax[j] = 0;
+  const bool stochastic = job.stochastic;
+#pragma omp simd
+  for (int64_t j = 0; j < padded; ++j) {
+    const int32_t a = b.amax[j];
+    const int32_t bad = a >= kF32Inf ? 1 : 0;
+    const int32_t k = pow2_exponent(a, job);
+    const int32_t step_min = (pe.step_bits >> 23) + k;
+    const int32_t largest = static_cast<int32_t>(static_cast<uint32_t>(pe.max_bits) + (static_cast<uint32_t>(k) << 23));
+    b.step_min[j] = std::max(step_min, 2);
+    b.sb[j] = pe.subnormal_below + k;
+    b.largest[j] = bad ? -1 : largest;
+    b.past[j] = bad ? kF32QNaN : largest;
+    b.step[j] = pow2_bits(((pe.step_bits >> 23) - 127) + k);
+    // pow2_nearest_fused leaves the blocks whose moved grid reaches below float32's
+    // normals to round_pow2_grid; stochastic rounding takes that path everywhere
+    b.integer_path[j] = (stochastic || (step_min < 2 && a > 0)) ? 1 : 0;
+    b.bad[j] = bad;
+    b.overflows[j] = (!bad && (pe.max_bits >> 23) + k >= 255) ? 1 : 0;  // largest * 2**k past float32's range
+    b.inverse[j] = float_of(pow2_bits(-k));  // 2**-k: a value times it is its element, exactly
+    b.scale[j] = bad ? float_of(kF32QNaN) : float_of(pow2_bits(k));
+  }
+}
+
+// Store n (a multiple of 16) rounded float32 bit patterns as kOut: 1 float32 (streamed
+// past the cache where asked), 2 BF16 as torch casts them.
+template <int kOut>
+inline void store_values(void* out, int64_t at, const int32_t* rounded, int64_t n, bool stream) {
+  if constexpr (kOut == 1) {
+    float* o = static_cast<float*>(out) + at;
+#if defined(__AVX512F__)
+    if (stream) {
+      for (int64_t c = 0; c < n; c += 16) _mm512_stream_ps(o + c, _mm512_load_ps(reinterpret_cast<const float*>(rounded + c)));
+      return;
+    }
+#endif
+    std::memcpy(o, rounded, static_cast<size_t>(n) * sizeof(float));
+  } else if constexpr (kOut == 2) {
+    uint16_t* o = static_cast<uint16_t*>(out) + at;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) o[c] = bf16_bits(float_of(rounded[c]));
+  }
+}
+
+// ``count`` blocks of a unit (as run_unit lays them out): the values to ``out`` (kOut 0
+// none, 1 float32, 2 BF16), codes where kCodes, scales (2**k, NaN for a block with NaN or
+// Inf) to scales_out where it is not null. kCols: the block's columns as a constant (0:
+// job.cols).
+template <typename T, int kOut, bool kCodes, int64_t kCols>
+void pow2_unit(const T* x, void* out, uint8_t* codes, int64_t base, int64_t count, int64_t row_stride,
+               const Pow2Job& job, float* scales_out, Pow2Blocks& b) {
+  const int64_t rows = job.rows, cols = kCols != 0 ? kCols : job.cols;
+  for (int64_t j = 0; j < count; ++j) b.amax[j] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t start = base + r * row_stride + j * cols;
+      int32_t m = b.amax[j];
+#pragma omp simd reduction(max : m)
+      for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
+      b.amax[j] = m;
+    }
+  }
+  pow2_block_constants(b, count, job);
+  if (scales_out != nullptr) std::memcpy(scales_out, b.scale.data(), static_cast<size_t>(count) * sizeof(float));
+  const Params pe = job.element;
+  const int32_t mantissa_bits = 23 - pe.shift, shift = pe.shift;
+  const uint32_t key0 = job.key0, key1 = job.key1;
+  const bool stochastic = job.stochastic, stream = job.stream;
+  const int m_code = kCodes ? job.codes[0] : 0, bias = kCodes ? job.codes[1] : 0;
+  const int min_exp_biased = kCodes ? job.codes[2] : 0, sign_bit = kCodes ? job.codes[3] : 0;
+  constexpr int64_t kStage = kCols != 0 ? kCols : 256;
+  alignas(64) int32_t rounded[kStage];
+  alignas(64) int32_t code[kStage];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t start = base + r * row_stride + j * cols;
+      const int32_t step_min = b.step_min[j], sb = b.sb[j], largest = b.largest[j], past = b.past[j], step = b.step[j];
+      const bool bad = b.bad[j] != 0;
+      for (int64_t c0 = 0; c0 < cols; c0 += kStage) {
+        const int64_t n = std::min<int64_t>(kStage, cols - c0), at = start + c0;
+        if (!b.integer_path[j]) {  // to nearest in float arithmetic (pow2_nearest_fused)
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) {
+            const int32_t bits = load_bits(x, at + c);
+            const int32_t nearest = nearest_saturating(bits, mantissa_bits, step_min, largest);
+            rounded[c] = bad ? (kF32QNaN | (bits & kInt32Min)) : nearest;
+          }
+        } else if (!stochastic) {
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c)
+            rounded[c] = round_moved<false>(load_bits(x, at + c), sb, largest, past, step, shift, 0);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) {
+            const uint32_t random = hash_bits(static_cast<uint32_t>(at + c), key0, key1);
+            rounded[c] = round_moved<true>(load_bits(x, at + c), sb, largest, past, step, shift, random);
+          }
+        }
+        store_values<kOut>(out, at, rounded, n, stream);
+        if constexpr (kCodes) {
+          if (!b.overflows[j]) {
+            const float inverse = b.inverse[j];
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const int32_t element = bits_of(float_of(rounded[c]) * inverse);
+              code[c] = bad ? 0 : encode(element, m_code, bias, min_exp_biased, sign_bit);
+            }
+          } else {
+            // the moved grid's top lies past float32's largest (scale rules that round
+            // up, amax near 2**128): values there read Inf, elements are x / X rounded
+            const float inverse = b.inverse[j];
+            for (int64_t c = 0; c < n; ++c) {
+              const int32_t product = bits_of(float_of(load_bits(x, at + c)) * inverse);
+              const uint32_t random = stochastic ? hash_bits(static_cast<uint32_t>(at + c), key0, key1) : 0;
+              code[c] = encode(round_bits(product, pe, stochastic, random), m_code, bias, min_exp_biased, sign_bit);
+            }
+          }
+          if (job.code_bits == 4) {
+#pragma omp simd
+            for (int64_t c = 0; c < n / 2; ++c)
+              codes[at / 2 + c] = static_cast<uint8_t>(code[2 * c] | (code[2 * c + 1] << 4));
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) codes[at + c] = static_cast<uint8_t>(code[c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kOut, bool kCodes, int64_t kCols>
+void pow2_all(const T* x, void* out, uint8_t* codes, const Pow2Job& job, float* scales_out, int threads) {
+  const int64_t blocks_total = job.groups * job.h;
+  const bool one_d = job.rows == 1;
+  const int64_t units = one_d ? (blocks_total + kUnitBlocks - 1) / kUnitBlocks : job.groups;
+  const int64_t per_unit = one_d ? kUnitBlocks : job.h;
+#pragma omp parallel num_threads(threads)
+  {
+    Pow2Blocks blocks((per_unit + 15) / 16 * 16);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      int64_t base, count, first_block;
+      if (one_d) {
+        first_block = u * kUnitBlocks;
+        base = first_block * job.cols;
+        count = std::min(kUnitBlocks, blocks_total - first_block);
+      } else {
+        first_block = u * job.h;
+        base = u * job.rows * job.h * job.cols;
+        count = job.h;
+      }
+      pow2_unit<T, kOut, kCodes, kCols>(x, out, codes, base, count, job.h * job.cols, job,
+                                        scales_out == nullptr ? nullptr : scales_out + first_block, blocks);
+    }
+#if defined(__AVX512F__)
+    if (job.stream) _mm_sfence();
+#endif
+  }
+}
+
+template <typename T, int kOut, bool kCodes>
+void pow2_cols(const T* x, void* out, uint8_t* codes, const Pow2Job& job, float* scales_out, int threads) {
+  if (job.cols == 32) {
+    pow2_all<T, kOut, kCodes, 32>(x, out, codes, job, scales_out, threads);
+  } else {
+    pow2_all<T, kOut, kCodes, 0>(x, out, codes, job, scales_out, threads);
+  }
+}
+
+template <typename T>
+void pow2_dispatch(const T* x, void* out, uint8_t* codes, const Pow2Job& job, float* scales_out, int threads) {
+  const bool with_codes = job.codes != nullptr;
+  switch (job.out_kind * 2 + (with_codes ? 1 : 0)) {
+    case 0: pow2_cols<T, 0, false>(x, out, codes, job, scales_out, threads); break;
+    case 1: pow2_cols<T, 0, true>(x, out, codes, job, scales_out, threads); break;
+    case 2: pow2_cols<T, 1, false>(x, out, codes, job, scales_out, threads); break;
+    case 3: pow2_cols<T, 1, true>(x, out, codes, job, scales_out, threads); break;
+    case 4: pow2_cols<T, 2, false>(x, out, codes, job, scales_out, threads); break;
+    default: pow2_cols<T, 2, true>(x, out, codes, job, scales_out, threads);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -737,6 +1029,40 @@ int mixprec_unpack_blocks(const uint8_t* codes, int code_bits, const float* tabl
   if (dtype == 1) {
     unpack_all(codes, code_bits, table, scales, tensor_scale, static_cast<uint16_t*>(out), groups, rows, h, cols,
                threads);
+    return 0;
+  }
+  return 1;
+}
+
+// Quantize x (dtype 0 float32, 1 bfloat16), contiguous in the blocked layout (groups,
+// rows, h, cols) with cols a multiple of 16, to a block format with power-of-two scales
+// (MX), as mixprec.core.block_quantize's pow2 kernels do: the dequantized values into
+// ``out`` (out_kind 0 none, 1 float32, 2 bfloat16 as torch casts them), the element codes
+// into ``codes_out`` (``code_bits`` 4, two a byte, or 8; encoded by ``element_codes``;
+// zero in a block holding NaN or Inf) and the block scales (2**k as float32, NaN for such
+// a block) into ``scales_out``, each where it is not null. ``pe``: the element's kernel
+// parameters (saturating); ``bp``: int32 [rule, emax, even_add, bits of the element's
+// largest value]. ``stream`` (float32 out, 64-byte aligned): non-temporal stores.
+// Returns 0, 1 for an unknown dtype, 2 for columns or code widths it cannot take.
+int mixprec_pow2_blocks(const void* x, int dtype, void* out, int out_kind, int64_t groups, int64_t rows, int64_t h,
+                        int64_t cols, const int32_t* pe, const int32_t* bp, int stochastic, const int32_t* key,
+                        float* scales_out, int threads, int stream, uint8_t* codes_out, const int32_t* element_codes,
+                        int code_bits) {
+  if (cols % 16 != 0 || (codes_out != nullptr && code_bits != 4 && code_bits != 8)) return 2;
+  Pow2Job job{groups, rows, h, cols, params_of(pe), bp[0], bp[1], bp[2], float_of(bp[3]), stochastic, 0,
+              out == nullptr ? 0 : out_kind, 0u, 0u, codes_out == nullptr ? nullptr : element_codes, code_bits};
+  if (stochastic) {
+    job.key0 = static_cast<uint32_t>(key[0]);
+    job.key1 = static_cast<uint32_t>(key[1]);
+  }
+  job.stream = stream && job.out_kind == 1 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    pow2_dispatch(static_cast<const float*>(x), out, codes_out, job, scales_out, threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    pow2_dispatch(static_cast<const uint16_t*>(x), out, codes_out, job, scales_out, threads);
     return 0;
   }
   return 1;
