@@ -446,6 +446,35 @@ def test_native_pow2_equals_eager_random(seed: int, log_scale: float, fmt_index:
         same_bits(result, quantize_blocks(x, fmt, rounding, random_key=key))
 
 
+@pytest.mark.parametrize("fmt", MX_FORMATS[:5], ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_pow2_along_other_axes(fmt, rounding: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MX blocks along a dimension that is not the last (dgrad's and wgrad's operands)
+    are read where they lie by the strided kernel: the compiled kernels' values on the
+    moved copy, bit for bit (random bits of the moved layout's indices), with the same
+    shape and strides, for 2-D to 4-D tensors and float32 and BF16 values."""
+    seen: list[tuple[int, int, int]] = []
+    real = native.pow2_strided
+    monkeypatch.setattr(native, "pow2_strided", lambda x, out, pe, bp, key, dims, threads: (
+        seen.append(dims), real(x, out, pe, bp, key, dims, threads))[1])
+    x = mx_input(dtype, seed=10)
+    cases = [((256, 384), 0), ((256, 384), -2), ((2, 128, 384), 1), ((4, 64, 2, 192), 1)]
+    for shape, axis in cases:
+        xx = x.reshape(shape)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            result = quantize_blocks(xx, fmt, rounding, axis=axis, random_key=KEY, dtype=out_dtype)
+            with kernel_backend("compiled"):
+                reference = quantize_blocks(xx, fmt, rounding, axis=axis, random_key=KEY, dtype=out_dtype)
+            assert result.shape == reference.shape and result.stride() == reference.stride()
+            same_bits(result.float(), reference.float())
+    assert seen == [(1, 256, 384)] * 4 + [(2, 128, 384)] * 2 + [(4, 64, 384)] * 2
+    out = torch.empty(256, 384)
+    quantize_blocks(x.float(), fmt, rounding, axis=0, random_key=KEY, out=out)
+    with kernel_backend("compiled"):
+        same_bits(out, quantize_blocks(x.float(), fmt, rounding, axis=0, random_key=KEY))
+
+
 def test_pow2_streamed_stores(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large float32 outputs of the MX kernel go out by non-temporal stores: same bits."""
     monkeypatch.setattr(native, "STREAM_FROM", 0)

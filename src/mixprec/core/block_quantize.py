@@ -235,6 +235,11 @@ def quantize_blocks(
         if out is not None:
             raise ValueError("out is float32; pass dtype=torch.bfloat16 without out")
     amax_t = _check_tensor_amax(tensor_amax, fmt, x.device)
+    strided = _native_strided(x, fmt, axis, dtype)
+    if strided is not None:
+        # MX blocks along a dimension that is not the last: read where they lie
+        return _finish(_strided_pow2(x, fmt, rounding, generator, random_key, dtype, *strided), out, False,
+                       strided[0], x.dim())
     # a 16-bit x stays 16-bit: the kernels widen it as they read it
     moved, dims, moved_shape, axis = blocked_view(x, fmt, axis, keep_dtype=True)
     if moved.numel() == 0:
@@ -326,6 +331,37 @@ def _native_pow2(x4: torch.Tensor, out_dtype: torch.dtype | None) -> bool:
     return (current_backend() == "auto" and x4.device.type == "cpu" and x4.dtype in (torch.float32, torch.bfloat16)
             and out_dtype in (None, torch.float32, torch.bfloat16) and x4.shape[-1] % 16 == 0
             and not torch.compiler.is_compiling() and x4.is_contiguous() and native.available())
+
+
+def _native_strided(x: torch.Tensor, fmt: BlockFormat, axis: int,
+                    dtype: torch.dtype) -> tuple[int, tuple[int, int, int]] | None:
+    """The normalised axis and ``(outer, rows, inner)`` view of ``x`` where its
+    quantization to ``fmt`` along ``axis`` runs :func:`mixprec.core.native.pow2_strided`:
+    MX blocks of 32 along a dimension that is not the last (a GEMM's dgrad or wgrad
+    operand), rows a multiple of 32 and the elements after them of 16, and
+    :func:`_native_pow2`'s conditions; else None."""
+    if len(fmt.block_shape) != 1 or fmt.block_shape[0] != 32 or not _pow2_grid(fmt):
+        return None
+    axis = _normalise_axis(fmt, axis, x.dim())
+    if axis == x.dim() - 1 or x.numel() == 0 or not x.is_contiguous():
+        return None
+    outer, rows, inner = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
+    if rows % 32 or inner % 16 or not _native_pow2(x.view(-1, 16), dtype):
+        return None
+    return axis, (outer, rows, inner)
+
+
+def _strided_pow2(x: torch.Tensor, fmt: BlockFormat, rounding: str, generator: torch.Generator | None,
+                  random_key: torch.Tensor | None, dtype: torch.dtype, axis: int,
+                  dims: tuple[int, int, int]) -> torch.Tensor:
+    """:func:`quantize_blocks`' values in the moved layout (block axis last) by
+    :func:`mixprec.core.native.pow2_strided` (see :func:`_native_strided`)."""
+    moved_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:]) + (x.shape[axis],)
+    target = torch.empty(moved_shape, dtype=dtype)
+    key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
+    pe, bp = _block_params(fmt, x.device)
+    native.pow2_strided(x.detach(), target, pe, bp, key, dims, serial_threads(x.numel()))
+    return target
 
 
 def _round_blocks(

@@ -39,7 +39,8 @@ import torch
 
 from mixprec.core.formats import FloatFormat
 
-__all__ = ["amax_blocks", "available", "library_path", "packs", "pow2_blocks", "round_scalar", "unpack_blocks"]
+__all__ = ["amax_blocks", "available", "library_path", "packs", "pow2_blocks", "pow2_strided", "round_scalar",
+           "unpack_blocks"]
 
 _SOURCE = Path(__file__).with_name("native") / "kernels.cpp"
 def _flags() -> tuple[str, ...]:
@@ -121,7 +122,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         function, unpack = library.mixprec_amax_blocks, library.mixprec_unpack_blocks
-        rounding, pow2 = library.mixprec_round, library.mixprec_pow2_blocks
+        rounding, pow2, strided = library.mixprec_round, library.mixprec_pow2_blocks, library.mixprec_pow2_strided
     except AttributeError as error:  # a library from elsewhere under this name
         warnings.warn(f"mixprec: the native block kernel at {target} lacks a function ({error}); delete it to "
                       "rebuild. Block quantization runs on the compiled torch kernels (same results, slower)",
@@ -140,6 +141,8 @@ def _library() -> ctypes.CDLL | None:
     pow2.argtypes = [pointer, i32, pointer, i32, i64, i64, i64, i64, pointer, pointer, i32, pointer, pointer, i32, i32,
                      pointer, pointer, i32]
     pow2.restype = i32
+    strided.argtypes = [pointer, i32, pointer, i32, i64, i64, i64, pointer, pointer, i32, pointer, i32]
+    strided.restype = i32
     return library
 
 
@@ -231,6 +234,31 @@ def pow2_blocks(
     if status != 0:
         raise ValueError(f"native pow2_blocks: unsupported input (status {status}: dtype {x4.dtype}, "
                          f"{cols} columns, {None if element is None else element.name} codes)")
+
+
+def pow2_strided(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    pe: torch.Tensor,
+    bp: torch.Tensor,
+    key: torch.Tensor | None,
+    dims: tuple[int, int, int],
+    threads: int,
+) -> None:
+    """Quantize contiguous CPU ``x`` (float32 or BF16) viewed as ``dims`` = ``(outer,
+    rows, inner)`` (rows a multiple of 32, inner of 16) in blocks of 32 along ``rows``
+    to an MX format (``pe``, ``bp``: as :func:`pow2_blocks`; ``key``: stochastic) into
+    contiguous ``out`` (float32 or BF16) laid out ``(outer, inner, rows)``: what
+    :func:`pow2_blocks` writes for x with its block axis moved last, without the copy
+    that moves it. The caller checks :func:`available`."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    status = library.mixprec_pow2_strided(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], out.data_ptr(), _OUT_KINDS[out.dtype], *dims, pe.data_ptr(),
+        bp.data_ptr(), int(key is not None), None if key is None else key.data_ptr(), max(int(threads), 1))
+    if status != 0:
+        raise ValueError(f"native pow2_strided: unsupported input (status {status}: dtype {x.dtype}, dims {dims}, "
+                         f"out {out.dtype})")
 
 
 def unpack_blocks(

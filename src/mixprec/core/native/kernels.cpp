@@ -940,6 +940,104 @@ void pow2_dispatch(const T* x, void* out, uint8_t* codes, const Pow2Job& job, fl
   }
 }
 
+// Blocks of kBlock consecutive rows of x viewed as (outer, rows, inner) (MX blocks along
+// a dimension that is not the last), written in the layout block_quantize.blocked_view
+// moves them to, (outer, inner, rows), without that transposing copy first: per strip of
+// kBlock rows and 16 columns the column amaxes (vertical maxima, one vector), the 16
+// blocks' constants, the elements rounded row by row (a vector of 16 blocks), then
+// stored transposed. The random bits are those of the element's index in the moved layout.
+template <typename T, int kOut, int64_t kBlock>
+void pow2_strided_all(const T* x, void* out, const Pow2Job& job, int64_t outer, int64_t rows, int64_t inner,
+                      int threads) {
+  const int64_t row_blocks = rows / kBlock, chunks = inner / 16;
+  const int64_t units = outer * row_blocks;
+  const Params pe = job.element;
+  const int32_t mantissa_bits = 23 - pe.shift, shift = pe.shift;
+  const uint32_t key0 = job.key0, key1 = job.key1;
+  const bool stochastic = job.stochastic;
+#pragma omp parallel num_threads(threads)
+  {
+    Pow2Blocks b(16);
+    alignas(64) int32_t tile[kBlock][16];
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t o = u / row_blocks, rb = u % row_blocks;
+      const int64_t in_base = (o * rows + rb * kBlock) * inner;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t col0 = chunk * 16;
+        alignas(64) int32_t amax[16] = {0};
+        for (int64_t r = 0; r < kBlock; ++r) {
+#pragma omp simd
+          for (int c = 0; c < 16; ++c) amax[c] = std::max(amax[c], load_bits(x, in_base + r * inner + col0 + c) & kAbsMask);
+        }
+        std::memcpy(b.amax.data(), amax, sizeof(amax));
+        pow2_block_constants(b, 16, job);
+        int32_t integer_path = 0;
+        for (int c = 0; c < 16; ++c) integer_path |= b.integer_path[c];
+        const int32_t* step_min = b.step_min.data();
+        const int32_t* sb = b.sb.data();
+        const int32_t* largest = b.largest.data();
+        const int32_t* past = b.past.data();
+        const int32_t* step = b.step.data();
+        const int32_t* bad = b.bad.data();
+        // the element's index in the moved layout: ((o * inner + column) * rows + row)
+        const int64_t moved_base = (o * inner + col0) * rows + rb * kBlock;
+        for (int64_t r = 0; r < kBlock; ++r) {
+          const int64_t at = in_base + r * inner + col0;
+          if (!integer_path) {
+#pragma omp simd
+            for (int c = 0; c < 16; ++c) {
+              const int32_t bits = load_bits(x, at + c);
+              const int32_t nearest = nearest_saturating(bits, mantissa_bits, step_min[c], largest[c]);
+              tile[r][c] = bad[c] ? (kF32QNaN | (bits & kInt32Min)) : nearest;
+            }
+          } else if (!stochastic) {
+#pragma omp simd
+            for (int c = 0; c < 16; ++c)
+              tile[r][c] = round_moved<false>(load_bits(x, at + c), sb[c], largest[c], past[c], step[c], shift, 0);
+          } else {
+#pragma omp simd
+            for (int c = 0; c < 16; ++c) {
+              const uint32_t index = static_cast<uint32_t>(moved_base + c * rows + r);
+              tile[r][c] = round_moved<true>(load_bits(x, at + c), sb[c], largest[c], past[c], step[c], shift,
+                                             hash_bits(index, key0, key1));
+            }
+          }
+        }
+        if constexpr (kOut == 1) {
+          for (int c = 0; c < 16; ++c) {
+            float* o32 = static_cast<float*>(out) + moved_base + c * rows;
+#pragma omp simd
+            for (int64_t r = 0; r < kBlock; ++r) o32[r] = float_of(tile[r][c]);
+          }
+        } else {
+          // rounded to BF16 a row (vector) at a time, then moved as 16-bit words
+          alignas(64) uint16_t narrow[kBlock][16];
+          for (int64_t r = 0; r < kBlock; ++r) {
+#pragma omp simd
+            for (int c = 0; c < 16; ++c) narrow[r][c] = bf16_bits(float_of(tile[r][c]));
+          }
+          for (int c = 0; c < 16; ++c) {
+            uint16_t* o16 = static_cast<uint16_t*>(out) + moved_base + c * rows;
+            for (int64_t r = 0; r < kBlock; ++r) o16[r] = narrow[r][c];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+int pow2_strided_dispatch(const T* x, void* out, const Pow2Job& job, int64_t outer, int64_t rows, int64_t inner,
+                          int threads) {
+  if (job.out_kind == 1) {
+    pow2_strided_all<T, 1, 32>(x, out, job, outer, rows, inner, threads);
+  } else {
+    pow2_strided_all<T, 2, 32>(x, out, job, outer, rows, inner, threads);
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -1065,6 +1163,26 @@ int mixprec_pow2_blocks(const void* x, int dtype, void* out, int out_kind, int64
     pow2_dispatch(static_cast<const uint16_t*>(x), out, codes_out, job, scales_out, threads);
     return 0;
   }
+  return 1;
+}
+
+// mixprec_pow2_blocks for blocks of 32 along the middle dimension of x viewed as (outer,
+// rows, inner), rows a multiple of 32 and inner of 16: the values (out_kind 1 float32, 2
+// bfloat16) written in the moved layout (outer, inner, rows), as block_quantize.quantize_blocks
+// computes them after moving the block axis last. ``bp[1]``..: as mixprec_pow2_blocks.
+// Returns 0, 1 for an unknown dtype, 2 for shapes or outputs it cannot take.
+int mixprec_pow2_strided(const void* x, int dtype, void* out, int out_kind, int64_t outer, int64_t rows, int64_t inner,
+                         const int32_t* pe, const int32_t* bp, int stochastic, const int32_t* key, int threads) {
+  if (rows % 32 != 0 || inner % 16 != 0 || (out_kind != 1 && out_kind != 2) || out == nullptr) return 2;
+  Pow2Job job{outer * rows / 32, 1, inner, 32, params_of(pe), bp[0], bp[1], bp[2], float_of(bp[3]), stochastic, 0,
+              out_kind, 0u, 0u, nullptr, 0};
+  if (stochastic) {
+    job.key0 = static_cast<uint32_t>(key[0]);
+    job.key1 = static_cast<uint32_t>(key[1]);
+  }
+  threads = std::max(threads, 1);
+  if (dtype == 0) return pow2_strided_dispatch(static_cast<const float*>(x), out, job, outer, rows, inner, threads);
+  if (dtype == 1) return pow2_strided_dispatch(static_cast<const uint16_t*>(x), out, job, outer, rows, inner, threads);
   return 1;
 }
 
