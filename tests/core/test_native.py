@@ -384,7 +384,8 @@ def test_native_pow2_equals_compiled(fmt, rounding: str, dtype: torch.dtype, pow
                 reference = quantize_blocks(x, fmt, rounding, axis=axis, random_key=KEY, dtype=out_dtype)
             assert result.dtype == reference.dtype == out_dtype
             same_bits(result.float(), reference.float())
-    assert len(pow2_calls) == 4
+    # along axis -2, blocks of 32 take the strided kernel (test_native_pow2_along_other_axes)
+    assert len(pow2_calls) == (2 if fmt.block_shape == (32,) else 4)
     if rounding == "nearest" and dtype == torch.float32:
         with kernel_backend("eager"):
             eager = quantize_blocks(x, fmt)

@@ -703,7 +703,10 @@ inline int32_t pow2_exponent(int32_t abits, const Pow2Job& job) {
 
 // block_kernels.round_pow2_grid of one element's bits (flat index ``index``) onto the grid
 // with bounds sb (subnormal_below), largest, past and step.
-template <bool kStochastic>
+// kNormal: the caller vouches that x is zero or a float32 normal, where x's own binade
+// is its exponent field's and nothing is normalised (zero rounds to zero either way):
+// the stochastic path in fewer operations.
+template <bool kStochastic, bool kNormal = false>
 inline int32_t round_moved(int32_t bits, int32_t sb, int32_t largest, int32_t past, int32_t step, int32_t shift,
                            uint32_t random) {
   const int32_t magnitude = bits & kAbsMask;
@@ -714,8 +717,11 @@ inline int32_t round_moved(int32_t bits, int32_t sb, int32_t largest, int32_t pa
   // sink a conversion used in one arm of the select into a branch (it may raise an
   // inexact flag), and the loop would not vectorise. A normal x's converted exponent plus
   // 1024 lies above every exponent, so the minimum picks the exponent there.
-  const int32_t converted = (bits_of(static_cast<float>(magnitude)) >> 23) - 149;
-  const int32_t own = std::min(converted + (magnitude < (1 << 23) ? 0 : 1024), exponent);
+  int32_t own = exponent;
+  if constexpr (!kNormal) {
+    const int32_t converted = (bits_of(static_cast<float>(magnitude)) >> 23) - 149;
+    own = std::min(converted + (magnitude < (1 << 23) ? 0 : 1024), exponent);
+  }
   int32_t drop = shift + std::max(sb, own) - exponent;
   int32_t increment, drop_mask;
   bool tiny_up;
@@ -724,6 +730,12 @@ inline int32_t round_moved(int32_t bits, int32_t sb, int32_t largest, int32_t pa
     drop_mask = shl(1, drop) - 1;
     increment = (drop_mask >> 1) + (shr(significand, drop) & 1 & drop_mask);
     tiny_up = significand > (shl(1, drop) >> 1);
+  } else if constexpr (kNormal) {
+    drop = std::min(drop, 61);
+    drop_mask = shl(1, std::min(drop, 24)) - 1;
+    increment = static_cast<int32_t>(random) & drop_mask;
+    const int32_t threshold = shr(shl(significand, std::max(30 - drop, 0)), std::min(std::max(drop - 30, 0), 31));
+    tiny_up = static_cast<int32_t>(random & 0x3FFFFFFFu) < threshold;
   } else {
     const int32_t normalise = exponent - own;
     drop = std::min(drop + normalise, 61);
@@ -747,11 +759,11 @@ inline int32_t round_moved(int32_t bits, int32_t sb, int32_t largest, int32_t pa
 // The per-block constants of a unit's blocks (block_kernels.pow2_grid), computed for 16
 // blocks at a time in vector registers (the arrays are padded with zero amaxes).
 struct Pow2Blocks {
-  std::vector<int32_t> amax, step_min, sb, largest, past, step, integer_path, bad, overflows;
+  std::vector<int32_t> amax, step_min, sb, largest, past, step, integer_path, bad, overflows, subnormal_input;
   std::vector<float> inverse, scale;
   explicit Pow2Blocks(int64_t n)
-      : amax(n), step_min(n), sb(n), largest(n), past(n), step(n), integer_path(n), bad(n), overflows(n), inverse(n),
-        scale(n) {}
+      : amax(n), step_min(n), sb(n), largest(n), past(n), step(n), integer_path(n), bad(n), overflows(n),
+        subnormal_input(n), inverse(n), scale(n) {}
 };
 
 inline void pow2_block_constants(Pow2Blocks& b, int64_t count, const Pow2Job& job) {
@@ -809,7 +821,7 @@ template <typename T, int kOut, bool kCodes, int64_t kCols>
 void pow2_unit(const T* x, void* out, uint8_t* codes, int64_t base, int64_t count, int64_t row_stride,
                const Pow2Job& job, float* scales_out, Pow2Blocks& b) {
   const int64_t rows = job.rows, cols = kCols != 0 ? kCols : job.cols;
-  for (int64_t j = 0; j < count; ++j) b.amax[j] = 0;
+  for (int64_t j = 0; j < count; ++j) b.amax[j] = b.subnormal_input[j] = 0;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < count; ++j) {
       const int64_t start = base + r * row_stride + j * cols;
@@ -817,6 +829,13 @@ void pow2_unit(const T* x, void* out, uint8_t* codes, int64_t base, int64_t coun
 #pragma omp simd reduction(max : m)
       for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
       b.amax[j] = m;
+      if (job.stochastic) {  // whether the block holds a float32 subnormal (round_moved's kNormal)
+        int32_t subnormal = 0;
+#pragma omp simd reduction(| : subnormal)
+        for (int64_t c = 0; c < cols; ++c)
+          subnormal |= static_cast<uint32_t>((load_bits(x, start + c) & kAbsMask) - 1) < 0x7FFFFFu ? 1 : 0;
+        b.subnormal_input[j] |= subnormal;
+      }
     }
   }
   pow2_block_constants(b, count, job);
@@ -848,6 +867,12 @@ void pow2_unit(const T* x, void* out, uint8_t* codes, int64_t base, int64_t coun
 #pragma omp simd
           for (int64_t c = 0; c < n; ++c)
             rounded[c] = round_moved<false>(load_bits(x, at + c), sb, largest, past, step, shift, 0);
+        } else if (!b.subnormal_input[j]) {
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) {
+            const uint32_t random = hash_bits(static_cast<uint32_t>(at + c), key0, key1);
+            rounded[c] = round_moved<true, true>(load_bits(x, at + c), sb, largest, past, step, shift, random);
+          }
         } else {
 #pragma omp simd
           for (int64_t c = 0; c < n; ++c) {
