@@ -50,6 +50,25 @@ def random_signs(n: int = 16, seed: int = 0, device: torch.device | str = "cpu")
     return torch.tensor(signs, dtype=torch.float32, device=device)
 
 
+_ROTATIONS: dict[tuple[int, int, bool, torch.device], torch.Tensor] = {}
+
+
+def _rotation(n: int, seed: int, inverse: bool, device: torch.device) -> torch.Tensor:
+    """The matrix the row vectors are multiplied by (cached: building it took about
+    0.1 ms, per call, 14 calls a step in the quick Transformer under nvfp4). On row
+    vectors (v @ M): the forward H D v is v @ (D H) (H is symmetric), and its inverse
+    D H y is y @ (H D)."""
+    key = (n, seed, inverse, device)
+    cached = _ROTATIONS.get(key)
+    if cached is None:
+        hadamard = hadamard_matrix(n, device=device)
+        signs = random_signs(n, seed, device=device)
+        cached = hadamard * signs[None, :] if inverse else hadamard * signs[:, None]
+        if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
+            _ROTATIONS[key] = cached
+    return cached
+
+
 def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("the Hadamard transform takes a floating-point torch.Tensor")
@@ -63,11 +82,7 @@ def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> 
             f"dimension {axis % x.dim()} of x (shape {tuple(x.shape)}) has {size} elements, not a "
             f"multiple of the Hadamard size {n}; pad it with zeros to a multiple of {n}"
         )
-    hadamard = hadamard_matrix(n, device=x.device)
-    signs = random_signs(n, seed, device=x.device)
-    # On row vectors (v @ M): the forward H D v is v @ (D H) (H is symmetric), and its
-    # inverse D H y is y @ (H D).
-    matrix = hadamard * signs[None, :] if inverse else hadamard * signs[:, None]
+    matrix = _rotation(n, seed, inverse, x.device)
     # contiguous float32, in one pass, so that the groups are the rows of one 2-D matrix
     # product (a batched product of a strided view fell back to one small GEMM and a copy
     # per batch entry: 18,000 calls a step on the benchmark MLP under nvfp4)
