@@ -24,6 +24,11 @@
 #include <immintrin.h>
 #endif
 
+// The element-level helpers below are called inside loops meant to vectorise: a call
+// left there stops the loop from vectorising (scalar stochastic rounding ran 10x slower
+// once the file outgrew gcc's inlining budget), so they are always inlined.
+#define MIXPREC_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 constexpr int32_t kAbsMask = 0x7FFFFFFF;
@@ -34,8 +39,8 @@ constexpr uint32_t kGolden = 0x9E3779B9u;
 constexpr uint32_t kMix1 = 0x85EBCA6Bu;
 constexpr uint32_t kMix2 = 0xC2B2AE35u;
 
-inline int32_t bits_of(float v) { return __builtin_bit_cast(int32_t, v); }
-inline float float_of(int32_t b) { return __builtin_bit_cast(float, b); }
+MIXPREC_INLINE int32_t bits_of(float v) { return __builtin_bit_cast(int32_t, v); }
+MIXPREC_INLINE float float_of(int32_t b) { return __builtin_bit_cast(float, b); }
 
 // The kernel parameters of a format (mixprec.core.kernels.param_values).
 struct Params {
@@ -43,12 +48,12 @@ struct Params {
       invalid_below;
 };
 
-inline Params params_of(const int32_t* p) {
+MIXPREC_INLINE Params params_of(const int32_t* p) {
   return Params{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
 }
 
 // mixprec.core.kernels._hash_bits of flat index ``index``.
-inline uint32_t hash_bits(uint32_t index, uint32_t key0, uint32_t key1) {
+MIXPREC_INLINE uint32_t hash_bits(uint32_t index, uint32_t key0, uint32_t key1) {
   uint32_t h = ((index ^ key1) * kGolden) ^ key0;
   h ^= h >> 16;
   h *= kMix1;
@@ -59,7 +64,7 @@ inline uint32_t hash_bits(uint32_t index, uint32_t key0, uint32_t key1) {
 
 // mixprec.core.kernels._round_bits of the float32 with bits ``bits``; ``stochastic``
 // adds the random bits ``random``.
-inline int32_t round_bits(int32_t bits, const Params p, bool stochastic, uint32_t random) {
+MIXPREC_INLINE int32_t round_bits(int32_t bits, const Params p, bool stochastic, uint32_t random) {
   int32_t magnitude = bits & kAbsMask;
   int32_t sign = bits & kInt32Min;
   int32_t exponent = std::max(magnitude >> 23, 1);
@@ -94,7 +99,7 @@ inline int32_t round_bits(int32_t bits, const Params p, bool stochastic, uint32_
 // mixprec.core.block_kernels.flushed_nearest's rounding of one product's bits: round to
 // nearest even in float arithmetic (mixprec.core.kernels.nearest_steps), saturating at
 // the element's largest value, NaN kept.
-inline int32_t nearest_saturating(int32_t bits, int32_t mantissa_bits, int32_t step_min, int32_t largest) {
+MIXPREC_INLINE int32_t nearest_saturating(int32_t bits, int32_t mantissa_bits, int32_t step_min, int32_t largest) {
   int32_t magnitude = bits & kAbsMask;
   int32_t clamped = std::min(magnitude, kF32Inf - 1);
   int32_t step_exp = std::max((clamped >> 23) - mantissa_bits, step_min);
@@ -115,7 +120,7 @@ template <typename T>
 inline int32_t load_bits(const T* x, int64_t i);
 
 template <>
-inline int32_t load_bits<float>(const float* x, int64_t i) { return bits_of(x[i]); }
+MIXPREC_INLINE int32_t load_bits<float>(const float* x, int64_t i) { return bits_of(x[i]); }
 
 // an IEEE half, read through its bits (a type of its own, for the templates)
 struct Half {
@@ -123,7 +128,7 @@ struct Half {
 };
 
 template <>
-inline int32_t load_bits<Half>(const Half* x, int64_t i) {
+MIXPREC_INLINE int32_t load_bits<Half>(const Half* x, int64_t i) {
   // widened exactly, as torch's cast: a subnormal half is its integer significand times
   // 2**-24 (an exact conversion and product), Inf and NaN keep their payload
   const int32_t h = x[i].bits;
@@ -136,7 +141,7 @@ inline int32_t load_bits<Half>(const Half* x, int64_t i) {
 
 // torch's float32 -> float16 cast (c10's fp16_ieee_from_fp32_value): half to even, Inf
 // past the range, NaN to 0x7E00 with its sign.
-inline uint16_t half_bits(float f) {
+MIXPREC_INLINE uint16_t half_bits(float f) {
   float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
   const uint32_t w = static_cast<uint32_t>(bits_of(f));
   const uint32_t shl1_w = w + w;
@@ -150,7 +155,7 @@ inline uint16_t half_bits(float f) {
 }
 
 template <>
-inline int32_t load_bits<uint16_t>(const uint16_t* x, int64_t i) {  // bfloat16
+MIXPREC_INLINE int32_t load_bits<uint16_t>(const uint16_t* x, int64_t i) {  // bfloat16
   return static_cast<int32_t>(static_cast<uint32_t>(x[i]) << 16);
 }
 
@@ -164,7 +169,7 @@ inline void stream_row(float* dst, const float* src, int64_t n) {
 #endif
 }
 
-inline uint16_t bf16_bits(float v) {
+MIXPREC_INLINE uint16_t bf16_bits(float v) {
   // torch's float32 -> bfloat16 conversion: round half to even, NaN to 0x7FC0
   const uint32_t u = static_cast<uint32_t>(bits_of(v));
   const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
@@ -185,7 +190,7 @@ struct Job {
 // storage._encode of an element value on its grid (finite): the format's code, sign
 // bit on top, from the format's mantissa bits, bias, float32 biased exponent of the
 // smallest normal and sign bit.
-inline int32_t encode(int32_t bits, int32_t m, int32_t bias, int32_t min_exp_biased, int32_t sign_bit) {
+MIXPREC_INLINE int32_t encode(int32_t bits, int32_t m, int32_t bias, int32_t min_exp_biased, int32_t sign_bit) {
   const int32_t magnitude = bits & kAbsMask;
   const int32_t exponent = magnitude >> 23;
   const int32_t normal = ((exponent - 127 + bias) << m) | ((magnitude & 0x7FFFFF) >> (23 - m));
@@ -531,7 +536,7 @@ void unpack_all(const uint8_t* codes, int code_bits, const float* table, const f
 // mixprec.core.kernels._round_nearest_float of the float32 with bits ``bits``: round to
 // nearest even in float arithmetic (nearest_steps), past the largest to the overflow
 // result, NaN kept.
-inline int32_t nearest_float(int32_t bits, int32_t mantissa_bits, int32_t step_min, int32_t largest,
+MIXPREC_INLINE int32_t nearest_float(int32_t bits, int32_t mantissa_bits, int32_t step_min, int32_t largest,
                              int32_t overflow_bits) {
   const int32_t magnitude = bits & kAbsMask;
   const int32_t clamped = std::min(magnitude, kF32Inf - 1);
@@ -549,7 +554,7 @@ inline int32_t nearest_float(int32_t bits, int32_t mantissa_bits, int32_t step_m
 // torch's float32 -> float8 cast of a value on the FP8 grid (finite), or of Inf / NaN:
 // the generic encoding for finite values, E4M3FN's NaN code for Inf and NaN, E5M2's
 // Inf and NaN codes. kind 1: e4m3fn, 2: e5m2.
-inline int32_t fp8_code(int32_t bits, int kind) {
+MIXPREC_INLINE int32_t fp8_code(int32_t bits, int kind) {
   const int32_t magnitude = bits & kAbsMask;
   const int32_t sign = (bits >> 24) & 0x80;
   int32_t code;
@@ -660,14 +665,14 @@ void round_all(const T* x, int64_t n, const RoundJob& job, void* values, uint8_t
 // the width, where C++ leaves them undefined
 // (both shifts evaluated unconditionally, with in-range counts, so that the loops stay
 // branch-free and vectorise)
-inline int32_t shl(int32_t a, int32_t n) {
+MIXPREC_INLINE int32_t shl(int32_t a, int32_t n) {
   const int32_t shifted = static_cast<int32_t>(static_cast<uint32_t>(a) << (n & 31));
   return n >= 32 ? 0 : shifted;
 }
-inline int32_t shr(int32_t a, int32_t n) { return a >> std::min(n, 31); }
+MIXPREC_INLINE int32_t shr(int32_t a, int32_t n) { return a >> std::min(n, 31); }
 
 // block_kernels._pow2: the bits of 2**k for k in [-127, 127]
-inline int32_t pow2_bits(int32_t k) {
+MIXPREC_INLINE int32_t pow2_bits(int32_t k) {
   return k >= -126 ? (k + 127) << 23 : 1 << std::min(std::max(k + 149, 0), 22);
 }
 
@@ -686,7 +691,7 @@ struct Pow2Job {
 // block_kernels._pow2_exponent of a finite amax's bits (any bits: unused where not
 // finite). Every rule is computed and one selected, branch-free, so that the loop over
 // blocks vectorises.
-inline int32_t pow2_exponent(int32_t abits, const Pow2Job& job) {
+MIXPREC_INLINE int32_t pow2_exponent(int32_t abits, const Pow2Job& job) {
   const int32_t floor_k = (abits >> 23) - 127 - job.emax;
   const int32_t ceil_k = floor_k + ((abits & 0x7FFFFF) != 0 ? 1 : 0);
   const int32_t even_k =
@@ -707,7 +712,7 @@ inline int32_t pow2_exponent(int32_t abits, const Pow2Job& job) {
 // is its exponent field's and nothing is normalised (zero rounds to zero either way):
 // the stochastic path in fewer operations.
 template <bool kStochastic, bool kNormal = false>
-inline int32_t round_moved(int32_t bits, int32_t sb, int32_t largest, int32_t past, int32_t step, int32_t shift,
+MIXPREC_INLINE int32_t round_moved(int32_t bits, int32_t sb, int32_t largest, int32_t past, int32_t step, int32_t shift,
                            uint32_t random) {
   const int32_t magnitude = bits & kAbsMask;
   const int32_t sign = bits & kInt32Min;
