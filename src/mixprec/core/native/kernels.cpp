@@ -177,6 +177,23 @@ MIXPREC_INLINE uint16_t bf16_bits(float v) {
   return v != v ? static_cast<uint16_t>(0x7FC0) : rounded;
 }
 
+// bf16_bits of 16 floats, stored as 16-bit words: in 32-bit lanes with AVX-512, then
+// narrowed (gcc vectorises the plain loop for 32 elements, and 16 ran in its scalar
+// remainder).
+MIXPREC_INLINE void bf16_16(const float* v, uint16_t* out) {
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_loadu_ps(v);
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0))));
+#else
+  for (int c = 0; c < 16; ++c) out[c] = bf16_bits(v[c]);
+#endif
+}
+
 struct Job {
   int64_t groups, rows, h, cols;
   Params element, scale;
@@ -215,10 +232,12 @@ void pack_row(const T* x, float* out, uint8_t* codes, int64_t start, int64_t col
   const uint32_t key0 = job.key0, key1 = job.key1;
   const bool bad = s != s;
   const int32_t m = job.codes[0], bias = job.codes[1], min_exp_biased = job.codes[2], sign_bit = job.codes[3];
+  const bool stochastic = job.stochastic;  // read once (see run_unit)
+  const int code_bits = job.code_bits;
   for (int64_t c0 = 0; c0 < cols; c0 += 16) {
     const int64_t at = start + c0;
     int32_t rounded[16];
-    if (!job.stochastic) {
+    if (!stochastic) {
 #pragma omp simd
       for (int c = 0; c < 16; ++c) {
         const int32_t b = load_bits(x, at + c);
@@ -241,7 +260,7 @@ void pack_row(const T* x, float* out, uint8_t* codes, int64_t start, int64_t col
     int32_t code[16];
 #pragma omp simd
     for (int c = 0; c < 16; ++c) code[c] = bad ? 0 : encode(rounded[c], m, bias, min_exp_biased, sign_bit);
-    if (job.code_bits == 4) {
+    if (code_bits == 4) {
       for (int c = 0; c < 8; ++c) codes[at / 2 + c] = static_cast<uint8_t>(code[2 * c] | (code[2 * c + 1] << 4));
     } else {
       for (int c = 0; c < 16; ++c) codes[at + c] = static_cast<uint8_t>(code[c]);
@@ -317,6 +336,10 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
     }
     return;
   }
+  // the job's flags read once: read through ``job`` inside the loop, they were reloaded
+  // after every store to ``out`` (a float store may alias the job's float fields)
+  const bool stochastic = job.stochastic, out_bf16 = job.out_bf16;
+  const bool staged = kCols != 0 && kCols % 16 == 0 && (job.stream || out_bf16);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < count; ++j) {
       const int64_t start = base + r * row_stride + j * cols;
@@ -326,9 +349,8 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
       // cache where the caller asks (a tensor too large for it), else in place
       // (BF16 output: computed into ``row``, then rounded to BF16 as torch casts)
       alignas(64) float row[kCols != 0 ? kCols : 1];
-      const bool staged = kCols != 0 && kCols % 16 == 0 && (job.stream || job.out_bf16);
       float* o = staged ? row : out + start;
-      if (!job.stochastic) {
+      if (!stochastic) {
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) {
           const int32_t b = load_bits(x, start + c);
@@ -346,10 +368,9 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
           o[c] = float_of(round_bits(product, element, true, random)) * s;
         }
       }
-      if (staged && job.out_bf16) {
+      if (staged && out_bf16) {
         uint16_t* narrow = reinterpret_cast<uint16_t*>(out) + start;
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) narrow[c] = bf16_bits(row[c]);
+        for (int64_t c = 0; c < cols; c += 16) bf16_16(row + c, narrow + c);
       } else if (staged) {
         stream_row(out + start, row, cols);
       }
