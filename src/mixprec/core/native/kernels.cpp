@@ -595,10 +595,10 @@ MIXPREC_INLINE int32_t fp8_code(int32_t bits, int kind) {
 template <typename T>
 MIXPREC_INLINE void widen16(const T* x, int32_t* out) {
 #if defined(__AVX512F__)
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m512i h = _mm512_cvtepu16_epi32(words);
   if constexpr (std::is_same_v<T, Half>) {
-    const __m512i converted =
-        _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
+    const __m512i converted = _mm512_castps_si512(_mm512_cvtph_ps(words));
     const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(h, _mm512_set1_epi32(0x7FFF)),
                                                   _mm512_set1_epi32(0x7C00));
     const __m512i special = _mm512_or_si512(
@@ -614,15 +614,16 @@ MIXPREC_INLINE void widen16(const T* x, int32_t* out) {
 #endif
 }
 
-// half_bits of 16 floats: with AVX-512 by the conversion instruction (round to nearest
-// even, Inf past the range, as torch's cast), NaN patched to torch's 0x7E00 with its sign.
-MIXPREC_INLINE void half16(const float* v, int32_t* out) {
+// half_bits of 16 floats, stored as 16-bit words (see bf16_16): with AVX-512 by the
+// conversion instruction (round to nearest even, Inf past the range, as torch's cast),
+// NaN patched to torch's 0x7E00 with its sign.
+MIXPREC_INLINE void half16(const float* v, uint16_t* out) {
 #if defined(__AVX512F__)
   const __m512 f = _mm512_loadu_ps(v);
   const __m512i half = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
   const __m512i nan_half = _mm512_or_si512(_mm512_and_si512(half, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7E00));
-  _mm512_storeu_si512(out, _mm512_mask_mov_epi32(half, nan, nan_half));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(half, nan, nan_half)));
 #else
   for (int c = 0; c < 16; ++c) out[c] = half_bits(v[c]);
 #endif
@@ -669,7 +670,7 @@ void round_range(const T* x, int64_t begin, int64_t end, const RoundJob& job, vo
     int32_t rounded[16];
     if (width == 16) {
       // x's bits in 32-bit lanes: float32 read where it lies; 16-bit x widened into a
-      // local array first (see write_rounded)
+      // local array first (widen16)
       int32_t widened[16];
       const int32_t* bits;
       if constexpr (std::is_same_v<T, float>) {
@@ -714,21 +715,20 @@ void round_range(const T* x, int64_t begin, int64_t end, const RoundJob& job, vo
     // 8- and 16-bit outputs computed in 32-bit lanes first, then narrowed by a plain
     // copy: a loop that computes and stores them at once is vectorised by gcc for 32 or
     // 64 elements, and a chunk of 16 then ran in its scalar remainder (3-4x slower)
-    int32_t narrow[16];
     if (job.values_dtype == 1 || job.values_dtype == 2) {
+      float staged[16];
+#pragma omp simd simdlen(16)
+      for (int c = 0; c < 16; ++c) staged[c] = scaled ? float_of(rounded[c]) * scale : float_of(rounded[c]);
+      uint16_t words[16];
       if (job.values_dtype == 1) {
-#pragma omp simd simdlen(16)
-        for (int c = 0; c < 16; ++c) narrow[c] = bf16_bits(scaled ? float_of(rounded[c]) * scale : float_of(rounded[c]));
+        bf16_16(staged, words);
       } else {
-        float staged[16];
-#pragma omp simd simdlen(16)
-        for (int c = 0; c < 16; ++c) staged[c] = scaled ? float_of(rounded[c]) * scale : float_of(rounded[c]);
-        half16(staged, narrow);
+        half16(staged, words);
       }
-      uint16_t* out = static_cast<uint16_t*>(values) + c0;
-      for (int c = 0; c < width; ++c) out[c] = static_cast<uint16_t>(narrow[c]);
+      std::memcpy(static_cast<uint16_t*>(values) + c0, words, static_cast<size_t>(width) * sizeof(uint16_t));
     }
     if (job.storage_kind != 0) {
+      int32_t narrow[16];
       if (job.storage_kind == 1) {
 #pragma omp simd simdlen(16)
         for (int c = 0; c < 16; ++c) narrow[c] = fp8_code(rounded[c], 1);
