@@ -606,3 +606,42 @@ def test_native_fp8_storage_of_every_fp16_pattern(name: str, rounding: str, valu
         assert torch.equal(values.isnan(), nan)
         same_bits(values[~nan].float(), ref_values[~nan].float())
     assert len(round_calls) == 2
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_fp8_decoding_of_every_code(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding FP8 storage (stored_values) by the native pass: every code, unscaled and
+    times scales that move values into BF16's rounding, subnormals and overflow, equals
+    the compiled kernel bit for bit (NaN where it has NaN) and ml_dtypes' decoding times
+    the scale, rounded once to the output dtype."""
+    import ml_dtypes
+    import numpy as np
+
+    from mixprec.core.storage import stored_values
+
+    decoded: list[int] = []
+    real = native.decode_fp8
+
+    def counting(stored: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decoded.append(stored.numel())
+        return real(stored, *args, **kwargs)
+
+    monkeypatch.setattr(native, "decode_fp8", counting)
+    torch_dtype = torch.float8_e4m3fn if name == "e4m3" else torch.float8_e5m2
+    codes = torch.arange(256, dtype=torch.uint8)
+    stored = torch.cat([codes, codes.flip(0)[:1000 % 256 + 21], codes.roll(7)]).view(torch_dtype)  # a partial vector
+    reference_dtype = ml_dtypes.float8_e4m3fn if name == "e4m3" else ml_dtypes.float8_e5m2
+    independent = torch.from_numpy(stored.view(torch.uint8).numpy().view(reference_dtype).astype(np.float32))
+    for scale in (None, torch.tensor(0.125), torch.tensor([0.37]), torch.tensor(3.0e37), torch.tensor(2.0**-130)):
+        values = stored_values(stored, name, scale, dtype)
+        with kernel_backend("compiled"):
+            reference = stored_values(stored, name, scale, dtype)
+        assert values.dtype == reference.dtype == dtype and values.shape == reference.shape
+        nan = reference.isnan()
+        assert torch.equal(values.isnan(), nan)
+        same_bits(values[~nan].float(), reference[~nan].float())
+        expected = (independent if scale is None else independent * scale).to(dtype)
+        assert torch.equal(expected.isnan(), nan)
+        same_bits(values[~nan].float(), expected[~nan].float())
+    assert decoded == [stored.numel()] * 5

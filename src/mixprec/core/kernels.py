@@ -525,9 +525,21 @@ def native_rounds(x: torch.Tensor) -> bool:
     ``torch.compile`` (which traces the torch operations instead), with the library
     built. A native call costs about 10 us where a compiled one's guards and wrappers
     cost 60, which on small models' many small tensors is most of the rounding's time."""
-    return (_state.backend == "auto" and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling() and x.is_contiguous() and native.available())
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _native_takes(x)
+
+
+def native_decodes(stored: torch.Tensor) -> bool:
+    """Whether decoding FP8 ``stored`` (:func:`mixprec.core.storage.stored_values`) runs the
+    native kernel (:func:`mixprec.core.native.decode_fp8`): as :func:`native_rounds`,
+    for a contiguous float8_e4m3fn or float8_e5m2 CPU tensor."""
+    return stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and _native_takes(stored)
+
+
+def _native_takes(x: torch.Tensor) -> bool:
+    """The ``"auto"`` backend, a contiguous CPU tensor, no ``torch.compile`` tracing, the
+    library built: where a native kernel may take ``x``."""
+    return (_state.backend == "auto" and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and x.is_contiguous() and native.available())
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ Block formats pack into a :class:`PackedBlocks` (see :mod:`mixprec.core.block_st
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from mixprec.core import formats, native
 from mixprec.core.block_storage import PackedBlocks
 from mixprec.core.formats import BlockFormat, FloatFormat
-from mixprec.core.kernels import _params, float_nearest, native_rounds, round_grid, run_variant, serial_threads
+from mixprec.core.kernels import _params, float_nearest, native_decodes, native_rounds, round_grid, run_variant, serial_threads
 from mixprec.core.quantize import Rounding, _key, abs_max, quantize, resolve_overflow
 
 __all__ = ["storage_dtype", "to_storage", "from_storage", "quantize_stored", "quantize_stored_with_amax",
@@ -290,16 +291,29 @@ def stored_values(
     """What :func:`from_storage` gives, times ``scale`` where there is one, as ``dtype``
     (float32, or bfloat16 where the values are exact in it, as FP8 values times a
     power-of-two scale are): the inverse of :func:`quantize_stored`. FP8 storage decodes
-    in one compiled pass (torch's eager E4M3 to float32 cast is a per-element software
+    in one pass: the native kernel's on a CPU (:func:`mixprec.core.native.decode_fp8`), a
+    compiled one elsewhere (torch's eager E4M3 to float32 cast is a per-element software
     conversion, ~10x slower)."""
     resolved = formats.get(fmt)
     if stored.dtype not in _FP8_DTYPES or stored.numel() == 0:
         values = from_storage(stored, resolved)
         values = values if scale is None else values * scale
         return values.to(dtype)
+    if dtype in (torch.float32, torch.bfloat16) and native_decodes(stored) and (
+            scale is None or (scale.device.type == "cpu" and scale.dtype == torch.float32 and scale.numel() == 1
+                              and scale.dim() <= stored.dim())):
+        values = torch.empty(stored.shape, dtype=dtype)
+        native.decode_fp8(stored, _fp8_values(stored.dtype), scale, values, serial_threads(stored.numel()))
+        return values
     scales = () if scale is None else (scale,)
     name = f"decode_{str(stored.dtype)[6:]}_{str(dtype)[6:]}_{'scaled' if scales else 'unscaled'}"
     return run_variant(name, _decode_kernel(dtype, bool(scales)), stored, *scales)
+
+
+@functools.cache
+def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
+    """The float32 values torch's cast gives each of an FP8 dtype's 256 codes."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
 
 
 def _decode_kernel(dtype: torch.dtype, scaled: bool) -> Callable[..., torch.Tensor]:

@@ -1172,6 +1172,53 @@ int pow2_strided_dispatch(const T* x, void* out, const Pow2Job& job, int64_t out
   return 0;
 }
 
+// ---- FP8 storage decoded: mixprec.core.storage.stored_values -----------------------------
+
+// One value: table[code] times the scale where there is one, as float32 or BF16 bits.
+template <typename Out>
+MIXPREC_INLINE void decode_one(uint8_t code, const float* table, float scale, bool scaled, Out* out) {
+  const float value = scaled ? table[code] * scale : table[code];
+  if constexpr (sizeof(Out) == 4) {
+    *out = value;
+  } else {
+    *out = bf16_bits(value);
+  }
+}
+
+// 16 values (decode_one): with AVX-512 a gather from the table, BF16 narrowed in 32-bit
+// lanes (bf16_16).
+template <typename Out>
+MIXPREC_INLINE void decode16(const uint8_t* codes, const float* table, float scale, bool scaled, Out* out) {
+#if defined(__AVX512F__)
+  const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  __m512 values = _mm512_i32gather_ps(index, table, 4);
+  if (scaled) values = _mm512_mul_ps(values, _mm512_set1_ps(scale));
+  if constexpr (sizeof(Out) == 4) {
+    _mm512_storeu_ps(reinterpret_cast<float*>(out), values);
+  } else {
+    alignas(64) float staged[16];
+    _mm512_store_ps(staged, values);
+    bf16_16(staged, out);
+  }
+#else
+  for (int c = 0; c < 16; ++c) decode_one(codes[c], table, scale, scaled, out + c);
+#endif
+}
+
+template <typename Out>
+void decode_all(const uint8_t* codes, int64_t n, const float* table, const float* scale, Out* out, int threads) {
+  const bool scaled = scale != nullptr;
+  const float s = scaled ? *scale : 1.0f;
+  const int64_t chunks = (n + 4095) / 4096;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t end = std::min(n, (k + 1) * 4096);
+    int64_t i = k * 4096;
+    for (; i + 16 <= end; i += 16) decode16(codes + i, table, s, scaled, out + i);
+    for (; i < end; ++i) decode_one(codes[i], table, s, scaled, out + i);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1317,6 +1364,24 @@ int mixprec_pow2_strided(const void* x, int dtype, void* out, int out_kind, int6
   threads = std::max(threads, 1);
   if (dtype == 0) return pow2_strided_dispatch(static_cast<const float*>(x), out, job, outer, rows, inner, threads);
   if (dtype == 1) return pow2_strided_dispatch(static_cast<const uint16_t*>(x), out, job, outer, rows, inner, threads);
+  return 1;
+}
+
+// Decode n bytes of FP8 storage into ``out`` (dtype 0 float32, 1 bfloat16): table[code]
+// (``table``: the 256 float32 values torch's cast gives the codes) times ``*scale`` where
+// scale is not null, rounded once to out's dtype, as mixprec.core.storage.stored_values
+// computes it. Returns 0, 1 for an unknown dtype.
+int mixprec_decode(const uint8_t* codes, int64_t n, const float* table, const float* scale, void* out, int dtype,
+                   int threads) {
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    decode_all(codes, n, table, scale, static_cast<float*>(out), threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    decode_all(codes, n, table, scale, static_cast<uint16_t*>(out), threads);
+    return 0;
+  }
   return 1;
 }
 
