@@ -9,8 +9,12 @@ and spreads an outlier over its group before quantization. The inverse is ``D H`
 (:func:`inverse_hadamard_transform`). In exact arithmetic the two transforms of a GEMM's
 operands cancel: ``(A Q)(Q^T B) = A B`` with ``Q = (H D)^T``.
 
-It runs as one float32 matrix product per call (with the 1/sqrt(n) folded into H, exact
-for powers of four), so results are exact up to float32 rounding of the sums.
+It runs as the fast Walsh-Hadamard transform: ``v`` times ``signs / sqrt(n)`` (exact for
+powers of four), then log2(n) stages of butterflies, each a float32 sum and difference
+of two elements, so results are exact up to float32 rounding of those sums. Groups of 16
+on a CPU take one native pass that also moves the axis last and widens BF16 or FP16
+input (:func:`mixprec.core.native.hadamard16`); the torch operations elsewhere add in the
+same order, with the same results.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import math
 
 import torch
 
-from mixprec.core.kernels import move_last
+from mixprec.core import native
+from mixprec.core.kernels import move_last, native_rounds, serial_threads
 
 __all__ = ["hadamard_matrix", "random_signs", "hadamard_transform", "inverse_hadamard_transform"]
 
@@ -50,45 +55,38 @@ def random_signs(n: int = 16, seed: int = 0, device: torch.device | str = "cpu")
     return torch.tensor(signs, dtype=torch.float32, device=device)
 
 
-_ROTATIONS: dict[tuple[int, int, bool, torch.device], torch.Tensor] = {}
+_MULTIPLIERS: dict[tuple[int, int, bool, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
-def _rotation(n: int, seed: int, inverse: bool, device: torch.device) -> torch.Tensor:
-    """The matrix the row vectors are multiplied by (cached: building it took about
-    0.1 ms, per call, 14 calls a step in the quick Transformer under nvfp4). On row
-    vectors (v @ M): the forward H D v is v @ (D H) (H is symmetric), and its inverse
-    D H y is y @ (H D)."""
+def _multipliers(n: int, seed: int, inverse: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a group is multiplied by before the butterflies and (None: nothing) after:
+    the forward ``H D v`` scales ``v`` by ``signs / sqrt(n)`` first, the inverse ``D H y``
+    scales ``y`` by ``1 / sqrt(n)`` first and by the signs last (exact: +-1). Cached
+    (building them per call cost about 0.1 ms, 14 calls a step in the quick Transformer
+    under nvfp4)."""
     key = (n, seed, inverse, device)
-    cached = _ROTATIONS.get(key)
+    cached = _MULTIPLIERS.get(key)
     if cached is None:
-        hadamard = hadamard_matrix(n, device=device)
         signs = random_signs(n, seed, device=device)
-        cached = hadamard * signs[None, :] if inverse else hadamard * signs[:, None]
+        factor = torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float32, device=device)
+        cached = (factor, signs) if inverse else (signs * factor, None)
         if not torch.compiler.is_compiling():  # a traced write to a global would break the graph
-            _ROTATIONS[key] = cached
+            _MULTIPLIERS[key] = cached
     return cached
 
 
-def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("the Hadamard transform takes a floating-point torch.Tensor")
-    if x.dim() == 0:
-        raise ValueError("the Hadamard transform needs a tensor with at least one dimension")
-    if not -x.dim() <= axis < x.dim():
-        raise ValueError(f"axis {axis} is out of range for a tensor with {x.dim()} dimensions")
-    size = x.shape[axis]
-    if size % n:
-        raise ValueError(
-            f"dimension {axis % x.dim()} of x (shape {tuple(x.shape)}) has {size} elements, not a "
-            f"multiple of the Hadamard size {n}; pad it with zeros to a multiple of {n}"
-        )
-    matrix = _rotation(n, seed, inverse, x.device)
-    # contiguous float32, in one pass, so that the groups are the rows of one 2-D matrix
-    # product (a batched product of a strided view fell back to one small GEMM and a copy
-    # per batch entry: 18,000 calls a step on the benchmark MLP under nvfp4)
-    moved = move_last(x.detach(), axis, torch.float32)
-    rotated = moved.reshape(-1, n) @ matrix  # rows times matrix: each group v becomes v @ matrix
-    return rotated.reshape(moved.shape).movedim(-1, axis)
+def _butterflies(v: torch.Tensor, n: int) -> torch.Tensor:
+    """The fast Walsh-Hadamard transform (unnormalised) of each row of ``v`` (``(rows,
+    n)`` float32): stages h = 1, 2, 4, ..., each ``(v[j], v[j + h]) -> (v[j] + v[j + h],
+    v[j] - v[j + h])`` for the j with bit h clear. The native kernel adds in the same
+    order, so the two agree bit for bit."""
+    h = 1
+    while h < n:
+        pairs = v.reshape(-1, n // (2 * h), 2, h)
+        lower, upper = pairs[:, :, 0], pairs[:, :, 1]
+        v = torch.stack((lower + upper, lower - upper), dim=2).reshape(-1, n)
+        h *= 2
+    return v
 
 
 def hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, seed: int = 0) -> torch.Tensor:
@@ -102,3 +100,33 @@ def inverse_hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, see
     """``D H v`` per group: undoes :func:`hadamard_transform` with the same ``n``, ``axis``
     and ``seed`` (up to float32 rounding)."""
     return _transform(x, n, axis, seed, inverse=True)
+
+
+def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("the Hadamard transform takes a floating-point torch.Tensor")
+    if x.dim() == 0:
+        raise ValueError("the Hadamard transform needs a tensor with at least one dimension")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} is out of range for a tensor with {x.dim()} dimensions")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1):
+        raise ValueError(f"the Hadamard size must be a power of two (2, 4, 8, 16, ...), not {n!r}")
+    size = x.shape[axis]
+    if size % n:
+        raise ValueError(
+            f"dimension {axis % x.dim()} of x (shape {tuple(x.shape)}) has {size} elements, not a "
+            f"multiple of the Hadamard size {n}; pad it with zeros to a multiple of {n}"
+        )
+    axis %= x.dim()
+    pre, post = _multipliers(n, seed, inverse, x.device)
+    moved_shape = (*x.shape[:axis], *x.shape[axis + 1:], size)
+    if n == 16 and native_rounds(x):
+        # the transposing copy, the widening and the rotation in one native pass
+        rotated = torch.empty(moved_shape, dtype=torch.float32)
+        native.hadamard16(x.detach(), axis, pre, post, rotated, serial_threads(x.numel()))
+    else:
+        # contiguous float32, in one pass, so that the groups are the rows of one 2-D tensor
+        moved = move_last(x.detach(), axis, torch.float32)
+        rotated = _butterflies(moved.reshape(-1, n) * pre, n)
+        rotated = (rotated if post is None else rotated * post).reshape(moved_shape)
+    return rotated.movedim(-1, axis)

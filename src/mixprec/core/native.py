@@ -39,7 +39,7 @@ import torch
 
 from mixprec.core.formats import FloatFormat
 
-__all__ = ["amax_blocks", "available", "decode_fp8", "library_path", "packs", "pow2_blocks", "pow2_strided", "round_scalar",
+__all__ = ["amax_blocks", "available", "decode_fp8", "hadamard16", "library_path", "packs", "pow2_blocks", "pow2_strided", "round_scalar",
            "unpack_blocks"]
 
 _SOURCE = Path(__file__).with_name("native") / "kernels.cpp"
@@ -123,7 +123,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         function, unpack = library.mixprec_amax_blocks, library.mixprec_unpack_blocks
         rounding, pow2, strided = library.mixprec_round, library.mixprec_pow2_blocks, library.mixprec_pow2_strided
-        decode = library.mixprec_decode
+        decode, hadamard = library.mixprec_decode, library.mixprec_hadamard16
     except AttributeError as error:  # a library from elsewhere under this name
         warnings.warn(f"mixprec: the native block kernel at {target} lacks a function ({error}); delete it to "
                       "rebuild. Block quantization runs on the compiled torch kernels (same results, slower)",
@@ -146,6 +146,8 @@ def _library() -> ctypes.CDLL | None:
     strided.restype = i32
     decode.argtypes = [pointer, i64, pointer, pointer, pointer, i32, i32]
     decode.restype = i32
+    hadamard.argtypes = [pointer, i32, pointer, i64, i64, i64, pointer, pointer, i32]
+    hadamard.restype = i32
     return library
 
 
@@ -309,6 +311,31 @@ def decode_fp8(
                                     _DTYPE_CODES.get(out.dtype, -1), max(int(threads), 1))
     if status != 0:
         raise ValueError(f"native decode: unsupported output dtype {out.dtype}")
+
+
+def hadamard16(
+    x: torch.Tensor, axis: int, pre: torch.Tensor, post: torch.Tensor | None, out: torch.Tensor, threads: int,
+) -> None:
+    """The Hadamard transform of 16-element groups along ``axis`` of contiguous ``x``
+    (float32, BF16 or FP16; that dimension a multiple of 16), as
+    :func:`mixprec.core.hadamard.hadamard_transform` computes it (``pre`` and ``post``:
+    its 16 multipliers), written into contiguous float32 ``out`` with ``axis`` moved last:
+    the transposing copy, the widening and the rotation in one pass."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    shape = x.shape
+    outer = 1
+    for size in shape[:axis]:
+        outer *= size
+    inner = 1
+    for size in shape[axis + 1:]:
+        inner *= size
+    status = library.mixprec_hadamard16(
+        x.data_ptr(), _SCALAR_DTYPES.get(x.dtype, -1), out.data_ptr(), outer, shape[axis], inner, pre.data_ptr(),
+        None if post is None else post.data_ptr(), max(int(threads), 1))
+    if status != 0:
+        raise ValueError(f"native hadamard16: unsupported input (status {status}: {x.dtype}, shape {tuple(shape)}, "
+                         f"axis {axis})")
 
 
 _FP8_KINDS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}

@@ -1219,6 +1219,120 @@ void decode_all(const uint8_t* codes, int64_t n, const float* table, const float
   }
 }
 
+// ---- the random Hadamard transform of 16-element groups (mixprec.core.hadamard) ------------
+// Each group v becomes (v * pre) through the four butterfly stages of the fast
+// Walsh-Hadamard transform, h = 1, 2, 4, 8: (v[j], v[j + h]) -> (v[j] + v[j + h], v[j] -
+// v[j + h]) for j with bit h clear; then times ``post`` where it is not null. Every
+// addition in that order, as hadamard._butterflies computes them.
+
+// 16 elements of x (``valid`` of them; zero past those) as float32 into ``dst``
+template <typename T>
+MIXPREC_INLINE void widen_floats(const T* x, int64_t valid, float* dst) {
+  int32_t bits[16];
+  if constexpr (std::is_same_v<T, float>) {
+    for (int c = 0; c < 16; ++c) bits[c] = c < valid ? load_bits(x, c) : 0;
+  } else {
+    if (valid == 16) {
+      widen16(x, bits);
+    } else {
+      for (int c = 0; c < 16; ++c) bits[c] = c < valid ? load_bits(x, c) : 0;
+    }
+  }
+  std::memcpy(dst, bits, sizeof(bits));
+}
+
+// One group held in 16 lanes (the rotated axis is the last): the stages across lanes.
+MIXPREC_INLINE void rotate_lanes(float* v, const float* pre, const float* post) {
+#if defined(__AVX512F__)
+  __m512 a = _mm512_mul_ps(_mm512_loadu_ps(v), _mm512_loadu_ps(pre));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int h = 1; h < 16; h *= 2) {
+    const __m512 partner = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(h)), a);
+    const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(h));
+    // lower lanes: own + partner (v[j] + v[j + h]); upper lanes: partner - own (v[j - h] - v[j])
+    a = _mm512_mask_blend_ps(upper, _mm512_add_ps(a, partner), _mm512_sub_ps(partner, a));
+  }
+  if (post != nullptr) a = _mm512_mul_ps(a, _mm512_loadu_ps(post));
+  _mm512_storeu_ps(v, a);
+#else
+  for (int j = 0; j < 16; ++j) v[j] *= pre[j];
+  for (int h = 1; h < 16; h *= 2) {
+    for (int j = 0; j < 16; ++j) {
+      if (j & h) continue;
+      const float lo = v[j], hi = v[j + h];
+      v[j] = lo + hi;
+      v[j + h] = lo - hi;
+    }
+  }
+  if (post != nullptr) {
+    for (int j = 0; j < 16; ++j) v[j] *= post[j];
+  }
+#endif
+}
+
+// 16 groups side by side, group element i in row i of ``tile`` (one group a column):
+// the stages between rows, each a 16-lane vector operation.
+MIXPREC_INLINE void rotate_rows(float (*tile)[16], const float* pre, const float* post) {
+  for (int i = 0; i < 16; ++i) {
+#pragma omp simd
+    for (int c = 0; c < 16; ++c) tile[i][c] *= pre[i];
+  }
+  for (int h = 1; h < 16; h *= 2) {
+    for (int j = 0; j < 16; ++j) {
+      if (j & h) continue;
+#pragma omp simd
+      for (int c = 0; c < 16; ++c) {
+        const float lo = tile[j][c], hi = tile[j + h][c];
+        tile[j][c] = lo + hi;
+        tile[j + h][c] = lo - hi;
+      }
+    }
+  }
+  if (post != nullptr) {
+    for (int i = 0; i < 16; ++i) {
+#pragma omp simd
+      for (int c = 0; c < 16; ++c) tile[i][c] *= post[i];
+    }
+  }
+}
+
+// x viewed as (outer, rows, inner), the groups along rows (a multiple of 16), into
+// float32 ``out`` laid out (outer, inner, rows): the rotated axis moved last.
+template <typename T>
+void hadamard_moved(const T* x, float* out, int64_t outer, int64_t rows, int64_t inner, const float* pre,
+                    const float* post, int threads) {
+  const int64_t groups = rows / 16;
+  if (inner == 1) {
+    const int64_t total = outer * groups;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < total; ++g) {
+      alignas(64) float v[16];
+      widen_floats(x + g * 16, 16, v);
+      rotate_lanes(v, pre, post);
+      std::memcpy(out + g * 16, v, sizeof(v));
+    }
+    return;
+  }
+  // a unit: 16 columns of one outer index, every group down them, so that each of the
+  // 16 output rows it writes is written from start to end
+  const int64_t tiles = (inner + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < outer * tiles; ++t) {
+    const int64_t o = t / tiles, c0 = (t % tiles) * 16, valid = std::min<int64_t>(16, inner - c0);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r0 = g * 16;
+      alignas(64) float tile[16][16];
+      for (int i = 0; i < 16; ++i) widen_floats(x + (o * rows + r0 + i) * inner + c0, valid, tile[i]);
+      rotate_rows(tile, pre, post);
+      for (int64_t c = 0; c < valid; ++c) {
+        float* column = out + (o * inner + c0 + c) * rows + r0;
+#pragma omp simd
+        for (int i = 0; i < 16; ++i) column[i] = tile[i][c];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1380,6 +1494,30 @@ int mixprec_decode(const uint8_t* codes, int64_t n, const float* table, const fl
   }
   if (dtype == 1) {
     decode_all(codes, n, table, scale, static_cast<uint16_t*>(out), threads);
+    return 0;
+  }
+  return 1;
+}
+
+// The Hadamard transform of 16-element groups along the middle dimension of x (dtype 0
+// float32, 1 bfloat16, 2 float16) viewed as (outer, rows, inner), rows a multiple of 16,
+// into float32 ``out`` laid out (outer, inner, rows) (hadamard_moved: ``pre`` and
+// ``post`` hold 16 floats each, post may be null). Returns 0, 1 for an unknown dtype, 2
+// for rows that are not whole groups.
+int mixprec_hadamard16(const void* x, int dtype, float* out, int64_t outer, int64_t rows, int64_t inner,
+                       const float* pre, const float* post, int threads) {
+  if (rows % 16 != 0) return 2;
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    hadamard_moved(static_cast<const float*>(x), out, outer, rows, inner, pre, post, threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    hadamard_moved(static_cast<const uint16_t*>(x), out, outer, rows, inner, pre, post, threads);
+    return 0;
+  }
+  if (dtype == 2) {
+    hadamard_moved(static_cast<const Half*>(x), out, outer, rows, inner, pre, post, threads);
     return 0;
   }
   return 1;
