@@ -178,8 +178,8 @@ class Gemm:
 
 @dataclass(frozen=True)
 class KeepHighPrecision:
-    """Which modules a recipe keeps in high precision (FP32, all through: their GEMMs,
-    their other ops and what they save for backward).
+    """Which modules a recipe keeps in high precision (FP32 by default, all through: their
+    GEMMs, their other ops and what they save for backward).
 
     ``module_types``: by type (subclasses included); ``names``: by qualified name,
     shell-style patterns (``"lm_head"``, ``"*.norm"``); ``embeddings``: every
@@ -189,7 +189,11 @@ class KeepHighPrecision:
     (torchao's ``module_filter_fn`` convention: True means convert). ``last_layers``: the
     share (0..1) of the model's layers kept at its end, counted in the model's longest
     ``nn.ModuleList``/``nn.Sequential`` of blocks (a transformer's layers), rounded up:
-    NVIDIA's NVFP4 recipe keeps the last few blocks in BF16."""
+    NVIDIA's NVFP4 recipe keeps the last few blocks in BF16. ``recipe``: what the kept
+    modules run under: ``"fp32"`` (their own FP32 operations, the default), or a named
+    recipe without block formats (``"bf16"``: BF16 operands and results, FP32
+    accumulation, as the NVFP4 recipe's kept layers and the whole model around its
+    NVFP4 GEMMs run)."""
 
     module_types: tuple[type[nn.Module], ...] = ()
     names: tuple[str, ...] = ()
@@ -197,8 +201,11 @@ class KeepHighPrecision:
     output_head: bool = False
     filter_fn: Callable[[nn.Module, str], bool] | None = None
     last_layers: float = 0.0
+    recipe: str = "fp32"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recipe, str):
+            raise TypeError(f"KeepHighPrecision.recipe names a recipe ('fp32', 'bf16', ...), not {self.recipe!r}")
         if not 0.0 <= self.last_layers <= 1.0:
             raise ValueError(f"last_layers is a share of the model's layers, 0..1, not {self.last_layers!r}")
 
@@ -370,7 +377,7 @@ RECIPES: dict[str, Recipe] = {
         "nvfp4", forward=Gemm(_NVFP4, _NVFP4_WEIGHT, _BF16), dgrad=Gemm(_NVFP4_GRAD, _NVFP4_WEIGHT, _BF16),
         wgrad=Gemm(Operand("nvfp4", "stochastic", hadamard=16), Operand("nvfp4", hadamard=16), _BF16),
         compute_dtype="bf16", **_BLOCK_FALLBACK,
-        keep=KeepHighPrecision(embeddings=True, output_head=True, last_layers=NVFP4_LAST_LAYERS),
+        keep=KeepHighPrecision(embeddings=True, output_head=True, last_layers=NVFP4_LAST_LAYERS, recipe="bf16"),
     ),
     "fp8-blockwise": Recipe(
         "fp8-blockwise", forward=Gemm(_FP8_TILE, _FP8_BLOCK, _BF16), dgrad=Gemm(_FP8_TILE, _FP8_BLOCK, _BF16),
@@ -401,8 +408,8 @@ head kept in high precision):
   weights in 16x16 tiles (one copy serves forward and dgrad), activations and errors in
   1x16 blocks, errors rounded stochastically, a 16-point random Hadamard transform
   (seed 0) on both wgrad inputs, the last :data:`NVFP4_LAST_LAYERS` of the layers kept
-  in high precision (``KeepHighPrecision.last_layers``, rounded up; kept modules run in
-  FP32, one step above the paper's BF16).
+  in BF16, as the paper keeps them (``KeepHighPrecision.last_layers``, rounded up;
+  ``recipe="bf16"``: kept modules, embeddings and output head too, run under ``bf16``).
 - ``fp8-blockwise``: DeepSeek-V3's fine-grained FP8 as Transformer Engine's
   ``Float8BlockScaling`` runs it: E4M3 in all three GEMMs, 1x128 activation and error
   tiles, 128x128 weight blocks, FP32 scales from the online amax kept to powers of two

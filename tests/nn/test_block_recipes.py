@@ -216,6 +216,45 @@ def test_block_recipes_train_without_nan(name: str) -> None:
     assert ("blocks.1" in kept) == (name == "nvfp4")  # NVFP4 keeps its last layers
 
 
+
+def test_nvfp4_runs_its_kept_layers_in_bf16() -> None:
+    """NVIDIA's NVFP4 recipe keeps its last layers in BF16: the kept output head's result
+    and its weight gradient are what the same layer gives under ``bf16`` for the same
+    input and error (bit for bit), not FP32's; a recipe that keeps modules under FP32
+    (the default) still runs them in FP32."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    plain_head = copy.deepcopy(model[2])
+    mixprec.convert(model, "nvfp4")
+    assert "2" in engine_state(model).kept
+    seen: dict[str, torch.Tensor] = {}
+    model[2].register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach(), y=out))
+    out = model(torch.randn(32, 64))
+    error = torch.randn(out.shape).to(out.dtype)
+    out.backward(error)
+    assert out.dtype == torch.bfloat16
+    head = mixprec.convert(copy.deepcopy(plain_head), "bf16")
+    reference = head(seen["x"])
+    reference.backward(error)
+    assert torch.equal(out, reference)
+    assert torch.equal(model[2].weight.grad, head.weight.grad)
+    assert not torch.equal(out.float(), F.linear(seen["x"].float(), plain_head.weight, plain_head.bias))
+    fp32_kept = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    mixprec.convert(fp32_kept, mixprec.get_recipe("nvfp4").replace(
+        keep=KeepHighPrecision(output_head=True)))
+    assert fp32_kept(torch.randn(32, 64)).dtype == torch.float32
+
+
+def test_kept_recipe_must_be_scalar() -> None:
+    with pytest.raises(ValueError, match="block formats"):
+        mixprec.convert(nn.Linear(32, 32), mixprec.get_recipe("mxfp8").replace(
+            keep=KeepHighPrecision(output_head=True, recipe="mxfp4")))
+    with pytest.raises(ValueError, match="unknown recipe"):
+        mixprec.convert(nn.Linear(32, 32), mixprec.get_recipe("mxfp8").replace(
+            keep=KeepHighPrecision(output_head=True, recipe="bf17")))
+
 def test_mxfp8_saves_well_below_bf16() -> None:
     saved = {}
     for name in ("bf16", "mxfp8"):

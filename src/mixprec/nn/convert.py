@@ -91,6 +91,18 @@ def _kept_modules(model: nn.Module, recipe: Recipe) -> dict[str, str]:
     return kept
 
 
+def _kept_recipe(recipe: Recipe) -> Recipe | None:
+    """The recipe the kept modules run under (None: their own FP32 operations)."""
+    name = recipe.keep.recipe
+    if name.strip().lower() == "fp32":
+        return None
+    kept = get_recipe(name)
+    if kept.has_blocks or kept.fallback is not None:
+        raise ValueError(f"recipe {recipe.name!r} keeps modules under {name!r}, which has block formats or a "
+                         "fallback of its own; name a recipe with scalar formats (KeepHighPrecision(recipe='bf16'))")
+    return kept
+
+
 def _last_layers(model: nn.Module, share: float) -> list[str]:
     """The names of the last ``share`` (rounded up) of the blocks in the model's longest
     ModuleList or Sequential (a transformer's layers)."""
@@ -137,7 +149,7 @@ def convert(model: nn.Module, recipe: str | Recipe, generator: torch.Generator |
                 if param.is_floating_point():
                     param.copy_(quantize(param, recipe.master_fmt))
     random_state = None if generator is None else random_state_from(generator)
-    state = EngineState(recipe, random_state, kept=_kept_modules(model, recipe))
+    state = EngineState(recipe, random_state, kept=_kept_modules(model, recipe), kept_recipe=_kept_recipe(recipe))
     model._mixprec = state  # type: ignore[assignment]
     if recipe.is_fp32:
         return model
@@ -203,7 +215,8 @@ def _push(state: EngineState, name: str, kept: bool) -> Any:
         state.module_stack.append(name)
         if kept:
             state.high_precision += 1
-            return _widen_inputs(args, kwargs)
+            # FP32 inputs for FP32 operations; a kept recipe rounds them itself
+            return _widen_inputs(args, kwargs) if state.kept_recipe is None else None
         if isinstance(module, nn.RNNBase):
             return _as_weight_dtype(module, args, kwargs)
         return None

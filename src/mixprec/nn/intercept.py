@@ -327,10 +327,10 @@ class EmulationMode(TorchFunctionMode):
         if (handler is not None or func in FP32_FUNCTIONS) and _called_by_compiled_graph():
             return func(*args, **kwargs)
         if handler is not None:
-            if state.high_precision:
+            if state.high_precision and state.kept_recipe is None:
                 return self._high_precision(func, args, kwargs)
-            return handler(state, *args, **kwargs)
-        if func is F.batch_norm and not state.high_precision:
+            return handler(state, *args, **kwargs)  # kept modules with a recipe of their own: under it
+        if func is F.batch_norm and not (state.high_precision and state.kept_recipe is None):
             return ops.batch_norm(*args, **kwargs)
         if func in FP32_FUNCTIONS and state.recipe.compute_dtype != "fp32":
             return func(*_widen(args), **{k: _widen(v) for k, v in kwargs.items()})

@@ -60,6 +60,8 @@ class _Call:
     def __post_init__(self) -> None:
         if self.forward_key is None:
             self.forward_key = self.state.forward_key
+        if self.state.high_precision and self.state.kept_recipe is not None:
+            self.recipe_for_call = self.state.kept_recipe  # inside a module kept under its own recipe
 
     @property
     def recipe(self) -> Recipe:
@@ -436,7 +438,8 @@ def gemm(state: EngineState, a: torch.Tensor, b: torch.Tensor, bias: torch.Tenso
         m, k = a.shape[-2], a.shape[-1]
         n = b.shape[-2] if transpose_b else b.shape[-1]
         batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-        _log(state, call.site, op, 2.0 * batch * m * n * k, (a, b), a.requires_grad, b.requires_grad, recipe=recipe)
+        _log(state, call.site, op, 2.0 * batch * m * n * k, (a, b), a.requires_grad, b.requires_grad,
+             recipe=call.recipe)
     grad_a, grad_b = (torch.is_grad_enabled() and t.requires_grad for t in (a, b))
     _reserve_histories(call, a.device, {"a": _is_weight(a), "b": _is_weight(b)},
                        ("a",) * grad_b + ("b",) * grad_a, (_is_weight(a),) * grad_a + (_is_weight(b),) * grad_b)
@@ -550,7 +553,7 @@ def convolution(state: EngineState, x: torch.Tensor, weight: torch.Tensor, bias:
         per_output = math.prod(weight.shape[1:]) if not transposed else math.prod(weight.shape[1:])
         channels = probe.shape[1] if not transposed else x.shape[1]
         flops = 2.0 * x.shape[0] * spatial * channels * per_output
-        _log(state, call.site, op, flops, (x, weight), x.requires_grad, weight.requires_grad, recipe=recipe)
+        _log(state, call.site, op, flops, (x, weight), x.requires_grad, weight.requires_grad, recipe=call.recipe)
     grad_x, grad_w = (torch.is_grad_enabled() and t.requires_grad for t in (x, weight))
     _reserve_histories(call, x.device, {"input": False, "weight": _is_weight(weight)},
                        ("input",) * grad_w + ("weight",), (False,) * grad_x + (_is_weight(weight),) * grad_w)

@@ -176,6 +176,7 @@ class EngineState:
         default_factory=dict)
     module_stack: list[str] = field(default_factory=list)
     high_precision: int = 0  # depth of kept modules the forward is inside
+    kept_recipe: Recipe | None = None  # what kept modules run under; None: their own FP32 ops
     site_counts: dict[str, int] = field(default_factory=dict)
     recording: bool = False  # amax histories are updated (training forward with grad)
     log: list[CallRecord] | None = None  # coverage recording, when a report asks
