@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -60,18 +61,25 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(bits_a, bits_b), f"{int((bits_a != bits_b).sum())} values differ"
 
 
+def spy(monkeypatch: pytest.MonkeyPatch, name: str, record: Callable[[torch.Tensor], object] = lambda x: tuple(x.shape)
+        ) -> list:
+    """What ``record`` makes of the first argument of each call of ``native.<name>``
+    from now on (the call still runs): its shape by default."""
+    seen: list = []
+    real = getattr(native, name)
+
+    def counting(x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(record(x))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(native, name, counting)
+    return seen
+
+
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """The shapes the native kernel was called with (it still runs)."""
-    seen: list[tuple[int, ...]] = []
-    real = native.amax_blocks
-
-    def counting(x4: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(tuple(x4.shape))
-        return real(x4, *args, **kwargs)
-
-    monkeypatch.setattr(native, "amax_blocks", counting)
-    return seen
+    return spy(monkeypatch, "amax_blocks")
 
 
 @pytest.mark.parametrize("fmt", AMAX_FORMATS, ids=lambda f: f.name)
@@ -346,15 +354,7 @@ MX_FORMATS = [formats.resolve(name) for name in ("mxfp8_e4m3", "mxfp8_e5m2", "mx
 @pytest.fixture
 def pow2_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """The shapes the native power-of-two kernel was called with (it still runs)."""
-    seen: list[tuple[int, ...]] = []
-    real = native.pow2_blocks
-
-    def counting(x4: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(tuple(x4.shape))
-        return real(x4, *args, **kwargs)
-
-    monkeypatch.setattr(native, "pow2_blocks", counting)
-    return seen
+    return spy(monkeypatch, "pow2_blocks")
 
 
 def mx_input(dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -508,15 +508,7 @@ def test_pow2_other_widths_keep_compiled_kernels(pow2_calls: list) -> None:
 @pytest.fixture
 def round_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many elements each native scalar rounding call took (it still runs)."""
-    seen: list[int] = []
-    real = native.round_scalar
-
-    def counting(x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(x.numel())
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(native, "round_scalar", counting)
-    return seen
+    return spy(monkeypatch, "round_scalar", torch.Tensor.numel)
 
 
 def scalar_input(seed: int, numel: int = 40_009) -> torch.Tensor:
@@ -620,14 +612,7 @@ def test_native_fp8_decoding_of_every_code(name: str, dtype: torch.dtype, monkey
 
     from mixprec.core.storage import stored_values
 
-    decoded: list[int] = []
-    real = native.decode_fp8
-
-    def counting(stored: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-        decoded.append(stored.numel())
-        return real(stored, *args, **kwargs)
-
-    monkeypatch.setattr(native, "decode_fp8", counting)
+    decoded = spy(monkeypatch, "decode_fp8", torch.Tensor.numel)
     torch_dtype = torch.float8_e4m3fn if name == "e4m3" else torch.float8_e5m2
     codes = torch.arange(256, dtype=torch.uint8)
     stored = torch.cat([codes, codes.flip(0)[:1000 % 256 + 21], codes.roll(7)]).view(torch_dtype)  # a partial vector
