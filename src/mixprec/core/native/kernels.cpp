@@ -270,13 +270,10 @@ void pack_row(const T* x, float* out, uint8_t* codes, int64_t start, int64_t col
 
 constexpr int64_t kUnitBlocks = 64;  // blocks per unit of work where blocks are rows of one (1-D blocks)
 
-// One unit of work: ``count`` blocks whose element (r, j, c) lies at base + r * row_stride
-// + j * cols + c, block j's scale going to scales[j].
-// kCols: the block's columns as a constant (0: job.cols), so that a block of 16 is one
-// vector with no loop around it.
-template <typename T, int64_t kCols, bool kPack>
-void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t count, int64_t row_stride, const Job& job,
-              float* full_out, int32_t* amax, float* factor, int32_t* floor, float* full, float* scale_of) {
+// The largest magnitude's bits of each of ``count`` blocks whose element (r, j, c) lies at
+// base + r * row_stride + j * cols + c, into amax[j] (a NaN's bits above Inf's).
+template <typename T, int64_t kCols>
+MIXPREC_INLINE void block_amax(const T* x, int64_t base, int64_t count, int64_t row_stride, const Job& job, int32_t* amax) {
   const int64_t rows = job.rows, cols = kCols != 0 ? kCols : job.cols;
   for (int64_t j = 0; j < count; ++j) amax[j] = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -286,6 +283,23 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
       for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
       amax[j] = m;
     }
+  }
+}
+
+// One unit of work: ``count`` blocks laid out as block_amax reads them, block j's scale
+// going to scales[j]. ``known`` (not null): the blocks' amaxes, found by the tensor amax's
+// pass; else they are found here, into ``amax``.
+// kCols: the block's columns as a constant (0: job.cols), so that a block of 16 is one
+// vector with no loop around it.
+template <typename T, int64_t kCols, bool kPack>
+void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t count, int64_t row_stride, const Job& job,
+              float* full_out, const int32_t* known, int32_t* amax, float* factor, int32_t* floor, float* full,
+              float* scale_of) {
+  const int64_t rows = job.rows, cols = kCols != 0 ? kCols : job.cols;
+  if (known != nullptr) {
+    for (int64_t j = 0; j < count; ++j) amax[j] = known[j];
+  } else {
+    block_amax<T, kCols>(x, base, count, row_stride, job, amax);
   }
   // the scales, as block_kernels.amax_scales computes them: in whole vectors of 16
   // blocks (the arrays are padded with zero amaxes), so that no store is masked, which
@@ -378,62 +392,46 @@ void run_unit(const T* x, float* out, uint8_t* codes, int64_t base, int64_t coun
   }
 }
 
-// The amax of unit u's blocks that hold no NaN or Inf (0 if none): what the tensor amax
-// takes from them (block_kernels.amax_scales leaves the other blocks out).
-template <typename T, int64_t kCols>
-int32_t unit_finite_amax(const T* x, int64_t u, int64_t blocks_total, const Job& job) {
-  const int64_t cols = kCols != 0 ? kCols : job.cols;
-  const bool one_d = job.rows == 1;
-  const int64_t base = one_d ? u * kUnitBlocks * cols : u * job.rows * job.h * cols;
-  const int64_t count = one_d ? std::min(kUnitBlocks, blocks_total - u * kUnitBlocks) : job.h;
-  std::vector<int32_t> amax(count, 0);
-  for (int64_t r = 0; r < job.rows; ++r) {
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t start = base + r * job.h * cols + j * cols;
-      int32_t m = amax[j];
-      for (int64_t c = 0; c < cols; ++c) m = std::max(m, load_bits(x, start + c) & kAbsMask);
-      amax[j] = m;
-    }
-  }
-  int32_t result = 0;
-  for (int64_t j = 0; j < count; ++j) result = std::max(result, amax[j] < kF32Inf ? amax[j] : 0);
-  return result;
-}
-
 // The whole quantization in one OpenMP parallel region (under a passive wait policy each
 // region wakes the threads anew, which costs more than the work on small tensors): the
-// tensor amax where a two-level format needs it, then the units of blocks.
+// tensor amax where a two-level format needs it, then the units of blocks. The tensor
+// amax's pass finds every block's amax on the way (its reads are the memory's pace, the
+// reductions come free), kept for the second pass, which then only scales and rounds;
+// the tensor amax leaves out the blocks that hold NaN or Inf.
 template <typename T, int64_t kCols, bool kPack>
 void run_all(const T* x, float* out, uint8_t* codes, const Job& job, const float* tensor_amax,
              float* tensor_scale_out, float* scales_out, int threads) {
   const int64_t blocks_total = job.groups * job.h;
-  const int64_t numel = blocks_total * job.rows * job.cols;
   const bool one_d = job.rows == 1;
   const int64_t units = one_d ? (blocks_total + kUnitBlocks - 1) / kUnitBlocks : job.groups;
   const int64_t per_unit = one_d ? kUnitBlocks : job.h;
+  const int64_t padded = (per_unit + 15) / 16 * 16;
   const bool find_amax = job.two_level && tensor_amax == nullptr;
-  int32_t largest = 0, finite = 0;  // shared: the reductions below combine into them
+  std::vector<int32_t> amaxes(find_amax ? units * padded : 0);  // each unit's block amaxes
+  int32_t finite = 0;  // shared: the reduction below combines into it
 #pragma omp parallel num_threads(threads)
   {
     if (find_amax) {
-      // the largest magnitude in one streaming pass; only where it is NaN or Inf does
-      // the amax go block by block, leaving out the blocks that hold them
-#pragma omp for simd reduction(max : largest) schedule(static)
-      for (int64_t i = 0; i < numel; ++i) largest = std::max(largest, load_bits(x, i) & kAbsMask);
-      if (largest >= kF32Inf) {
 #pragma omp for reduction(max : finite) schedule(static)
-        for (int64_t u = 0; u < units; ++u) finite = std::max(finite, unit_finite_amax<T, kCols>(x, u, blocks_total, job));
+      for (int64_t u = 0; u < units; ++u) {
+        const int64_t first_block = u * per_unit;
+        const int64_t base = one_d ? first_block * job.cols : u * job.rows * job.h * job.cols;
+        const int64_t count = one_d ? std::min(kUnitBlocks, blocks_total - first_block) : job.h;
+        int32_t* amax = amaxes.data() + u * padded;
+        block_amax<T, kCols>(x, base, count, job.h * job.cols, job, amax);
+        int32_t m = 0;
+        for (int64_t j = 0; j < count; ++j) m = std::max(m, amax[j] < kF32Inf ? amax[j] : 0);
+        finite = std::max(finite, m);
       }
     }
     Job local = job;  // each thread's copy, with the tensor scale (the same in every thread)
     if (job.two_level) {
-      const float amax_value = tensor_amax != nullptr ? *tensor_amax : float_of(largest < kF32Inf ? largest : finite);
+      const float amax_value = tensor_amax != nullptr ? *tensor_amax : float_of(finite);
       const float scale = amax_value / job.divisor;
       local.tensor_scale = scale < 0x1p-126f ? 0x1p-126f : scale;
 #pragma omp single nowait
       *tensor_scale_out = local.tensor_scale;
     }
-    const int64_t padded = (per_unit + 15) / 16 * 16;
     std::vector<int32_t> amax(padded), floor(padded);
     std::vector<float> factor(padded), full(padded), scale_of(padded);
 #pragma omp for schedule(static)
@@ -449,7 +447,8 @@ void run_all(const T* x, float* out, uint8_t* codes, const Job& job, const float
         count = job.h;
       }
       run_unit<T, kCols, kPack>(x, out, codes, base, count, job.h * job.cols, local,
-                                scales_out == nullptr ? nullptr : scales_out + first_block, amax.data(), factor.data(),
+                                scales_out == nullptr ? nullptr : scales_out + first_block,
+                                find_amax ? amaxes.data() + u * padded : nullptr, amax.data(), factor.data(),
                                 floor.data(), full.data(), scale_of.data());
     }
 #if defined(__AVX512F__)
