@@ -43,6 +43,7 @@ def test_every_model_under_every_recipe_writes_a_sane_report(tmp_path):
         assert fp8[model]["saved_bytes"] < fp32[model]["saved_bytes"]
     text = report.read_text()
     assert "| cnn | fp8 |" in text and "Partial" not in text
+    assert "under nvfp4 (in BF16)" in text and "under fp8 (in FP32)" in text  # what kept layers run in
     for picture in ("curves_cnn.png", "loss_scale_lstm.png", "gan_samples.png", "curves_transformer.png"):
         assert (tmp_path / picture).stat().st_size > 1000
 

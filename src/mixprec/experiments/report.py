@@ -15,6 +15,8 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mixprec.recipe import get_recipe  # noqa: E402
+
 __all__ = ["summary_rows", "write_results", "write_report"]
 
 _HIGHER_IS_BETTER = {"test_accuracy": True, "validation_bpc": False, "frechet_distance": False}
@@ -134,6 +136,15 @@ def _plot_samples(out: Path, runs: list[dict[str, Any]]) -> str:
     return _save(figure, out, "gan_samples.png")
 
 
+def _kept_precision(recipe: str) -> str:
+    """What a recipe's kept layers run in: FP32, or the recipe it keeps them under
+    (``KeepHighPrecision.recipe``: BF16 for nvfp4)."""
+    try:
+        return get_recipe(recipe).keep.recipe.upper()
+    except ValueError:
+        return "FP32"
+
+
 def write_report(out: Path, records: list[dict[str, Any]], settings: dict[str, Any], partial: bool = False) -> Path:
     """``report.md`` with the table and the plots beside it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -162,8 +173,9 @@ def write_report(out: Path, records: list[dict[str, Any]], settings: dict[str, A
     kept = sorted({(r["model"], r["recipe"], ", ".join(r.get("fp32_layers") or [])) for r in records
                    if r.get("fp32_layers")})
     if kept:
-        lines += ["Layers kept in FP32 on purpose (besides the norms and softmax every recipe keeps): "
-                  + "; ".join(f"{model} under {recipe}: `{names}`" for model, recipe, names in kept) + ".", ""]
+        lines += ["Layers kept in high precision on purpose (besides the norms and softmax every recipe keeps): "
+                  + "; ".join(f"{model} under {recipe} (in {_kept_precision(recipe)}): `{names}`"
+                              for model, recipe, names in kept) + ".", ""]
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_model[record["model"]].append(record)
