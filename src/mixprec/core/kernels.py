@@ -557,7 +557,8 @@ def round_to_format(
 ) -> torch.Tensor:
     """Round contiguous float32 ``x`` onto ``fmt``'s grid (stochastically when ``key``,
     an int32 tensor of two words, is given), optionally as ``round(x * (1/scale)) *
-    scale``, into ``out`` when given. Inputs are assumed validated by the caller."""
+    scale``, into ``out`` when given, as float32. ``x`` may be FP16 or BF16 where
+    :func:`native_rounds` takes it. Inputs are assumed validated by the caller."""
     # A detached flat alias has no view base, so dynamo guards on nothing but its
     # length (guards on a view's base would recompile for every base shape).
     flat = x.reshape(-1).detach()
@@ -565,7 +566,7 @@ def round_to_format(
     if native_rounds(flat) and (scale is None or scale.device.type == "cpu"):
         # one native pass (mixprec.core.native): no compiled call's guards and wrappers
         direct = out is not None and out.is_contiguous()
-        target = out.view(-1) if direct else torch.empty_like(flat)
+        target = out.view(-1) if direct else torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
         native.round_scalar(flat, p, key is None and float_nearest(fmt, overflow), key, scale, target, None, None,
                             serial_threads(flat.numel()))
         if out is None:

@@ -16,7 +16,7 @@ import torch
 
 from mixprec.core import formats
 from mixprec.core.formats import BlockFormat, FloatFormat, Overflow
-from mixprec.core.kernels import round_to_format
+from mixprec.core.kernels import native_rounds, round_to_format
 
 __all__ = [
     "Rounding", "quantize", "scale_from_amax", "tensor_scale", "abs_max", "resolve_overflow"]
@@ -185,11 +185,14 @@ def quantize(
             )
     scale_t = None if scale is None else _check_scale(scale, x.device)
     x32 = x.detach()
-    if x32.dtype != torch.float32:
-        x32 = x32.float()  # float16 and bfloat16 widen exactly
+    float32_format = fmt.mantissa_bits == 23 and fmt.exponent_bits == 8
+    if x32.dtype != torch.float32 and (float32_format or not native_rounds(x32)):
+        # float16 and bfloat16 widen exactly; the native kernel reads them as they are,
+        # widening on the way (no float32 copy first)
+        x32 = x32.float()
     key = _key(generator, x.device, random_key) if rounding == "stochastic" else None
 
-    if fmt.mantissa_bits == 23 and fmt.exponent_bits == 8:
+    if float32_format:
         # float32 itself: nothing to round; only the overflow rule can change values.
         result = x32 * torch.reciprocal(scale_t) if scale_t is not None else x32.clone()
         if overflow == "saturate":

@@ -626,7 +626,9 @@ class _Attention(torch.autograd.Function):
             rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores",
                                        in_place=True, scale=scales[0], forward_key=call.forward_key)
             scales[0] = rounded.scale
-            scores = rounded.values().to(result_dtype(recipe.forward.result, recipe.compute)).float() * factor
+            # on the result format's grid already: the round trip through the dtype the
+            # result lives in (result_dtype) would give the same values back
+            scores = rounded.values() * factor
         if causal:
             length, source = scores.shape[-2], scores.shape[-1]
             keep = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()

@@ -19,6 +19,7 @@ rotated zeros are not zero); the other operand is padded and rotated the same wa
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from mixprec.core.block_quantize import quantize_blocks, quantize_blocks_factore
 from mixprec.core.block_storage import PackedBlocks, quantize_packed, unpack_blocks
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
-from mixprec.core.kernels import _MIX1, _MIX2  # murmur3's finaliser, as the rounding kernel's hash
+from mixprec.core.kernels import _MIX1, _MIX2, native_rounds  # _MIX*: murmur3's finaliser, as the rounding kernel's hash
 from mixprec.core.quantize import abs_max, quantize, scale_from_amax, tensor_scale
 from mixprec.core.storage import quantize_stored_with_amax, stored_values, to_storage
 from mixprec.recipe import Operand, Recipe
@@ -432,8 +433,8 @@ def quantize_operand(
         return Quantized(stored, scale, operand, values)
     x32 = x.detach()
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
-    if x32.dtype != torch.float32:
-        x32, fresh = x32.float(), x32.is_contiguous()
+    if x32.dtype != torch.float32 and not native_rounds(x32):
+        x32, fresh = x32.float(), x32.is_contiguous()  # else the native pass widens it on the way
     values = quantize(x32, fmt, operand.rounding, scale=scale, saturate=saturate, out=x32 if fresh else None,
                       random_key=random_key)
     if values_only:
@@ -523,11 +524,23 @@ def random_state_from(generator: torch.Generator) -> torch.Tensor:
 
 
 def _site_hash(name: str) -> int:
-    """FNV-1a of a call site's name, 31 bits (plain Python, so dynamo folds it)."""
+    """FNV-1a of a call site's name, 31 bits: remembered per name in eager mode (a
+    character loop at every stochastic rounding cost ~25 us), computed in plain Python
+    under torch.compile, so that dynamo folds it."""
+    if torch.compiler.is_compiling():
+        return _fnv1a(name)
+    return _remembered_fnv1a(name)
+
+
+def _fnv1a(name: str) -> int:
+    """FNV-1a of ``name``, 31 bits."""
     h = 0x811C9DC5
     for char in name:
         h = ((h ^ ord(char)) * 0x01000193) & 0xFFFFFFFF
     return h & 0x7FFFFFFF
+
+
+_remembered_fnv1a = functools.lru_cache(maxsize=65536)(_fnv1a)
 
 
 def _mix_key(base: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
