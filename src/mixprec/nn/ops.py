@@ -623,8 +623,10 @@ class _Attention(torch.autograd.Function):
         if scores.dtype != torch.float32 and kernels.kernel_rounds_to(recipe.forward.result, scores.dtype):
             scores = scores.float() * factor  # the BF16 or FP16 kernel rounded them (once)
         else:
+            # used at once: float32 values rounded in place, no FP8 bytes to decode again
             rounded = quantize_operand(scores, recipe.forward.result, call.state, f"{call.site}.scores",
-                                       in_place=True, scale=scales[0], forward_key=call.forward_key)
+                                       in_place=True, scale=scales[0], forward_key=call.forward_key,
+                                       values_dtype=torch.float32, keep_storage=False)
             scales[0] = rounded.scale
             # on the result format's grid already: the round trip through the dtype the
             # result lives in (result_dtype) would give the same values back
@@ -636,8 +638,11 @@ class _Attention(torch.autograd.Function):
         if mask is not None:
             scores = scores + mask
         probabilities = torch.softmax(scores, dim=-1)
+        # used at once, by this pass's GEMMs: the values in their kernel's dtype, written by
+        # the rounding pass itself (no storage to decode)
         p = quantize_operand(probabilities, recipe.forward.left, call.state, f"{call.site}.probabilities",
-                             scale=scales[1], forward_key=call.forward_key)
+                             scale=scales[1], forward_key=call.forward_key,
+                             values_dtype=_KERNEL_DTYPES.get(path, torch.float32), keep_storage=False)
         scales[1] = p.scale
         return probabilities, p
 
