@@ -547,6 +547,33 @@ def test_native_quantize_equals_compiled(name: str, rounding: str, saturate, rou
     assert len(round_calls) == 9
 
 
+@pytest.mark.parametrize("name", ["bf16", "e5m2", "e4m3", "e2m1fn"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_native_quantize_reads_half_precision_inputs(name: str, rounding: str, x_dtype: torch.dtype,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FP16 or BF16 x goes to the native pass as it is (no float32 copy first) and
+    gives, as float32, the compiled kernels' rounding of x widened: stochastic bits by
+    the same flat indices, overflow, NaN and both zeros included; with out= as well."""
+    from mixprec.core.quantize import quantize
+
+    seen = spy(monkeypatch, "round_scalar", lambda x: x.dtype)
+    x = scalar_input(11).clamp(-6e4, 6e4).to(x_dtype)  # FP16's range; NaN, Inf, zeros kept
+    x[3::97] = torch.tensor(2.0**-20).to(x_dtype)  # subnormal in FP16, tiny in every target
+    with kernel_backend("compiled"):
+        reference = quantize(x.float(), name, rounding, random_key=KEY)
+    result = quantize(x, name, rounding, random_key=KEY)
+    assert result.dtype == torch.float32
+    same_bits(result, reference)
+    out = torch.empty(x.shape)
+    quantize(x, name, rounding, random_key=KEY, out=out)
+    same_bits(out, reference)
+    assert seen == [x_dtype, x_dtype]
+    if not (name == "bf16" and x_dtype == torch.bfloat16):  # BF16 onto its own grid: nothing to change
+        finite = torch.isfinite(reference)
+        assert not torch.equal(reference[finite], x.float()[finite]), "nothing rounded: a dropped rounding would pass"
+
+
 @pytest.mark.parametrize("name", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixprec
-from mixprec.nn.state import EngineState, _mix_key, _mix_tensor, quantize_operand
+from mixprec.nn.state import EngineState, _mix_key, _mix_tensor, _site_hash, quantize_operand
 from mixprec.recipe import Operand, TensorScaling
 
 int32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
@@ -24,6 +24,24 @@ def test_host_mixed_key_equals_the_tensor_arithmetic(words, salt):
     host = _mix_key(base, salt)
     assert host.dtype == torch.int32 and host.shape == (2,)
     assert host.tolist() == _mix_tensor(base, salts).tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_site_hash_is_31_bits_of_fnv1a_remembered_or_not(name):
+    """The remembered hash of a call site's name (eager mode) is FNV-1a's over its code
+    points, on the first call and the second."""
+    h = 0x811C9DC5
+    for char in name:
+        h = ((h ^ ord(char)) * 0x01000193) % 2**32
+    assert _site_hash(name) == h & 0x7FFFFFFF
+    assert _site_hash(name) == h & 0x7FFFFFFF
+
+
+def test_site_hash_of_known_names():
+    """FNV-1a's published 32-bit hashes ("a": 0xE40C292C, "foobar": 0xBF9CF968), top bit cleared."""
+    assert _site_hash("a") == 0xE40C292C & 0x7FFFFFFF
+    assert _site_hash("foobar") == 0xBF9CF968 & 0x7FFFFFFF
 
 
 def test_distinct_salts_give_unrelated_keys():
