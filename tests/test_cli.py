@@ -114,3 +114,21 @@ def test_bench_step_times_compiled_models_and_refuses_unknown_configs():
     assert step_speed.is_config("mxfp8+compile") and not step_speed.is_config("mxfp9+compile")
     result = run("bench", "step", "--models", "mlp", "--configs", "fp32,bf17+compile")
     assert result.returncode == 2 and "bf17+compile" in result.stdout
+
+
+def test_bench_step_times_the_quick_compare_transformer_when_asked():
+    """``quick-transformer`` is compare's quick-budget character GPT (its sizes, AdamW),
+    timed only when asked for."""
+    from mixprec.bench import step_speed
+    from mixprec.experiments.models import CharGPT
+    from mixprec.experiments.runner import BUDGETS
+
+    assert "quick-transformer" in step_speed.MODELS and "quick-transformer" not in step_speed.DEFAULT_MODELS
+    budget = BUDGETS["quick"]["transformer"]
+    model = step_speed.quick_transformer()
+    assert isinstance(model, CharGPT) and len(model.blocks) == budget.layers
+    rows = step_speed.run_step_bench(models=["quick-transformer"], configs=["fp32", "fp8"], repeats=1,
+                                     batch_scale=0.125)
+    assert [(row.model, row.config) for row in rows] == [("quick-transformer", "fp32"), ("quick-transformer", "fp8")]
+    assert rows[0].parameters == sum(p.numel() for p in model.parameters())
+    assert rows[1].saved_bytes < rows[0].saved_bytes  # FP8 copies saved for backward, not FP32 ones

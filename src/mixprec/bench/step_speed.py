@@ -1,5 +1,7 @@
 """``mixprec bench step``: one training step of a ResNet-style CNN, a Transformer (GPT)
-block and an MLP (4 x Linear(1024), batch 512) under FP32 eager, torch.autocast (bf16,
+block and an MLP (4 x Linear(1024), batch 512), and on request the quick-budget
+Transformer of ``mixprec compare`` (``quick-transformer``: its character GPT, sizes and
+AdamW, on random tokens), under FP32 eager, torch.autocast (bf16,
 fp16), torchao's float8 training emulation (an optional peer, where torchao imports) and
 every mixprec recipe, in one run with interleaved rounds: median step time, its ratio to
 FP32, and the bytes of parameters, optimizer state (master weights included) and
@@ -21,22 +23,29 @@ from torch import nn
 
 from mixprec.bench.timing import median_seconds
 from mixprec.experiments.steps import optimizer_step
-from mixprec.experiments.models import TransformerBlock, resnet_style_cnn
+from mixprec.experiments.models import CharGPT, TransformerBlock, resnet_style_cnn
+from mixprec.experiments.runner import BUDGETS
 from mixprec.stats.memory import SavedBytesCounter
 from mixprec.recipe import RECIPES
 from mixprec.amp import prepare
 from mixprec.nn.convert import engine_state
 from mixprec.nn.kernels import KernelMode, gemm_kernels
 
-__all__ = ["StepRow", "run_step_bench", "CONFIGS", "COMPILED", "is_config", "MODELS", "TORCHAO_FLOAT8", "torchao_float8_available",
-           "transformer_block", "mlp"]
+__all__ = ["StepRow", "run_step_bench", "CONFIGS", "COMPILED", "is_config", "MODELS", "DEFAULT_MODELS", "TORCHAO_FLOAT8",
+           "torchao_float8_available", "transformer_block", "mlp", "quick_transformer"]
 
 TORCHAO_FLOAT8 = "torchao-float8"
 """torchao's float8 training (``convert_to_float8_training``, tensorwise dynamic scaling)
 with ``emulate=True``: its FP8 GEMMs emulated in high precision, as on a CPU."""
 
 CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", TORCHAO_FLOAT8, *[name for name in RECIPES if name != "fp32"])
-MODELS = ("cnn", "transformer", "mlp")
+DEFAULT_MODELS = ("cnn", "transformer", "mlp")
+"""The models a plain ``mixprec bench step`` times."""
+MODELS = (*DEFAULT_MODELS, "quick-transformer")
+"""Every model it can time: the defaults and the quick-budget ``compare`` Transformer
+(small and overhead-bound; issue 12 holds it to 1.5x FP32's step)."""
+_QUICK_TRANSFORMER = BUDGETS["quick"]["transformer"]
+_QUICK_VOCABULARY = 63  # the KJV corpus's characters, which compare trains it on
 COMPILED = "+compile"
 """A configuration's name with this suffix (``fp8-hybrid+compile``) runs its model under
 ``torch.compile`` (forward and backward; the optimizer step stays eager), with
@@ -108,8 +117,18 @@ def mlp(width: int = 1024, layers: int = 4) -> nn.Module:
     return nn.Sequential(*modules)
 
 
+def quick_transformer() -> nn.Module:
+    """The quick-budget ``compare`` Transformer: its character GPT at that budget's sizes."""
+    budget = _QUICK_TRANSFORMER
+    return CharGPT(_QUICK_VOCABULARY, width=budget.width, layers=budget.layers, context=budget.sequence)
+
+
 def _workload(name: str, batch_scale: float) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
+    if name == "quick-transformer":
+        batch, sequence = max(2, int(_QUICK_TRANSFORMER.batch * batch_scale)), _QUICK_TRANSFORMER.sequence
+        tokens = torch.randint(0, _QUICK_VOCABULARY, (batch, sequence + 1), generator=generator)
+        return quick_transformer, tokens[:, :-1], tokens[:, 1:]
     if name == "cnn":
         batch = max(2, int(128 * batch_scale))
         x = torch.randn(batch, 1, 28, 28, generator=generator)
@@ -150,7 +169,9 @@ class _Run:
 
             convert_to_float8_training(self.model, config=Float8LinearConfig(emulate=True),
                                        module_filter_fn=_float8_filter)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.AdamW(self.model.parameters(), lr=_QUICK_TRANSFORMER.lr) if model_name == "quick-transformer"
+            else torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9))  # compare's optimizer there
         self.autocast = None
         if config.startswith("autocast-"):
             self.autocast = torch.bfloat16 if config.endswith("bf16") else torch.float16
@@ -193,7 +214,7 @@ class _Run:
 
 
 def run_step_bench(
-    models: Sequence[str] = MODELS,
+    models: Sequence[str] = DEFAULT_MODELS,
     configs: Sequence[str] = CONFIGS,
     repeats: int = 3,
     batch_scale: float = 1.0,
