@@ -12,7 +12,7 @@ exact and native)."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -123,23 +123,36 @@ def quick_transformer() -> nn.Module:
     return CharGPT(_QUICK_VOCABULARY, width=budget.width, layers=budget.layers, context=budget.sequence)
 
 
-def _workload(name: str, batch_scale: float) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]:
+_Optimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _sgd(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameters, lr=0.01, momentum=0.9)
+
+
+def _quick_adamw(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=_QUICK_TRANSFORMER.lr)  # compare's optimizer for it
+
+
+def _workload(name: str, batch_scale: float
+              ) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor, _Optimizer]:
+    """A model's builder, input, target and optimizer."""
     generator = torch.Generator().manual_seed(0)
     if name == "quick-transformer":
         batch, sequence = max(2, int(_QUICK_TRANSFORMER.batch * batch_scale)), _QUICK_TRANSFORMER.sequence
         tokens = torch.randint(0, _QUICK_VOCABULARY, (batch, sequence + 1), generator=generator)
-        return quick_transformer, tokens[:, :-1], tokens[:, 1:]
+        return quick_transformer, tokens[:, :-1], tokens[:, 1:], _quick_adamw
     if name == "cnn":
         batch = max(2, int(128 * batch_scale))
         x = torch.randn(batch, 1, 28, 28, generator=generator)
-        return resnet_style_cnn, x, torch.randint(0, 10, (batch,), generator=generator)
+        return resnet_style_cnn, x, torch.randint(0, 10, (batch,), generator=generator), _sgd
     if name == "mlp":
         batch = max(2, int(512 * batch_scale))
         x = torch.randn(batch, 1024, generator=generator)
-        return mlp, x, torch.randint(0, 1024, (batch,), generator=generator)
+        return mlp, x, torch.randint(0, 1024, (batch,), generator=generator), _sgd
     batch = max(2, int(32 * batch_scale))
     x = torch.randn(batch, 128, 256, generator=generator)
-    return transformer_block, x, torch.randint(0, 96, (batch, 128), generator=generator)
+    return transformer_block, x, torch.randint(0, 96, (batch, 128), generator=generator), _sgd
 
 
 def _float8_filter(module: nn.Module, name: str) -> bool:
@@ -161,7 +174,7 @@ class _Run:
     def __init__(self, model_name: str, config: str, batch_scale: float, kernels: KernelMode = "auto") -> None:
         self.compiled = config.endswith(COMPILED)
         config = config.removesuffix(COMPILED)
-        build, self.x, self.y = _workload(model_name, batch_scale)
+        build, self.x, self.y, make_optimizer = _workload(model_name, batch_scale)
         torch.manual_seed(0)
         self.model = build()
         if config == TORCHAO_FLOAT8:
@@ -169,9 +182,7 @@ class _Run:
 
             convert_to_float8_training(self.model, config=Float8LinearConfig(emulate=True),
                                        module_filter_fn=_float8_filter)
-        self.optimizer: torch.optim.Optimizer = (
-            torch.optim.AdamW(self.model.parameters(), lr=_QUICK_TRANSFORMER.lr) if model_name == "quick-transformer"
-            else torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9))  # compare's optimizer there
+        self.optimizer = make_optimizer(self.model.parameters())
         self.autocast = None
         if config.startswith("autocast-"):
             self.autocast = torch.bfloat16 if config.endswith("bf16") else torch.float16

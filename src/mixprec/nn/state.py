@@ -33,7 +33,7 @@ from mixprec.core.block_quantize import quantize_blocks, quantize_blocks_factore
 from mixprec.core.block_storage import PackedBlocks, quantize_packed, unpack_blocks
 from mixprec.core.formats import BlockFormat
 from mixprec.core.hadamard import hadamard_transform
-from mixprec.core.kernels import _MIX1, _MIX2, native_rounds  # _MIX*: murmur3's finaliser, as the rounding kernel's hash
+from mixprec.core.kernels import _MIX1, _MIX2  # murmur3's finaliser, as the rounding kernel's hash
 from mixprec.core.quantize import abs_max, quantize, scale_from_amax, tensor_scale
 from mixprec.core.storage import quantize_stored_with_amax, stored_values, to_storage
 from mixprec.recipe import Operand, Recipe
@@ -431,10 +431,8 @@ def quantize_operand(
             assert values is not None
             return Quantized(values, None, operand, values)
         return Quantized(stored, scale, operand, values)
-    x32 = x.detach()
+    x32 = x.detach()  # FP16/BF16 as it is: quantize widens it (the native pass on the way)
     fresh = in_place and x32.dtype == torch.float32 and x32.is_contiguous()
-    if x32.dtype != torch.float32 and not native_rounds(x32):
-        x32, fresh = x32.float(), x32.is_contiguous()  # else the native pass widens it on the way
     values = quantize(x32, fmt, operand.rounding, scale=scale, saturate=saturate, out=x32 if fresh else None,
                       random_key=random_key)
     if values_only:
