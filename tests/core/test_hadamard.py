@@ -95,6 +95,50 @@ def test_native_pass_equals_the_torch_butterflies(seed: int, shape_index: int, d
     same_values(result, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2048, 256), (40, 2048, 8)])
+def test_native_pass_streams_large_outputs_to_the_same_bits(shape: tuple[int, ...], dtype: torch.dtype,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """From 2^19 elements the native pass along a strided axis writes with non-temporal
+    stores: the same bits as the torch operations (into a caller's ``out`` as well),
+    a partial 16-column tile included."""
+    if not native.available():
+        pytest.skip("no native library on this machine")
+    calls = []
+    real = native.hadamard16
+    monkeypatch.setattr(native, "hadamard16", lambda *args: (calls.append(args[0].numel()), real(*args))[1])
+    generator = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=generator) * torch.exp(torch.randn(shape, generator=generator) * 3)).to(dtype)
+    x.view(-1)[::97] = float("nan")
+    with kernel_backend("eager"):
+        expected = mixprec.hadamard_transform(x, 16, axis=-2, seed=3)
+    result = mixprec.hadamard_transform(x, 16, axis=-2, seed=3)
+    same_values(result, expected)
+    moved = (*shape[:-2], shape[-1], shape[-2])
+    out = torch.full(moved, 7.0)
+    into = mixprec.hadamard_transform(x, 16, axis=-2, seed=3, out=out)
+    assert into.data_ptr() == out.data_ptr()
+    same_values(into, expected)
+    assert calls == [x.numel()] * 2 and x.numel() >= 1 << 19
+
+
+def test_out_takes_the_rotation_on_every_path():
+    """``out`` receives the rotated values with the axis moved last, on the native and on
+    the torch path alike; a wrong ``out`` is refused with the shape it needs."""
+    x = torch.randn(32, 48)
+    expected = mixprec.hadamard_transform(x, 16, axis=0)
+    for backend in ("auto", "eager"):
+        out = torch.full((48, 32), float("nan"))
+        with kernel_backend(backend):
+            result = mixprec.hadamard_transform(x, 16, axis=0, out=out)
+        assert result.data_ptr() == out.data_ptr() and result.shape == x.shape
+        assert torch.equal(out, expected.t())
+    with pytest.raises(ValueError, match=r"shape \(48, 32\)"):
+        mixprec.hadamard_transform(x, 16, axis=0, out=torch.empty(32, 48))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        mixprec.hadamard_transform(x, 16, axis=0, out=torch.empty(48, 32, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_inverse_undoes_the_transform(axis):
     x = torch.randn(32, 48) * 100

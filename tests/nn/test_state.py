@@ -162,3 +162,31 @@ def test_delayed_scaling_records_the_amax_its_rounding_pass_took(dtype: torch.dt
     # rounded with the scale of the history before this record (x's amax alone); the
     # recorded 0 leaves it unchanged
     assert float(second.scale) == float(history.scale("e4m3")) != 1.0
+
+
+@pytest.mark.parametrize("values_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hadamard_rotations_reuse_one_buffer_without_touching_earlier_results(
+        values_dtype: torch.dtype | None, dtype: torch.dtype) -> None:
+    """A Hadamard-rotated operand is rotated into the state's buffer for its shape, kept
+    from call to call (no fresh pages to fault in each step); an operand quantized from
+    it keeps its own memory, so a later rotation into the same buffer leaves it as it
+    was; and every result equals the one a fresh state gives, bit for bit."""
+    operand = Operand("nvfp4", hadamard=16)
+    state = EngineState(mixprec.get_recipe("nvfp4"), None)
+    torch.manual_seed(0)
+    xs = [(torch.randn(96, 40) * torch.logspace(-2, 2, 40)).to(dtype) for _ in range(3)]
+    results, buffers = [], []
+    for x in xs:
+        q = quantize_operand(x, operand, state, "site", axis=-2, values_dtype=values_dtype)
+        results.append([None if t is None else t.clone() for t in (*q.tensors(), q.cached_values)])
+        results[-1].append(q)
+        buffers.append(state.workspace[(40, 96)].data_ptr())
+    assert len(state.workspace) == 1 and len(set(buffers)) == 1  # one buffer, reused
+    for x, kept in zip(xs, results):
+        q = kept[-1]
+        assert all(a is None or torch.equal(a, b) for a, b in zip(kept, (*q.tensors(), q.cached_values)))
+        fresh = quantize_operand(x, operand, EngineState(mixprec.get_recipe("nvfp4"), None), "site", axis=-2,
+                                 values_dtype=values_dtype)
+        assert torch.equal(q.values(), fresh.values())
+        assert torch.count_nonzero(q.values()) > 0.9 * x.numel()

@@ -89,11 +89,16 @@ def _butterflies(v: torch.Tensor, n: int) -> torch.Tensor:
     return v
 
 
-def hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, seed: int = 0) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, seed: int = 0,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """``H D v`` for every group ``v`` of ``n`` consecutive elements along ``axis`` (float32,
     x's shape): orthonormal, with random signs from ``seed``. A dimension that is not a
-    multiple of ``n`` is refused (pad with zeros)."""
-    return _transform(x, n, axis, seed, inverse=False)
+    multiple of ``n`` is refused (pad with zeros). The result is a view of a contiguous
+    float32 tensor holding x with ``axis`` moved last (the layout a quantizer along
+    ``axis`` reads); ``out``, a contiguous float32 tensor of that moved shape on x's device, is
+    that tensor where given (a caller's buffer kept across calls: a fresh one's pages
+    are faulted in anew each time, which cost more than the transform here)."""
+    return _transform(x, n, axis, seed, inverse=False, out=out)
 
 
 def inverse_hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, seed: int = 0) -> torch.Tensor:
@@ -102,7 +107,8 @@ def inverse_hadamard_transform(x: torch.Tensor, n: int = 16, axis: int = -1, see
     return _transform(x, n, axis, seed, inverse=True)
 
 
-def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> torch.Tensor:
+def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("the Hadamard transform takes a floating-point torch.Tensor")
     if x.dim() == 0:
@@ -120,13 +126,18 @@ def _transform(x: torch.Tensor, n: int, axis: int, seed: int, inverse: bool) -> 
     axis %= x.dim()
     pre, post = _multipliers(n, seed, inverse, x.device)
     moved_shape = (*x.shape[:axis], *x.shape[axis + 1:], size)
+    if out is not None and (tuple(out.shape) != moved_shape or out.dtype != torch.float32
+                            or out.device != x.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {moved_shape} (x with axis {axis} "
+                         f"moved last) on {x.device}, not {out.dtype} {tuple(out.shape)} on {out.device}")
     if n == 16 and native_rounds(x):
         # the transposing copy, the widening and the rotation in one native pass
-        rotated = torch.empty(moved_shape, dtype=torch.float32)
+        rotated = torch.empty(moved_shape, dtype=torch.float32) if out is None else out
         native.hadamard16(x.detach(), axis, pre, post, rotated, serial_threads(x.numel()))
     else:
         # contiguous float32, in one pass, so that the groups are the rows of one 2-D tensor
         moved = move_last(x.detach(), axis, torch.float32)
         rotated = _butterflies(moved.reshape(-1, n) * pre, n)
         rotated = (rotated if post is None else rotated * post).reshape(moved_shape)
+        rotated = rotated if out is None else out.copy_(rotated)
     return rotated.movedim(-1, axis)
