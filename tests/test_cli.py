@@ -85,6 +85,8 @@ def test_bench_step_times_the_mlp_against_torchao_and_says_whether_bf16_is_nativ
                  "--configs", "fp32,autocast-bf16,torchao-float8,bf16,fp8-hybrid", "--json", str(path))
     assert result.returncode == 0, result.stderr
     assert "native BF16 dot products on this CPU: " in result.stdout
+    # timed with glibc's malloc keeping freed memory (mixprec.bench.timing.keep_freed_memory)
+    assert "malloc=keeps freed memory" in " ".join(result.stdout.split())
     rows = json.loads(path.read_text())
     configs = [row["config"] for row in rows]
     expected = ["fp32", "autocast-bf16", "torchao-float8", "bf16", "fp8-hybrid"]

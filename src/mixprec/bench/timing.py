@@ -3,6 +3,8 @@ that decide CPU timings."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import random
 import statistics
@@ -11,7 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["median_seconds", "interleaved_medians", "thread_settings"]
+__all__ = ["median_seconds", "interleaved_medians", "thread_settings", "keep_freed_memory"]
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit machines
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
@@ -72,3 +79,27 @@ def thread_settings() -> dict[str, str]:
         "cpu count": str(os.cpu_count()),
         "torch": torch.__version__,
     }
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep what the process frees for its next allocations: no
+    trimming of the heap, and no fresh mapping for any block under 32 MiB. By default a
+    training step's freed tensors go back to the system and the next step's are faulted
+    in page by page, zeroed: on the quick Transformer 3-15 thousand faults a step, whose
+    number changed from run to run by 2x and whose cost (2.6 us each here) grew with a
+    configuration's temporaries, so that it blurred the ratios to FP32. Process-wide:
+    the command line calls it for its timed runs (every configuration alike, FP32
+    included); the library never does. A user's own loop gains from the same setting
+    (``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` in the environment, or a
+    caching allocator such as jemalloc). Returns whether it applied (glibc only)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # the mmap threshold first: setting it (or the trim threshold) ends glibc's own
+    # adjustment of both
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -129,6 +129,16 @@ def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:  # type: 
         "(histograms, underflow and overflow, loss-scale and format advice)"))
 
 
+def _timing_settings() -> dict[str, str]:
+    """Prepare this process for timed runs (:func:`mixprec.bench.timing.keep_freed_memory`)
+    and return the settings that decide its timings, for display."""
+    from mixprec.bench.timing import keep_freed_memory, thread_settings
+
+    settings = thread_settings()
+    settings["malloc"] = "keeps freed memory" if keep_freed_memory() else "default"
+    return settings
+
+
 def _step_configs() -> tuple[str, ...]:
     from mixprec.bench.step_speed import CONFIGS
 
@@ -137,7 +147,6 @@ def _step_configs() -> tuple[str, ...]:
 
 def _bench_step(args: argparse.Namespace, console: Console) -> int:
     from mixprec.bench.step_speed import MODELS, TORCHAO_FLOAT8, is_config, run_step_bench, torchao_float8_available
-    from mixprec.bench.timing import thread_settings
     from mixprec.nn.kernels import native_bf16
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -147,7 +156,7 @@ def _bench_step(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]unknown models or configurations {unknown}, or a bad --repeats/--batch-scale; "
                       f"models: {', '.join(MODELS)}; configurations: {', '.join(_step_configs())}[/red]")
         return 2
-    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in thread_settings().items()))
+    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in _timing_settings().items()))
     console.print(f"native BF16 dot products on this CPU: {'yes' if native_bf16('cpu') else 'no'} "
                   f"(mixprec GEMM kernels: {args.gemm_kernels})")
     missing = torchao_float8_available()
@@ -197,14 +206,13 @@ def _formats_command(console: Console) -> int:
 
 def _bench_quantize(args: argparse.Namespace, console: Console) -> int:
     from mixprec.bench.quantize_speed import range_shares, bench_input, run_quantize_bench
-    from mixprec.bench.timing import thread_settings
     from mixprec.core.kernels import current_backend
 
     if args.numel < 1 or args.repeats < 1:
         console.print("[red]--numel and --repeats must be >= 1[/red]")
         return 2
     names = [name.strip() for name in args.formats.split(",") if name.strip()]
-    settings = thread_settings()
+    settings = _timing_settings()
     settings["kernel backend"] = current_backend()
     console.print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if settings["OMP_WAIT_POLICY"].startswith("(unset"):
@@ -253,6 +261,8 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     from mixprec.experiments.report import summary_rows
     from mixprec.experiments.runner import MODELS
 
+    # its step times are compared across recipes: the process set up as for the benchmarks
+    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in _timing_settings().items()))
     plan = None
     if args.resume is None:
         models = MODELS if args.model == "all" else tuple(m.strip() for m in args.model.split(","))
