@@ -190,3 +190,30 @@ def test_hadamard_rotations_reuse_one_buffer_without_touching_earlier_results(
                                  values_dtype=values_dtype)
         assert torch.equal(q.values(), fresh.values())
         assert torch.count_nonzero(q.values()) > 0.9 * x.numel()
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_fresh_float32_result_rounds_to_a_16_bit_format_in_place(name: str) -> None:
+    """A GEMM's fresh float32 result wanted as float32 values of a BF16/FP16 format (a
+    weight's gradient) is rounded in place, in one pass: the same bits as torch's cast
+    there and back, on random bit patterns with NaN, Inf, overflow, ties and
+    subnormals; anything else still gets the cast."""
+    operand = Operand(name)
+    dtype = operand.fmt.torch_dtype
+    state = EngineState(mixprec.get_recipe("nvfp4"), None)
+    generator = torch.Generator().manual_seed(5)
+    bits = torch.randint(-(2**31), 2**31 - 1, (4096,), generator=generator, dtype=torch.int32)
+    x = bits.view(torch.float32).clone()
+    x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, 65520.0, 1.0 + 2.0**-8])
+    x[6:12] = torch.tensor([2.0**-130, -(2.0**-149), 2.0**-25, 0.0, -0.0, 1.0 + 3 * 2.0**-9])
+    expected = x.to(dtype).float()
+    fresh = x.clone()
+    q = quantize_operand(fresh, operand, state, "site", in_place=True, values_dtype=torch.float32,
+                         keep_storage=False)
+    assert q.storage.data_ptr() == fresh.data_ptr() and q.values_as(torch.float32).data_ptr() == fresh.data_ptr()
+    nan = expected.isnan()
+    assert torch.equal(fresh.isnan(), nan)
+    assert torch.equal(fresh[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+    assert not torch.equal(x[~nan], expected[~nan])  # the rounding did something
+    kept = quantize_operand(x, operand, state, "site")  # not in place: the cast, x untouched
+    assert kept.storage.dtype == dtype and torch.equal(kept.storage.view(torch.int16), x.to(dtype).view(torch.int16))

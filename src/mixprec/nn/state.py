@@ -409,6 +409,12 @@ def quantize_operand(
             and fmt.torch_dtype in (torch.float16, torch.bfloat16)):
         # torch's cast rounds to FP16/BF16 exactly as quantize does (tests/core check every
         # FP16 value and random bit patterns): one pass, the float32 copy only if asked
+        if (in_place and keep_storage is False and values_dtype == torch.float32 and x.dtype == torch.float32
+                and x.is_contiguous()):
+            # a fresh float32 result wanted as float32 values (a weight's gradient): rounded
+            # onto the grid in place, one pass for the two of a cast there and back
+            values = quantize(x.detach(), fmt, out=x.detach())
+            return Quantized(values, None, operand, values)
         return Quantized(x.detach().to(fmt.torch_dtype), None, operand)
     fp8 = fmt.torch_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     history = None
