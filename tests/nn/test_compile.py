@@ -24,9 +24,10 @@ from mixprec.recipe import RECIPES as NAMED, Gemm, Operand, TensorScaling
 RECIPES = ["fp8", "fp8-hybrid", "nvfp4"]
 
 
-def _model() -> nn.Module:
+def _model(layer_norm: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4))
+    middle = nn.LayerNorm(32) if layer_norm else nn.Linear(32, 32)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), middle, nn.Linear(32, 4))
 
 
 class _Attention(nn.Module):
@@ -72,7 +73,7 @@ def _train(base: nn.Module, recipe: str | mixprec.Recipe, compiled: bool, steps:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_compiled_model_trains_to_eager_losses_without_graph_breaks(recipe: str) -> None:
     torch._dynamo.reset()
-    base = _model()
+    base = _model(layer_norm=False)
     eager, _ = _train(base, recipe, compiled=False)
     # inductor keeps FP32 between fused 16-bit point-wise ops unless told to round as
     # eager does; with that, the same roundings and random keys give the same bits
@@ -81,6 +82,17 @@ def test_compiled_model_trains_to_eager_losses_without_graph_breaks(recipe: str)
     assert compiled == eager
     if recipe == "fp8-hybrid":
         assert breaks[0] > 0  # the first call creates the amax histories eagerly
+    assert breaks[1:] == [0] * (len(breaks) - 1)
+    # a LayerNorm's statistics are FP32 sums in an order of inductor's choosing, not
+    # eager's: on some CPUs (a Zen 4 here, fp8-hybrid's BF16 LayerNorm) that moves a
+    # BF16 rounding by a step, and the losses agree to FP32 noise instead of bit for bit
+    torch._dynamo.reset()
+    base = _model()
+    eager, _ = _train(base, recipe, compiled=False)
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        compiled, breaks = _train(base, recipe, compiled=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+    assert compiled[0] == eager[0]
     assert breaks[1:] == [0] * (len(breaks) - 1)
 
 

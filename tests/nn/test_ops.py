@@ -188,10 +188,9 @@ def test_recurrences_compute_what_torch_computes(kind: type[nn.Module]) -> None:
     assert out.dtype == torch.bfloat16 and on_grid(out, "bf16")
     assert float((out.float() - theirs).abs().max()) < 0.05
     out.float().sum().backward()
-    # the input weights' gradient is one GEMM over all steps, rounded once; the recurrent
-    # weights' gradient sums each step's rounded product in FP32 (see ops.lstm)
-    assert all(p.grad is not None for p in rnn.parameters())
-    assert on_grid(rnn.weight_ih_l0.grad, "bf16") and on_grid(rnn.weight_ih_l1.grad, "bf16")
+    # each weight's gradient is one GEMM over all steps, rounded once (tests/nn/test_recurrences.py
+    # checks the values against a float64 reference)
+    assert all(p.grad is not None and on_grid(p.grad, "bf16") for p in rnn.parameters())
 
 
 @pytest.mark.parametrize("train", [True, False])

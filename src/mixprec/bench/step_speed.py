@@ -1,7 +1,7 @@
 """``mixprec bench step``: one training step of a ResNet-style CNN, a Transformer (GPT)
 block and an MLP (4 x Linear(1024), batch 512), and on request the quick-budget
-Transformer of ``mixprec compare`` (``quick-transformer``: its character GPT, sizes and
-AdamW, on random tokens), under FP32 eager, torch.autocast (bf16,
+models of ``mixprec compare`` (``quick-cnn``, ``quick-lstm``, ``quick-transformer``:
+their builders, sizes, optimizers and clipping, on random data), under FP32 eager, torch.autocast (bf16,
 fp16), torchao's float8 training emulation (an optional peer, where torchao imports) and
 every mixprec recipe, in one run with interleaved rounds: median step time, its ratio to
 FP32, and the bytes of parameters, optimizer state (master weights included) and
@@ -23,7 +23,7 @@ from torch import nn
 
 from mixprec.bench.timing import median_seconds
 from mixprec.experiments.steps import optimizer_step
-from mixprec.experiments.models import CharGPT, TransformerBlock, resnet_style_cnn
+from mixprec.experiments.models import CharGPT, CharLSTM, TransformerBlock, resnet_style_cnn
 from mixprec.experiments.runner import BUDGETS
 from mixprec.stats.memory import SavedBytesCounter
 from mixprec.recipe import RECIPES
@@ -41,11 +41,16 @@ with ``emulate=True``: its FP8 GEMMs emulated in high precision, as on a CPU."""
 CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", TORCHAO_FLOAT8, *[name for name in RECIPES if name != "fp32"])
 DEFAULT_MODELS = ("cnn", "transformer", "mlp")
 """The models a plain ``mixprec bench step`` times."""
-MODELS = (*DEFAULT_MODELS, "quick-transformer")
-"""Every model it can time: the defaults and the quick-budget ``compare`` Transformer
-(small and overhead-bound; issue 12 holds it to 1.5x FP32's step)."""
+MODELS = (*DEFAULT_MODELS, "quick-cnn", "quick-lstm", "quick-transformer")
+"""Every model it can time: the defaults and the quick-budget ``compare`` models with one
+network (the CNN, the character LSTM and Transformer: compare's builders, sizes,
+optimizers and gradient clipping, on random data; small and overhead-bound, issue 12
+holds them to 1.5x FP32's step)."""
 _QUICK_TRANSFORMER = BUDGETS["quick"]["transformer"]
+_QUICK_LSTM = BUDGETS["quick"]["lstm"]
+_QUICK_CNN = BUDGETS["quick"]["cnn"]
 _QUICK_VOCABULARY = 63  # the KJV corpus's characters, which compare trains it on
+_CLIP = {"quick-lstm": 1.0, "quick-transformer": 1.0}  # compare clips the language models' gradients
 COMPILED = "+compile"
 """A configuration's name with this suffix (``fp8-hybrid+compile``) runs its model under
 ``torch.compile`` (forward and backward; the optimizer step stays eager), with
@@ -123,6 +128,14 @@ def quick_transformer() -> nn.Module:
     return CharGPT(_QUICK_VOCABULARY, width=budget.width, layers=budget.layers, context=budget.sequence)
 
 
+def _quick_lstm() -> nn.Module:
+    return CharLSTM(_QUICK_VOCABULARY, hidden=_QUICK_LSTM.width, layers=_QUICK_LSTM.layers)
+
+
+def _quick_cnn() -> nn.Module:
+    return resnet_style_cnn(width=_QUICK_CNN.width, stem_stride=2)
+
+
 _Optimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -134,14 +147,29 @@ def _quick_adamw(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=_QUICK_TRANSFORMER.lr)  # compare's optimizer for it
 
 
+def _quick_lstm_adamw(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=_QUICK_LSTM.lr)
+
+
+def _quick_adam(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(parameters, lr=_QUICK_CNN.lr)
+
+
 def _workload(name: str, batch_scale: float
               ) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor, _Optimizer]:
     """A model's builder, input, target and optimizer."""
     generator = torch.Generator().manual_seed(0)
-    if name == "quick-transformer":
-        batch, sequence = max(2, int(_QUICK_TRANSFORMER.batch * batch_scale)), _QUICK_TRANSFORMER.sequence
+    if name in ("quick-transformer", "quick-lstm"):
+        budget = _QUICK_TRANSFORMER if name == "quick-transformer" else _QUICK_LSTM
+        batch, sequence = max(2, int(budget.batch * batch_scale)), budget.sequence
         tokens = torch.randint(0, _QUICK_VOCABULARY, (batch, sequence + 1), generator=generator)
+        if name == "quick-lstm":
+            return _quick_lstm, tokens[:, :-1], tokens[:, 1:], _quick_lstm_adamw
         return quick_transformer, tokens[:, :-1], tokens[:, 1:], _quick_adamw
+    if name == "quick-cnn":
+        batch = max(2, int(_QUICK_CNN.batch * batch_scale))
+        images = torch.rand(batch, 1, 28, 28, generator=generator) * 2 - 1  # compare maps [0, 1] to [-1, 1]
+        return _quick_cnn, images, torch.randint(0, 10, (batch,), generator=generator), _quick_adam
     if name == "cnn":
         batch = max(2, int(128 * batch_scale))
         x = torch.randn(batch, 1, 28, 28, generator=generator)
@@ -172,6 +200,7 @@ class _Run:
     """One model under one configuration, built and ready to step."""
 
     def __init__(self, model_name: str, config: str, batch_scale: float, kernels: KernelMode = "auto") -> None:
+        self.clip = _CLIP.get(model_name)
         self.compiled = config.endswith(COMPILED)
         config = config.removesuffix(COMPILED)
         build, self.x, self.y, make_optimizer = _workload(model_name, batch_scale)
@@ -204,9 +233,11 @@ class _Run:
     def step(self) -> None:
         loss = self.loss()
         if self.wrapped is not None:
-            optimizer_step(self.wrapped, loss)  # the step compare, analyze and train take
+            optimizer_step(self.wrapped, loss, clip=self.clip)  # the step compare, analyze and train take
         else:
             loss.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             self.optimizer.step()
             self.optimizer.zero_grad()
 

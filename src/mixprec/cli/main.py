@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
     step.add_argument("--repeats", type=int, default=3, help="timed rounds; the median counts (default: %(default)s)")
     step.add_argument("--models", default="cnn,transformer,mlp",
-                      help="comma-separated: cnn, transformer, mlp, quick-transformer (compare's quick-budget "
-                      "Transformer, with AdamW) (default: %(default)s)")
+                      help="comma-separated: cnn, transformer, mlp, quick-cnn, quick-lstm, quick-transformer "
+                      "(compare's quick-budget models, with its optimizers) (default: %(default)s)")
     step.add_argument("--configs", default=",".join(_step_configs()),
                       help="comma-separated configurations (default: all); a name ending in +compile "
                       "(fp8-hybrid+compile) runs that configuration's model under torch.compile")

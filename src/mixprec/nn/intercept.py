@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mixprec.nn import ops
+from mixprec.nn import ops, recurrences
 from mixprec.nn.state import CallRecord, EngineState
 
 __all__ = ["EmulationMode", "GEMM_FUNCTIONS", "FP32_FUNCTIONS", "UnsupportedOpError"]
@@ -136,8 +136,8 @@ def _lstm(state: EngineState, *args: Any) -> Any:
         raise UnsupportedOpError("mixprec does not emulate nn.LSTM on packed sequences; pad the batch, or keep "
                                  "the LSTM in high precision (KeepHighPrecision(module_types=(nn.LSTM,)))")
     x, hx, weights, has_bias, layers, dropout, training, bidirectional, batch_first = args
-    return ops.lstm(state, x, tuple(hx), list(weights), has_bias, layers, dropout, training, bidirectional,
-                    batch_first)
+    return recurrences.lstm(state, x, tuple(hx), list(weights), has_bias, layers, dropout, training, bidirectional,
+                            batch_first)
 
 
 def _gru(state: EngineState, *args: Any) -> Any:
@@ -145,7 +145,7 @@ def _gru(state: EngineState, *args: Any) -> Any:
         raise UnsupportedOpError("mixprec does not emulate nn.GRU on packed sequences; pad the batch, or keep "
                                  "the GRU in high precision (KeepHighPrecision(module_types=(nn.GRU,)))")
     x, hx, weights, has_bias, layers, dropout, training, bidirectional, batch_first = args
-    return ops.gru(state, x, hx, list(weights), has_bias, layers, dropout, training, bidirectional, batch_first)
+    return recurrences.gru(state, x, hx, list(weights), has_bias, layers, dropout, training, bidirectional, batch_first)
 
 
 def _multi_head_attention(state: EngineState, query, key, value, embed_dim_to_check, num_heads, in_proj_weight,  # type: ignore[no-untyped-def]

@@ -1,6 +1,6 @@
 """The emulated GEMM family as autograd functions: matrix products (linear, addmm, mm,
-bmm, matmul), convolutions and embedding, and attention and the LSTM/GRU recurrences
-built from them.
+bmm, matmul), convolutions and embedding, and attention built from them (the LSTM/GRU
+recurrences: :mod:`mixprec.nn.recurrences`).
 
 Every product follows one rule: each operand is rounded to its format (per the recipe's
 forward, dgrad or wgrad GEMM, by its role: a Parameter is a weight), the exact products
@@ -34,7 +34,7 @@ from mixprec.nn.kernels import GemmPath, KernelPolicy
 from mixprec.nn.state import CallRecord, EngineState, Quantized, block_axis_key, quantize_operand, result_dtype
 from mixprec.recipe import Operand, Recipe
 
-__all__ = ["gemm", "convolution", "embedding", "scaled_dot_product_attention", "lstm", "gru", "batch_norm"]
+__all__ = ["gemm", "forward_product", "convolution", "embedding", "scaled_dot_product_attention", "batch_norm"]
 
 
 # the operand dtype of each 16-bit GEMM path (the others take float32)
@@ -309,6 +309,23 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t if t.shape == shape else t.sum_to_size(shape)
 
 
+def forward_product(call: _Call, path: GemmPath, qa: Quantized, qb: Quantized, bias: torch.Tensor | None,
+                    transpose_b: bool, right: torch.Tensor | None = None) -> torch.Tensor:
+    """The FP32 sum (or a BF16 kernel's once-rounded result) of a forward GEMM
+    ``qa @ op(qb) + bias`` on kernel ``path``, before the result's rounding; ``right``
+    is qb's values already decoded for ``path`` (a weight used at every step of a
+    recurrence is decoded once)."""
+    y = kernels.scaled_mm(qa, qb, call.policy, transpose_right=transpose_b) if path == "fp32" else None
+    if y is not None:  # FP8 tensor cores (CUDA): FP32 out, bias and one rounding after
+        return y if bias is None else y.add_(bias.float())
+    right = _values(path, qb) if right is None else right
+    if path == "bf16" and bias is not None:
+        return kernels.linear_bf16(_values(path, qa), right if transpose_b else right.t(), bias)
+    right = right.transpose(-1, -2) if transpose_b else right
+    y = _scale_sum(kernels.matmul(_values(path, qa), right, path, call.policy), qa, qb)
+    return y if bias is None else y.add_(bias.float())
+
+
 class _Gemm(torch.autograd.Function):
     """``a @ op(b) + bias`` with torch.matmul's broadcasting; ``op`` transposes the
     last two dimensions of b when ``transpose_b`` (F.linear's weight)."""
@@ -326,19 +343,7 @@ class _Gemm(torch.autograd.Function):
         qa = _forward_operand(call, a, weights[0], "a", axis=-1, path=path)
         qb = _forward_operand(call, b, weights[1], "b", axis=b_axis, path=path)
         with _no_autocast():
-            y = kernels.scaled_mm(qa, qb, call.policy, transpose_right=transpose_b) if path == "fp32" else None
-            if y is not None:  # FP8 tensor cores (CUDA): FP32 out, bias and one rounding below
-                if bias is not None:
-                    y.add_(bias.float())
-            elif path == "bf16" and bias is not None:
-                right = _values(path, qb)
-                y = kernels.linear_bf16(_values(path, qa), right if transpose_b else right.t(), bias)
-            else:
-                right = _values(path, qb)
-                right = right.transpose(-1, -2) if transpose_b else right
-                y = _scale_sum(kernels.matmul(_values(path, qa), right, path, call.policy), qa, qb)
-                if bias is not None:
-                    y.add_(bias.float())
+            y = forward_product(call, path, qa, qb, bias, transpose_b)
         out = _finish(call, y, call.recipe.forward.result, "output")
         flatten = len(b.shape) == 2 and a.dim() > 2  # a weight under batched inputs: one wgrad GEMM
         ctx.call, ctx.transpose_b, ctx.weights, ctx.flatten = call, transpose_b, weights, flatten
@@ -792,79 +797,3 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: 
         with _no_autocast():
             return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
-
-
-# ---- recurrences ------------------------------------------------------------------------
-
-
-def _layer_weights(weights: list[torch.Tensor], layer: int, has_bias: bool) -> tuple[Any, ...]:
-    per_layer = 4 if has_bias else 2
-    chunk = weights[layer * per_layer:(layer + 1) * per_layer]
-    return tuple(chunk) if has_bias else (chunk[0], chunk[1], None, None)
-
-
-def _recurrence(state: EngineState, kind: str, x: torch.Tensor, hx: tuple[torch.Tensor, ...],
-                weights: list[torch.Tensor], has_bias: bool, num_layers: int, dropout: float, training: bool,
-                bidirectional: bool, batch_first: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    if bidirectional:
-        raise NotImplementedError(
-            f"mixprec emulates unidirectional nn.{kind.upper()} only; keep this module in high precision "
-            "with KeepHighPrecision(module_types=(nn.LSTM, nn.GRU)) or names=[...]")
-    if len(weights) != num_layers * (4 if has_bias else 2):
-        raise NotImplementedError(f"mixprec does not emulate nn.{kind.upper()} with proj_size; keep it in "
-                                  "high precision (KeepHighPrecision)")
-    sequence = x.transpose(0, 1) if batch_first else x
-    finals: list[list[torch.Tensor]] = [[] for _ in hx]
-    compute = result_dtype(state.recipe.forward.result, state.recipe.compute)
-    module = state.module_stack[-1] if state.module_stack else ""
-    for layer in range(num_layers):
-        w_ih, w_hh, b_ih, b_hh = _layer_weights(weights, layer, has_bias)
-        # unbind, not projected[step]: each indexing's backward would write a zero tensor
-        # of the whole sequence and autograd would add them all up (quadratic in its length)
-        projected = gemm(state, sequence, w_ih, b_ih, transpose_b=True, op=f"{kind}{layer}.ih").float().unbind(0)
-        h = hx[0][layer]
-        c = hx[1][layer] if kind == "lstm" else None
-        outputs = []
-        site = f"{module}:{kind}{layer}.hh"
-        for step in range(len(projected)):
-            recurrent = gemm(state, h, w_hh, b_hh, transpose_b=True, op=f"{kind}.hh", site=site).float()
-            if kind == "lstm":
-                i, f, g, o = (projected[step] + recurrent).chunk(4, dim=-1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = (torch.sigmoid(o) * torch.tanh(c)).to(compute)
-            else:
-                xr, xz, xn = projected[step].chunk(3, dim=-1)
-                hr, hz, hn = recurrent.chunk(3, dim=-1)
-                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-                n = torch.tanh(xn + r * hn)
-                h = ((1 - z) * n + z * h.float()).to(compute)
-            outputs.append(h)
-        sequence = torch.stack(outputs)
-        if dropout and training and layer < num_layers - 1:
-            sequence = F.dropout(sequence, dropout)
-        finals[0].append(h)
-        if c is not None:
-            finals[1].append(c)
-    output = sequence.transpose(0, 1) if batch_first else sequence
-    return output, tuple(torch.stack(f).to(hx[0].dtype) for f in finals if f)
-
-
-def lstm(state: EngineState, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor],
-         has_bias: bool, num_layers: int, dropout: float, training: bool, bidirectional: bool,
-         batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.lstm`` (what nn.LSTM runs) with each layer's input projection one GEMM
-    over all time steps and the recurrent product one GEMM per step, both under the
-    recipe; the gates and cell state are point-wise FP32 (as fused RNN kernels keep
-    them), the hidden state is held in the recipe's result dtype."""
-    output, (h, c) = _recurrence(state, "lstm", x, hx, weights, has_bias, num_layers, dropout, training,
-                                 bidirectional, batch_first)
-    return output, h, c
-
-
-def gru(state: EngineState, x: torch.Tensor, hx: torch.Tensor, weights: list[torch.Tensor], has_bias: bool,
-        num_layers: int, dropout: float, training: bool, bidirectional: bool,
-        batch_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.gru`` (what nn.GRU runs), emulated as :func:`lstm` is."""
-    output, (h,) = _recurrence(state, "gru", x, (hx,), weights, has_bias, num_layers, dropout, training,
-                               bidirectional, batch_first)
-    return output, h

@@ -1,0 +1,298 @@
+"""The LSTM and GRU recurrences (``torch.lstm``/``torch.gru``, what nn.LSTM and nn.GRU
+run) under a recipe, shaped as fused RNN kernels (cuDNN's) run them:
+
+- each layer's input projection is one GEMM over all time steps (:func:`ops.gemm`);
+- the recurrent product ``h @ W_hh^T`` is one GEMM per step in forward (h rounded to
+  the forward's input format, the weight rounded once per step of the optimizer and
+  decoded once per layer, the result rounded once), and its error ``dG_t @ W_hh`` one
+  per step in backward (the error rounded to dgrad's format, the result once to
+  dgrad's result format);
+- the recurrent weight's gradient is one GEMM over all time steps after the backward
+  sweep, ``dG^T @ H`` with the T x B rows of every step's error and previous hidden
+  state, each rounded once as that GEMM's operands, accumulated in FP32 and rounded
+  once; the bias gradient is the FP32 sum of the same rounded errors, rounded once;
+- the gates, the cell state and their gradients are point-wise FP32, as fused kernels
+  keep them; the hidden state is held in the recipe's result dtype (the next step's
+  GEMM input), and its gradient is accumulated in FP32.
+
+A layer is one autograd Function (:class:`_Recurrence`), so a step adds no autograd
+nodes, and its backward writes the gates' gradients into one buffer that is at the same
+time the input projection's error. Stochastic roundings take a key per time step (the
+forward's key mixed with the step), so consecutive steps do not reuse one stream of
+random bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mixprec.nn import kernels
+from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result, _grad_result_operand,
+                            _kernel_dtype, _log, _no_autocast, _pad_dim, _path, _reserve_histories, _scale_sum,
+                            _values, _finish, _forward_path, forward_product, gemm)
+from mixprec.nn.state import EngineState, Quantized, _mix_key, quantize_operand, result_dtype
+
+__all__ = ["lstm", "gru"]
+
+_GATES = {"lstm": 4, "gru": 3}
+
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) as 2 sigmoid(2x) - 1 in FP32 (within 2**-23 of tanh, absolute): torch's CPU
+    tanh ran 5-13x slower than its sigmoid here (65 against 5 us on a 32 x 256 gate),
+    and the recurrences take three of them per step."""
+    return torch.mul(x, 2).sigmoid_().mul_(2).sub_(1)
+
+
+def _step_call(call: _Call, step: int) -> _Call:
+    """The call of time step ``step``: the layer's site and histories, and for
+    stochastic roundings a random key of its own."""
+    if call.forward_key is None:
+        return call
+    return _Call(call.state, call.site, call.recipe_for_call, _mix_key(call.forward_key, step + 1), call.policy)
+
+
+class _Recurrence(torch.autograd.Function):
+    """One unidirectional LSTM or GRU layer over a whole sequence (see the module
+    docstring): ``projected`` (T, B, gates x H) is the input projection in FP32,
+    ``h0``/``c0`` the initial states (``c0`` None for a GRU). Returns the hidden states
+    (T, B, H) in the compute dtype, the last hidden state and the last cell state."""
+
+    @staticmethod
+    def forward(ctx: Any, projected, h0, c0, w_hh, b_hh, call: _Call, kind: str,  # type: ignore[override]
+                compute: torch.dtype):
+        recipe, state = call.recipe, call.state
+        steps, hidden = projected.shape[0], h0.shape[-1]
+        path = _forward_path(call, projected.device, b_hh is not None)
+        # the weight rounded (once per optimizer step, cached by the state) and decoded once
+        # for all steps
+        qw = call.state.weight(w_hh, recipe.forward.right, f"{call.site}.b", axis=-1,
+                               forward_key=call.forward_key, values_dtype=_kernel_dtype(path))
+        right = _values(path, qw)
+        lstm = kind == "lstm"
+        # LSTM: i, f, g, o activations; GRU: r, z, n and the recurrent product's n part
+        acts = projected.new_empty(steps, *projected.shape[1:-1], 4 * hidden)
+        outputs = projected.new_empty(steps, *h0.shape, dtype=compute)
+        cells = projected.new_empty(steps + 1, *h0.shape) if lstm else None
+        if cells is not None:
+            cells[0] = c0
+        h = h0
+        with _no_autocast():
+            for step in range(steps):
+                step_call = _step_call(call, step)
+                qh = quantize_operand(h, recipe.forward.left, state, f"{call.site}.a", axis=-1,
+                                      forward_key=step_call.forward_key, values_dtype=_kernel_dtype(path),
+                                      keep_storage=False)
+                y = forward_product(step_call, path, qh, qw, b_hh, True, right)
+                # the rounded result in its holding dtype, widened by the FP32 additions
+                recurrent = _finish(step_call, y, recipe.forward.result, "output")
+                gates = acts[step]
+                if lstm:
+                    torch.add(projected[step], recurrent, out=gates)
+                    i, f, g, o = gates.split(hidden, -1)
+                    g.mul_(2)
+                    gates.sigmoid_()
+                    g.mul_(2).sub_(1)  # tanh(x) = 2 sigmoid(2x) - 1
+                    c = torch.mul(f, cells[step], out=cells[step + 1])  # type: ignore[index]
+                    c.addcmul_(i, g)
+                    # h = o tanh(c), rounded once to the compute dtype by the output's cast
+                    h = torch.mul(o, _tanh(c), out=outputs[step])
+                else:
+                    states_h = h
+                    xr, xz, xn = projected[step].split(hidden, -1)
+                    hr, hz, hn = recurrent.split(hidden, -1)
+                    r, z, n, kept_hn = gates.split(hidden, -1)
+                    torch.sigmoid(xr + hr, out=r)
+                    torch.sigmoid(xz + hz, out=z)
+                    kept_hn.copy_(hn)
+                    torch.addcmul(xn, r, kept_hn, out=n)
+                    n.copy_(_tanh(n))
+                    h = outputs[step]
+                    h.copy_(torch.lerp(n, states_h.float(), z))  # (1 - z) n + z h
+            # the weight gradient's operands: every step's previous hidden state, as one
+            # (T x B, H) operand of one GEMM, contracted over its rows
+            previous = torch.cat([h0.to(compute).unsqueeze(0), outputs[:-1]]).reshape(-1, hidden)
+            saved_h = (quantize_operand(previous, recipe.wgrad.right, state, f"{call.site}.a.backward", axis=-2,
+                                        forward_key=call.forward_key).drop_values()
+                       if ctx.needs_input_grad[3] else None)
+            saved_w = _backward_copy(call, w_hh, True, qw, "b", -1, -2) if any(ctx.needs_input_grad[:5]) else None
+        ctx.call, ctx.kind, ctx.path = call, kind, path
+        ctx.dtypes = (h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype, None if b_hh is None else b_hh.dtype)
+        operands = [saved_h, saved_w]
+        tensors: list[torch.Tensor | None] = []
+        for q in operands:
+            tensors += [None, None, None] if q is None else list(q.tensors())
+        ctx.operand_specs = [None if q is None else (q.operand, q.layout) for q in operands]
+        # a GRU's backward needs the previous hidden states themselves
+        ctx.save_for_backward(*tensors, acts, cells if lstm else torch.cat([h0.to(compute).unsqueeze(0), outputs]))
+        last_c = None if cells is None else cells[-1].clone()
+        return outputs, outputs[-1].clone(), last_c
+
+    @staticmethod
+    def backward(ctx: Any, grad_outputs, grad_h, grad_c):  # type: ignore[override]
+        call: _Call = ctx.call
+        recipe = call.recipe
+        saved = ctx.saved_tensors
+        saved_h, saved_w = [None if spec is None else
+                            Quantized(saved[3 * i], saved[3 * i + 1], spec[0], None, saved[3 * i + 2], spec[1])
+                            for i, spec in enumerate(ctx.operand_specs)]
+        acts, states = saved[6], saved[7]
+        lstm = ctx.kind == "lstm"
+        steps, hidden = acts.shape[0], acts.shape[-1] // 4
+        gates = _GATES[ctx.kind] * hidden
+        need_proj, need_h0, need_c0, need_w, need_b = ctx.needs_input_grad[:5]
+        # the input projection's error, which is also the recurrent product's for an
+        # LSTM; a GRU's recurrent error differs in its n part
+        grad_projected = acts.new_empty(*acts.shape[:-1], gates)
+        grad_recurrent = grad_projected if lstm else acts.new_empty(*acts.shape[:-1], gates)
+        dgrad_path = _path(call, _grad_result_operand(call, False), recipe.dgrad.left, saved_w)
+        w_values = _values(dgrad_path, saved_w)  # (gates, H): the error times it gives dh
+        with _no_autocast():
+            if lstm:
+                i, f, g, o = acts.split(hidden, -1)
+                cell_tanh = _tanh(states[1:])
+                # d(activation)/d(pre-activation): sigmoid's y(1-y), tanh's 1-y^2
+                slopes = acts * (1 - acts)
+                slopes[..., 2 * hidden:3 * hidden] = 1 - g * g
+                out_slope = o * (1 - cell_tanh * cell_tanh)  # dc/dh through h = o tanh(c)
+                dc = grad_c.float().clone() if grad_c is not None else acts.new_zeros(acts.shape[1:-1] + (hidden,))
+            dh = grad_h.float().clone()
+            for step in reversed(range(steps)):
+                dh += grad_outputs[step].float()
+                if lstm:
+                    d_act = grad_projected[step]
+                    di, df, dg, do = d_act.split(hidden, -1)
+                    dc.addcmul_(dh, out_slope[step])
+                    torch.mul(dh, cell_tanh[step], out=do)
+                    torch.mul(dc, g[step], out=di)
+                    torch.mul(dc, states[step], out=df)
+                    torch.mul(dc, i[step], out=dg)
+                    dc.mul_(f[step])
+                    d_act.mul_(slopes[step])
+                else:
+                    r, z, n, hn = acts[step].split(hidden, -1)
+                    dr, dz, dn = grad_projected[step].split(hidden, -1)
+                    previous = states[step].float()
+                    torch.mul(dh, 1 - z, out=dn)
+                    dn.mul_(1 - n * n)
+                    torch.mul(dh, previous - n, out=dz)
+                    dz.mul_(z * (1 - z))
+                    torch.mul(dn, hn, out=dr)
+                    dr.mul_(r * (1 - r))
+                    grad_recurrent[step, ..., :2 * hidden] = grad_projected[step, ..., :2 * hidden]
+                    torch.mul(dn, r, out=grad_recurrent[step, ..., 2 * hidden:])
+                    dh = dh * z
+                if step == 0 and not need_h0:
+                    break
+                step_call = _step_call(call, step)
+                (error,) = _grad_operands(step_call, grad_recurrent[step], (False,), (-1,))
+                product = _scale_sum(kernels.matmul(_values(dgrad_path, error), w_values, dgrad_path, call.policy),
+                                     error, saved_w)
+                previous_grad = _grad_result(step_call, product, False, torch.float32)
+                dh = previous_grad if lstm else dh + previous_grad
+            grad_w = grad_b = None
+            if need_w or need_b:
+                grad_w, grad_b = _weight_gradients(call, grad_recurrent.reshape(-1, gates), saved_h, need_w,
+                                                   need_b, ctx.dtypes[2:])
+        grad_h0 = dh.to(ctx.dtypes[0]) if need_h0 else None
+        grad_c0 = dc.to(ctx.dtypes[1]) if lstm and need_c0 else None
+        return (grad_projected if need_proj else None), grad_h0, grad_c0, grad_w, grad_b, None, None, None
+
+
+def _weight_gradients(call: _Call, errors: torch.Tensor, saved_h: Quantized | None, need_w: bool, need_b: bool,
+                      dtypes: tuple[torch.dtype | None, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The recurrent weight's and bias's gradients from all steps' errors (T x B rows):
+    one GEMM ``errors^T @ H`` and one FP32 sum, each rounded once."""
+    recipe = call.recipe
+    blocks = recipe.wgrad.has_blocks
+    (rounded,) = _grad_operands(call, errors, (True,), (-2,))
+    grad_w = grad_b = None
+    if need_w:
+        assert saved_h is not None
+        path = _path(call, recipe.wgrad.result, rounded, saved_h)
+        product = (kernels.scaled_mm(rounded, saved_h, call.policy, transpose_left=True)
+                   if path == "fp32" and not blocks else None)  # FP8 tensor cores (CUDA)
+        if product is None:
+            g, left = _values(path, rounded), _values(path, saved_h)
+            rows = max(left.shape[-2], g.shape[-2])  # Hadamard-padded rows: pad the other with zeros
+            left, g = _pad_dim(left, -2, rows), _pad_dim(g, -2, rows)
+            product = _scale_sum(kernels.matmul(g.t(), left, path, call.policy), rounded, saved_h)
+        grad_w = _grad_result(call, product.contiguous(), True, dtypes[0])  # type: ignore[arg-type]
+    if need_b:
+        # block recipes: summed from the high-precision error, as Transformer Engine's dbias
+        g = errors if blocks else rounded.values()
+        grad_b = _grad_result(call, g.sum(0, dtype=torch.float32), True, dtypes[1])  # type: ignore[arg-type]
+    return grad_w, grad_b
+
+
+def _layer_weights(weights: list[torch.Tensor], layer: int, has_bias: bool) -> tuple[Any, ...]:
+    per_layer = 4 if has_bias else 2
+    chunk = weights[layer * per_layer:(layer + 1) * per_layer]
+    return tuple(chunk) if has_bias else (chunk[0], chunk[1], None, None)
+
+
+def _recurrent_layer(state: EngineState, kind: str, layer: int, projected: torch.Tensor, h0: torch.Tensor,
+                     c0: torch.Tensor | None, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
+                     compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    module = state.module_stack[-1] if state.module_stack else ""
+    call = _Call(state, f"{module}:{kind}{layer}.hh")
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (projected, h0, c0, w_hh, b_hh))
+    if state.log is not None:
+        steps, batch = projected.shape[0], h0.numel() // h0.shape[-1]
+        flops = 2.0 * steps * batch * w_hh.shape[0] * w_hh.shape[1]
+        _log(state, call.site, f"{kind}.hh", flops, (h0, w_hh), grads, grads and w_hh.requires_grad,
+             recipe=call.recipe)
+    _reserve_histories(call, projected.device, {"a": False, "b": True}, ("b",) * grads,
+                       (False, True) if grads else (),
+                       {f"{call.site}.a.backward": (call.recipe.wgrad.right,)} if grads else None)
+    return _Recurrence.apply(projected, h0, c0, w_hh, b_hh, call, kind, compute)
+
+
+def _recurrence(state: EngineState, kind: str, x: torch.Tensor, hx: tuple[torch.Tensor, ...],
+                weights: list[torch.Tensor], has_bias: bool, num_layers: int, dropout: float, training: bool,
+                bidirectional: bool, batch_first: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    if bidirectional:
+        raise NotImplementedError(
+            f"mixprec emulates unidirectional nn.{kind.upper()} only; keep this module in high precision "
+            "with KeepHighPrecision(module_types=(nn.LSTM, nn.GRU)) or names=[...]")
+    if len(weights) != num_layers * (4 if has_bias else 2):
+        raise NotImplementedError(f"mixprec does not emulate nn.{kind.upper()} with proj_size; keep it in "
+                                  "high precision (KeepHighPrecision)")
+    sequence = x.transpose(0, 1) if batch_first else x
+    finals: list[list[torch.Tensor]] = [[] for _ in hx]
+    compute = result_dtype(state.recipe.forward.result, state.recipe.compute)
+    for layer in range(num_layers):
+        w_ih, w_hh, b_ih, b_hh = _layer_weights(weights, layer, has_bias)
+        projected = gemm(state, sequence, w_ih, b_ih, transpose_b=True, op=f"{kind}{layer}.ih").float()
+        c0 = hx[1][layer] if kind == "lstm" else None
+        sequence, h, c = _recurrent_layer(state, kind, layer, projected, hx[0][layer], c0, w_hh, b_hh, compute)
+        if dropout and training and layer < num_layers - 1:
+            sequence = F.dropout(sequence, dropout)
+        finals[0].append(h)
+        if c is not None:
+            finals[1].append(c)
+    output = sequence.transpose(0, 1) if batch_first else sequence
+    return output, tuple(torch.stack(f).to(hx[0].dtype) for f in finals if f)
+
+
+def lstm(state: EngineState, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor],
+         has_bias: bool, num_layers: int, dropout: float, training: bool, bidirectional: bool,
+         batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.lstm`` (what nn.LSTM runs) under the state's recipe, as the module
+    docstring describes."""
+    output, (h, c) = _recurrence(state, "lstm", x, hx, weights, has_bias, num_layers, dropout, training,
+                                 bidirectional, batch_first)
+    return output, h, c
+
+
+def gru(state: EngineState, x: torch.Tensor, hx: torch.Tensor, weights: list[torch.Tensor], has_bias: bool,
+        num_layers: int, dropout: float, training: bool, bidirectional: bool,
+        batch_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.gru`` (what nn.GRU runs), emulated as :func:`lstm` is."""
+    output, (h,) = _recurrence(state, "gru", x, (hx,), weights, has_bias, num_layers, dropout, training,
+                               bidirectional, batch_first)
+    return output, h
