@@ -182,3 +182,25 @@ def test_stochastic_rounding_takes_a_key_per_time_step() -> None:
     plain = mixprec.convert(nn.Sequential(nn.LSTM(4, 8)), "bf16")
     plain_call = _Call(engine_state(plain), "lstm0.hh")
     assert recurrences._step_call(plain_call, 2) is plain_call
+
+
+def test_delayed_scaling_takes_one_scale_and_one_amax_per_sequence() -> None:
+    """Under delayed scaling (fp8-hybrid) the hidden states of every step share one
+    scale from earlier iterations, and the iteration records one amax, the sequence's
+    largest: the history counts iterations, not time steps. The errors likewise, once
+    for dgrad and wgrad together."""
+    torch.manual_seed(0)
+    model = mixprec.convert(nn.Sequential(nn.LSTM(6, 16)), "fp8-hybrid")
+    state = engine_state(model)
+    x = torch.randn(20, 3, 6)
+    for iteration in (1, 2):
+        out, _ = model(x)
+        out.float().square().sum().backward()
+        inputs = state.histories["0:lstm0.hh.a"]
+        errors = state.histories["0:lstm0.hh.grad_output"]
+        assert int(inputs.count) == int(errors.count) == iteration
+    # the recorded amax is that of the GEMM inputs of the last iteration: the initial
+    # state (zeros) and every hidden state but the last
+    expected = out[:-1].float().abs().max()
+    assert float(inputs.amax[1]) == float(expected)
+    assert float(inputs.amax[0]) > 0 and float(errors.amax[1]) > 0

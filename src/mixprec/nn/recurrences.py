@@ -33,7 +33,10 @@ from mixprec.nn import kernels
 from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result, _grad_result_operand,
                             _kernel_dtype, _log, _no_autocast, _pad_dim, _path, _reserve_histories, _scale_sum,
                             _values, _finish, _forward_path, forward_product, gemm)
+from mixprec.core.quantize import abs_max
 from mixprec.nn.state import EngineState, Quantized, _mix_key, quantize_operand, result_dtype
+from mixprec.recipe import Operand
+from mixprec.scaling import AmaxHistory
 
 __all__ = ["lstm", "gru"]
 
@@ -45,6 +48,31 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
     tanh ran 5-13x slower than its sigmoid here (65 against 5 us on a 32 x 256 gate),
     and the recurrences take three of them per step."""
     return torch.mul(x, 2).sigmoid_().mul_(2).sub_(1)
+
+
+def _sequence_scale(call: _Call, operand: Operand, key: str, device: torch.device
+                    ) -> tuple[torch.Tensor | None, AmaxHistory | None]:
+    """For an operand under delayed scaling, rounded at every time step: one scale for
+    all steps, from the history of earlier iterations, and the history to record the
+    whole sequence's amax into once (None when this pass does not record), as delayed
+    scaling treats any other tensor of an iteration. (None, None) for other operands,
+    which :func:`quantize_operand` scales per step itself."""
+    scaling = operand.scaling
+    if scaling is None or scaling.mode != "delayed":
+        return None, None
+    state = call.state
+    state.reserve_history(key, operand, device)
+    history = state.histories[key]
+    scale = history.scale(operand.fmt, margin=scaling.margin, power_of_two=scaling.power_of_two)
+    return scale, history if state.recording else None
+
+
+def _record(call: _Call, history: AmaxHistory | None, x: torch.Tensor) -> None:
+    """Record ``x``'s amax (agreed over the ranks where the state reduces amaxes)."""
+    if history is None:
+        return
+    amax = abs_max(x)
+    history.record_amax(amax if call.state.amax_reduce is None else call.state.amax_reduce(amax))
 
 
 def _step_call(call: _Call, step: int) -> _Call:
@@ -80,10 +108,11 @@ class _Recurrence(torch.autograd.Function):
         if cells is not None:
             cells[0] = c0
         h = h0
+        h_scale, h_history = _sequence_scale(call, recipe.forward.left, f"{call.site}.a", projected.device)
         with _no_autocast():
             for step in range(steps):
                 step_call = _step_call(call, step)
-                qh = quantize_operand(h, recipe.forward.left, state, f"{call.site}.a", axis=-1,
+                qh = quantize_operand(h, recipe.forward.left, state, f"{call.site}.a", axis=-1, scale=h_scale,
                                       forward_key=step_call.forward_key, values_dtype=_kernel_dtype(path),
                                       keep_storage=False)
                 y = forward_product(step_call, path, qh, qw, b_hh, True, right)
@@ -115,6 +144,7 @@ class _Recurrence(torch.autograd.Function):
             # the weight gradient's operands: every step's previous hidden state, as one
             # (T x B, H) operand of one GEMM, contracted over its rows
             previous = torch.cat([h0.to(compute).unsqueeze(0), outputs[:-1]]).reshape(-1, hidden)
+            _record(call, h_history, previous)  # every step's GEMM input
             saved_h = (quantize_operand(previous, recipe.wgrad.right, state, f"{call.site}.a.backward", axis=-2,
                                         forward_key=call.forward_key).drop_values()
                        if ctx.needs_input_grad[3] else None)
@@ -150,6 +180,12 @@ class _Recurrence(torch.autograd.Function):
         grad_recurrent = grad_projected if lstm else acts.new_empty(*acts.shape[:-1], gates)
         dgrad_path = _path(call, _grad_result_operand(call, False), recipe.dgrad.left, saved_w)
         w_values = _values(dgrad_path, saved_w)  # (gates, H): the error times it gives dh
+        # each step's error is used at once, by its dgrad GEMM: its values alone, in that
+        # GEMM's kernel dtype (FP8 bytes only where FP8 tensor cores take them)
+        error_dtype = _kernel_dtype(dgrad_path)
+        error_storage = None if kernels.fp8_tensor_cores(acts.device) else False
+        error_key = f"{call.site}.grad_output"
+        error_scale, error_history = _sequence_scale(call, recipe.dgrad.left, error_key, acts.device)
         with _no_autocast():
             if lstm:
                 i, f, g, o = acts.split(hidden, -1)
@@ -188,27 +224,42 @@ class _Recurrence(torch.autograd.Function):
                 if step == 0 and not need_h0:
                     break
                 step_call = _step_call(call, step)
-                (error,) = _grad_operands(step_call, grad_recurrent[step], (False,), (-1,))
+                error = quantize_operand(grad_recurrent[step], recipe.dgrad.left, call.state, error_key,
+                                         scale=error_scale, forward_key=step_call.forward_key,
+                                         values_dtype=error_dtype, keep_storage=error_storage)
                 product = _scale_sum(kernels.matmul(_values(dgrad_path, error), w_values, dgrad_path, call.policy),
                                      error, saved_w)
                 previous_grad = _grad_result(step_call, product, False, torch.float32)
                 dh = previous_grad if lstm else dh + previous_grad
             grad_w = grad_b = None
+            # the errors' amax, once; wgrad's rounding of the same errors in the same
+            # format takes the same scale rather than recording them a second time
+            _record(call, error_history, grad_recurrent)
+            shared = error_scale if recipe.wgrad.left == recipe.dgrad.left else None
             if need_w or need_b:
                 grad_w, grad_b = _weight_gradients(call, grad_recurrent.reshape(-1, gates), saved_h, need_w,
-                                                   need_b, ctx.dtypes[2:])
+                                                   need_b, ctx.dtypes[2:], shared)
         grad_h0 = dh.to(ctx.dtypes[0]) if need_h0 else None
         grad_c0 = dc.to(ctx.dtypes[1]) if lstm and need_c0 else None
         return (grad_projected if need_proj else None), grad_h0, grad_c0, grad_w, grad_b, None, None, None
 
 
 def _weight_gradients(call: _Call, errors: torch.Tensor, saved_h: Quantized | None, need_w: bool, need_b: bool,
-                      dtypes: tuple[torch.dtype | None, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      dtypes: tuple[torch.dtype | None, ...], scale: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The recurrent weight's and bias's gradients from all steps' errors (T x B rows):
-    one GEMM ``errors^T @ H`` and one FP32 sum, each rounded once."""
+    one GEMM ``errors^T @ H`` and one FP32 sum, each rounded once; ``scale``: the
+    errors' delayed-scaling scale, already recorded."""
     recipe = call.recipe
     blocks = recipe.wgrad.has_blocks
-    (rounded,) = _grad_operands(call, errors, (True,), (-2,))
+    if scale is not None:
+        values_dtype = _kernel_dtype(kernels.choose([recipe.wgrad.left, recipe.wgrad.right], recipe.wgrad.result,
+                                                    call.policy, errors.device))
+        rounded = quantize_operand(errors, recipe.wgrad.left, call.state, f"{call.site}.grad_output", scale=scale,
+                                   forward_key=call.forward_key, values_dtype=values_dtype,
+                                   keep_storage=None if kernels.fp8_tensor_cores(errors.device) else False)
+    else:
+        (rounded,) = _grad_operands(call, errors, (True,), (-2,))
     grad_w = grad_b = None
     if need_w:
         assert saved_h is not None
