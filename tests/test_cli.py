@@ -79,6 +79,26 @@ def test_bench_step_writes_rows_for_every_configuration(tmp_path):
     assert all(row["ms"] > 0 and row["saved_bytes"] > 0 for row in rows)
 
 
+def test_bench_step_times_the_quick_compare_models(tmp_path):
+    """quick-cnn and quick-lstm are compare's networks at its quick budget, with AdamW/Adam
+    state (two FP32 tensors a parameter) and, under bf16, a 2-byte copy of each weight."""
+    path = tmp_path / "step.json"
+    result = run("bench", "step", "--repeats", "1", "--batch-scale", "0.0625", "--models", "quick-cnn,quick-lstm",
+                 "--configs", "fp32,bf16", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    rows = {(row["model"], row["config"]): row for row in json.loads(path.read_text())}
+    assert set(rows) == {(m, c) for m in ("quick-cnn", "quick-lstm") for c in ("fp32", "bf16")}
+    hidden, embedding, vocabulary = 256, 64, 63  # compare's quick LSTM on the KJV's characters
+    lstm = (vocabulary * embedding + 4 * hidden * (embedding + hidden) + 8 * hidden
+            + 4 * hidden * 2 * hidden + 8 * hidden + vocabulary * hidden + vocabulary)
+    assert rows["quick-lstm", "fp32"]["parameters"] == lstm
+    for model in ("quick-cnn", "quick-lstm"):
+        fp32, bf16 = rows[model, "fp32"], rows[model, "bf16"]
+        assert fp32["x_fp32"] == 1.0 and fp32["bytes_per_parameter"] == pytest.approx(12.0, rel=1e-3)  # + step counts
+        assert 1.4 < bf16["param_bytes"] / fp32["param_bytes"] <= 1.5
+        assert bf16["saved_bytes"] < fp32["saved_bytes"]
+
+
 def test_bench_step_times_the_mlp_against_torchao_and_says_whether_bf16_is_native(tmp_path):
     path = tmp_path / "step.json"
     result = run("bench", "step", "--repeats", "1", "--batch-scale", "0.0625", "--models", "mlp",

@@ -157,15 +157,16 @@ def _backward_copy(call: _Call, x: torch.Tensor, weight: bool, forward: Quantize
                             forward_key=call.forward_key).drop_values()
 
 
-def _save(ctx: Any, *operands: Quantized | None) -> None:
+def _save(ctx: Any, *operands: Quantized | None, extra: tuple[torch.Tensor, ...] = ()) -> None:
     """Save rounded operands through autograd (so saved-tensor hooks see their real
     storage: values, or a block format's codes, block scales and tensor scale); None
-    for an operand backward will not need."""
+    for an operand backward will not need. ``extra`` tensors are saved after them
+    (:func:`_load_extra` gives them back)."""
     tensors: list[torch.Tensor | None] = []
     for q in operands:
         tensors += [None, None, None] if q is None else list(q.tensors())
     ctx.operand_specs = [None if q is None else (q.operand, q.layout) for q in operands]
-    ctx.save_for_backward(*tensors)
+    ctx.save_for_backward(*tensors, *extra)
 
 
 def _load(ctx: Any) -> list[Quantized | None]:
@@ -175,11 +176,17 @@ def _load(ctx: Any) -> list[Quantized | None]:
             for i, spec in enumerate(ctx.operand_specs)]
 
 
+def _load_extra(ctx: Any) -> tuple[torch.Tensor, ...]:
+    """The ``extra`` tensors :func:`_save` saved after the operands."""
+    return ctx.saved_tensors[3 * len(ctx.operand_specs):]
+
+
 def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...],
-                   axes: tuple[int, ...] | None = None) -> list[Quantized]:
+                   axes: tuple[int, ...] | None = None, scale: torch.Tensor | None = None) -> list[Quantized]:
     """The incoming error rounded once per distinct format (and, for block formats,
     contraction axis) it is needed in: dgrad's left operand for activation gradients,
-    wgrad's for weight gradients."""
+    wgrad's for weight gradients; ``scale`` replaces the per-tensor scale (one already
+    taken, and its amax recorded, for the same error)."""
     recipe = call.recipe
     done: dict[tuple[Operand, int | None], Quantized] = {}
     out = []
@@ -195,7 +202,7 @@ def _grad_operands(call: _Call, grad: torch.Tensor, for_weight: tuple[bool, ...]
             values_dtype = _kernel_dtype(kernels.choose([gemm.left, gemm.right], gemm.result, call.policy,
                                                         grad.device))
             done[key] = quantize_operand(grad, operand, call.state, f"{call.site}.grad_output", axis=axis,
-                                       forward_key=call.forward_key, values_dtype=values_dtype,
+                                       scale=scale, forward_key=call.forward_key, values_dtype=values_dtype,
                                        keep_storage=None if kernels.fp8_tensor_cores(grad.device) else False)
         out.append(done[key])
     return out

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from mixprec.nn import kernels
 from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result, _grad_result_operand,
-                            _kernel_dtype, _log, _no_autocast, _pad_dim, _path, _reserve_histories, _scale_sum,
+                            _kernel_dtype, _load, _load_extra, _log, _save, _no_autocast, _pad_dim, _path, _reserve_histories, _scale_sum,
                             _values, _finish, _forward_path, forward_product, gemm)
 from mixprec.core.quantize import abs_max
 from mixprec.nn.state import EngineState, Quantized, _mix_key, quantize_operand, result_dtype
@@ -151,13 +151,9 @@ class _Recurrence(torch.autograd.Function):
             saved_w = _backward_copy(call, w_hh, True, qw, "b", -1, -2) if any(ctx.needs_input_grad[:5]) else None
         ctx.call, ctx.kind, ctx.path = call, kind, path
         ctx.dtypes = (h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype, None if b_hh is None else b_hh.dtype)
-        operands = [saved_h, saved_w]
-        tensors: list[torch.Tensor | None] = []
-        for q in operands:
-            tensors += [None, None, None] if q is None else list(q.tensors())
-        ctx.operand_specs = [None if q is None else (q.operand, q.layout) for q in operands]
         # a GRU's backward needs the previous hidden states themselves
-        ctx.save_for_backward(*tensors, acts, cells if lstm else torch.cat([h0.to(compute).unsqueeze(0), outputs]))
+        _save(ctx, saved_h, saved_w,
+              extra=(acts, cells if lstm else torch.cat([h0.to(compute).unsqueeze(0), outputs])))
         last_c = None if cells is None else cells[-1].clone()
         return outputs, outputs[-1].clone(), last_c
 
@@ -165,11 +161,8 @@ class _Recurrence(torch.autograd.Function):
     def backward(ctx: Any, grad_outputs, grad_h, grad_c):  # type: ignore[override]
         call: _Call = ctx.call
         recipe = call.recipe
-        saved = ctx.saved_tensors
-        saved_h, saved_w = [None if spec is None else
-                            Quantized(saved[3 * i], saved[3 * i + 1], spec[0], None, saved[3 * i + 2], spec[1])
-                            for i, spec in enumerate(ctx.operand_specs)]
-        acts, states = saved[6], saved[7]
+        saved_h, saved_w = _load(ctx)
+        acts, states = _load_extra(ctx)
         lstm = ctx.kind == "lstm"
         steps, hidden = acts.shape[0], acts.shape[-1] // 4
         gates = _GATES[ctx.kind] * hidden
@@ -252,14 +245,7 @@ def _weight_gradients(call: _Call, errors: torch.Tensor, saved_h: Quantized | No
     errors' delayed-scaling scale, already recorded."""
     recipe = call.recipe
     blocks = recipe.wgrad.has_blocks
-    if scale is not None:
-        values_dtype = _kernel_dtype(kernels.choose([recipe.wgrad.left, recipe.wgrad.right], recipe.wgrad.result,
-                                                    call.policy, errors.device))
-        rounded = quantize_operand(errors, recipe.wgrad.left, call.state, f"{call.site}.grad_output", scale=scale,
-                                   forward_key=call.forward_key, values_dtype=values_dtype,
-                                   keep_storage=None if kernels.fp8_tensor_cores(errors.device) else False)
-    else:
-        (rounded,) = _grad_operands(call, errors, (True,), (-2,))
+    (rounded,) = _grad_operands(call, errors, (True,), (-2,), scale=scale)
     grad_w = grad_b = None
     if need_w:
         assert saved_h is not None
