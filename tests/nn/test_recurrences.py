@@ -204,3 +204,14 @@ def test_delayed_scaling_takes_one_scale_and_one_amax_per_sequence() -> None:
     expected = out[:-1].float().abs().max()
     assert float(inputs.amax[1]) == float(expected)
     assert float(inputs.amax[0]) > 0 and float(errors.amax[1]) > 0
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_coverage_counts_the_gemms_backward_runs(kind: type[nn.Module]) -> None:
+    """The recurrence's logged FLOPs are those torch's FLOP counter sees it run (no dgrad
+    at the first step when the initial state needs no gradient): the share is 1 under
+    a recipe that emulates every GEMM."""
+    torch.manual_seed(0)
+    model = mixprec.convert(nn.Sequential(kind(6, 16, num_layers=2)), "bf16")
+    report = mixprec.coverage(model, (torch.randn(7, 3, 6),))
+    assert report.share == pytest.approx(1.0, abs=1e-9)

@@ -280,9 +280,13 @@ def _recurrent_layer(state: EngineState, kind: str, layer: int, projected: torch
         t is not None and t.requires_grad for t in (projected, h0, c0, w_hh, b_hh))
     if state.log is not None:
         steps, batch = projected.shape[0], h0.numel() // h0.shape[-1]
-        flops = 2.0 * steps * batch * w_hh.shape[0] * w_hh.shape[1]
-        _log(state, call.site, f"{kind}.hh", flops, (h0, w_hh), grads, grads and w_hh.requires_grad,
+        per_step = 2.0 * batch * w_hh.shape[0] * w_hh.shape[1]
+        _log(state, call.site, f"{kind}.hh", per_step * steps, (h0, w_hh), grads, grads and w_hh.requires_grad,
              recipe=call.recipe)
+        # the GEMMs backward runs: dgrad at every step but the first unless h0 needs a
+        # gradient, and the weight's over all steps
+        dgrad_steps = (steps - (not h0.requires_grad)) if grads else 0
+        state.log[-1].flops = per_step * (steps + dgrad_steps + steps * (grads and w_hh.requires_grad))
     _reserve_histories(call, projected.device, {"a": False, "b": True}, ("b",) * grads,
                        (False, True) if grads else (),
                        {f"{call.site}.a.backward": (call.recipe.wgrad.right,)} if grads else None)
