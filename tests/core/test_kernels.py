@@ -168,6 +168,28 @@ def test_one_thread_only_under_the_passive_wait_policy(no_native, monkeypatch):
         kernels._serial_below.cache_clear()
 
 
+def test_small_gemm_loops_run_on_one_thread_under_the_passive_policy(monkeypatch):
+    """A recurrence's loop of small GEMMs takes one thread under a passive OpenMP and
+    torch's count otherwise, or for GEMMs past the bound; torch_threads restores the
+    count it changed, also when the block raises."""
+    threads = torch.get_num_threads()
+    kernels._serial_below.cache_clear()
+    try:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        assert kernels.serial_gemm_threads(32 * 256 * 1024) == 1
+        assert kernels.serial_gemm_threads(kernels.SERIAL_GEMM_BELOW_PASSIVE) == threads
+        kernels._serial_below.cache_clear()
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        assert kernels.serial_gemm_threads(32 * 256 * 1024) == threads
+    finally:
+        kernels._serial_below.cache_clear()
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernels.torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == threads
+
+
 _FLOAT_NEAREST = ["fp16", "e5m2", "e4m3", "e2m1fn", "e2m3fn", "e3m2fn", "e3m4", "e6m9", "e2m1", "e5m10"]
 
 

@@ -9,6 +9,7 @@ rounding fails."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import mixprec
 from mixprec.nn import recurrences
 from mixprec.nn.convert import engine_state
 from mixprec.nn.ops import _Call
+from mixprec.recipe import FP32
 
 # per recipe: (forward result / operands, dgrad error and result, wgrad result, compute) as torch dtypes
 FORMATS = {
@@ -215,3 +217,43 @@ def test_coverage_counts_the_gemms_backward_runs(kind: type[nn.Module]) -> None:
     model = mixprec.convert(nn.Sequential(kind(6, 16, num_layers=2)), "bf16")
     report = mixprec.coverage(model, (torch.randn(7, 3, 6),))
     assert report.share == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("recipe", ["fp32-compute", "bf16", "fp16", "fp8"])
+def test_native_cell_steps_equal_the_torch_ops_bit_for_bit(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LSTM's point-wise steps in the native kernels give the torch chain's results
+    bit for bit: outputs, final states and every gradient, with hidden states held in
+    float32, BF16 and FP16, adversarial magnitudes (saturated gates, large cell states)
+    and initial states with gradients of their own."""
+    if not recurrences.native.available():
+        pytest.skip("no C++ compiler here: the native kernels are not built")
+    torch.manual_seed(3)
+    rnn = nn.LSTM(16, 32, num_layers=2, batch_first=True)
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(8)  # gates pushed into saturation, cell states past 1
+    named = "fp8-hybrid" if recipe == "fp32-compute" else recipe
+    chosen = mixprec.get_recipe(named).replace(keep=mixprec.KeepHighPrecision())
+    if recipe == "fp32-compute":  # results and hidden states held in float32
+        chosen = chosen.replace(forward=dataclasses.replace(chosen.forward, result=FP32), compute_dtype="fp32")
+    x = torch.randn(6, 11, 16) * 3
+    h0 = torch.randn(2, 6, 32, requires_grad=True)
+    c0 = (torch.randn(2, 6, 32) * 4).requires_grad_()
+
+    def run(native_on: bool) -> list[torch.Tensor]:
+        if not native_on:
+            monkeypatch.setattr(recurrences, "native_steps", lambda _: False)
+        torch.manual_seed(5)  # the same stochastic-rounding keys in both runs
+        converted = mixprec.convert(copy.deepcopy(rnn), chosen)
+        h, c = h0.detach().clone().requires_grad_(), c0.detach().clone().requires_grad_()
+        out, (hn, cn) = converted(x, (h, c))
+        torch.manual_seed(4)
+        (out.float() * torch.randn(out.shape)).sum().add((hn.float() * cn.float()).sum()).backward()
+        monkeypatch.undo()
+        return [out, hn, cn, h.grad, c.grad] + [p.grad for p in converted.parameters()]
+
+    native_results, torch_results = run(True), run(False)
+    assert native_results[0].dtype == {"fp32-compute": torch.float32, "bf16": torch.bfloat16,
+                                       "fp16": torch.float16, "fp8": torch.float16}[recipe]
+    for ours, theirs in zip(native_results, torch_results):
+        assert ours is not None and theirs is not None
+        assert torch.equal(ours, theirs), float((ours.float() - theirs.float()).abs().max())

@@ -448,6 +448,38 @@ def serial_threads(numel: int) -> int:
     return 1 if numel < _serial_below() else torch.get_num_threads()
 
 
+SERIAL_GEMM_BELOW_PASSIVE = 1 << 25
+"""Under ``OMP_WAIT_POLICY=passive`` a loop of dependent small GEMMs (a recurrence's
+time steps) whose GEMMs take fewer multiply-adds than this runs on one thread
+(:func:`threads_for_gemm`): each GEMM and point-wise op of a step otherwise wakes the
+sleeping second thread. Measured on this 2-core VM, B x 256 @ 256 x 1024 in FP32 and
+BF16, one thread against two: B = 32 (8M multiply-adds) 227-257 against 268-286 us
+(FP32) and 115-130 against 151-171 (BF16); B = 64 even; B = 128 (33M) two threads
+faster in BF16 (239-291 against 332-355 us); B = 256 two threads 1.5x faster."""
+
+
+def serial_gemm_threads(macs: int) -> int:
+    """The threads a loop of dependent GEMMs of ``macs`` multiply-adds each runs on: one
+    under a passive OpenMP below :data:`SERIAL_GEMM_BELOW_PASSIVE`, else torch's."""
+    serial = _serial_below() > 0 and macs < SERIAL_GEMM_BELOW_PASSIVE
+    return 1 if serial else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's (process-wide) thread count set to ``count`` inside the block and restored
+    on exit; nothing changes where it already is ``count``."""
+    previous = torch.get_num_threads()
+    if previous == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
     """``fn(x, *args)``, compiled by ``torch.compile`` where the backend and ``x``'s size
     and device call for it (see :data:`Backend`), else eagerly: the same results. ``name``
@@ -533,6 +565,14 @@ def native_decodes(stored: torch.Tensor) -> bool:
     native kernel (:func:`mixprec.core.native.decode_fp8`): as :func:`native_rounds`,
     for a contiguous float8_e4m3fn or float8_e5m2 CPU tensor."""
     return stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and _native_takes(stored)
+
+
+def native_steps(x: torch.Tensor) -> bool:
+    """Whether a recurrence's point-wise steps on ``x`` (its float32 gates) run the native
+    kernels (:func:`mixprec.core.native.lstm_cell` and the others): as
+    :func:`native_rounds`, for a contiguous float32 CPU tensor. Each replaces a chain of
+    torch ops on a (batch, hidden) state, whose dispatches cost more than their work."""
+    return x.dtype == torch.float32 and _native_takes(x)
 
 
 def _native_takes(x: torch.Tensor) -> bool:

@@ -39,7 +39,8 @@ import torch
 
 from mixprec.core.formats import FloatFormat
 
-__all__ = ["amax_blocks", "available", "decode_fp8", "hadamard16", "library_path", "packs", "pow2_blocks", "pow2_strided", "round_scalar",
+__all__ = ["amax_blocks", "available", "decode_fp8", "hadamard16", "library_path", "lstm_backward_step",
+           "lstm_cell", "lstm_hidden", "lstm_preactivations", "packs", "pow2_blocks", "pow2_strided", "round_scalar",
            "unpack_blocks"]
 
 _SOURCE = Path(__file__).with_name("native") / "kernels.cpp"
@@ -124,6 +125,8 @@ def _library() -> ctypes.CDLL | None:
         function, unpack = library.mixprec_amax_blocks, library.mixprec_unpack_blocks
         rounding, pow2, strided = library.mixprec_round, library.mixprec_pow2_blocks, library.mixprec_pow2_strided
         decode, hadamard = library.mixprec_decode, library.mixprec_hadamard16
+        cells = (library.mixprec_lstm_preact, library.mixprec_lstm_cell, library.mixprec_lstm_hidden,
+                 library.mixprec_lstm_backward)
     except AttributeError as error:  # a library from elsewhere under this name
         warnings.warn(f"mixprec: the native block kernel at {target} lacks a function ({error}); delete it to "
                       "rebuild. Block quantization runs on the compiled torch kernels (same results, slower)",
@@ -148,6 +151,14 @@ def _library() -> ctypes.CDLL | None:
     decode.restype = i32
     hadamard.argtypes = [pointer, i32, pointer, i64, i64, i64, pointer, pointer, i32]
     hadamard.restype = i32
+    preact, cell, hidden, backward = cells
+    preact.argtypes = [pointer, pointer, i32, pointer, i64, i64, i32]
+    cell.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i32]
+    hidden.argtypes = [pointer, pointer, pointer, i32, i64, i64, i32]
+    backward.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64,
+                         i64, i32]
+    for function in cells:
+        function.restype = i32
     return library
 
 
@@ -398,3 +409,62 @@ def writes_bf16(cols: int) -> bool:
 def packs(element: FloatFormat, cols: int) -> bool:
     """Whether the kernel packs codes of ``element`` in blocks ``cols`` wide."""
     return element.total_bits in (4, 8) and cols % 16 == 0
+
+
+# ---- the LSTM cell's point-wise steps (mixprec.nn.recurrences) ----------------------------------
+# Arguments are contiguous CPU tensors: gates (batch, 4 hidden) float32, states (batch,
+# hidden); the recurrence checks that before it calls them.
+
+
+def _cell_status(status: int, name: str, dtype: torch.dtype) -> None:
+    if status != 0:
+        raise ValueError(f"native {name}: unsupported dtype {dtype}")
+
+
+def lstm_preactivations(projected: torch.Tensor, recurrent: torch.Tensor, gates: torch.Tensor, threads: int) -> None:
+    """``gates = projected + recurrent`` (float32 plus the recurrent product's result in
+    float32, BF16 or FP16), with the cell candidate's quarter doubled: the LSTM step's
+    operations before its gates' sigmoid, in one pass."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    batch, width = gates.shape
+    _cell_status(library.mixprec_lstm_preact(projected.data_ptr(), recurrent.data_ptr(),
+                                             _SCALAR_DTYPES.get(recurrent.dtype, -1), gates.data_ptr(), batch,
+                                             width // 4, max(int(threads), 1)), "lstm_preactivations", recurrent.dtype)
+
+
+def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor, c: torch.Tensor, doubled: torch.Tensor, threads: int) -> None:
+    """After the gates' sigmoid: the candidate ``g = 2 s - 1`` (written into ``gates``),
+    the cell state ``c = f c_prev + i g`` (one fused multiply-add, as torch's addcmul) and
+    ``doubled = 2 c``, whose sigmoid gives ``tanh(c)``."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    batch, hidden = c.shape
+    library.mixprec_lstm_cell(gates.data_ptr(), c_prev.data_ptr(), c.data_ptr(), doubled.data_ptr(), batch, hidden,
+                              max(int(threads), 1))
+
+
+def lstm_hidden(gates: torch.Tensor, sigmoid: torch.Tensor, h: torch.Tensor, threads: int) -> None:
+    """``h = o (2 sigmoid - 1)``: the output gate times ``tanh(c)``, cast once to h's dtype
+    (float32, BF16 or FP16)."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    batch, hidden = h.shape
+    _cell_status(library.mixprec_lstm_hidden(gates.data_ptr(), sigmoid.data_ptr(), h.data_ptr(),
+                                             _SCALAR_DTYPES.get(h.dtype, -1), batch, hidden, max(int(threads), 1)),
+                 "lstm_hidden", h.dtype)
+
+
+def lstm_backward_step(dh: torch.Tensor, grad_output: torch.Tensor, dc: torch.Tensor, out_slope: torch.Tensor,
+                       cell_tanh: torch.Tensor, acts: torch.Tensor, c_prev: torch.Tensor, slopes: torch.Tensor,
+                       d_act: torch.Tensor, threads: int) -> None:
+    """One step of the LSTM's backward sweep before its dgrad GEMM, in place: ``dh +=
+    grad_output``; ``dc += dh out_slope`` (fused, as addcmul); the gates' gradients
+    ``d_act = (dc g, dc c_prev, dc i, dh tanh(c)) * slopes``; ``dc *= f``."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    batch, hidden = dh.shape
+    _cell_status(library.mixprec_lstm_backward(
+        dh.data_ptr(), grad_output.data_ptr(), _SCALAR_DTYPES.get(grad_output.dtype, -1), dc.data_ptr(),
+        out_slope.data_ptr(), cell_tanh.data_ptr(), acts.data_ptr(), c_prev.data_ptr(), slopes.data_ptr(),
+        d_act.data_ptr(), batch, hidden, max(int(threads), 1)), "lstm_backward_step", grad_output.dtype)

@@ -17,7 +17,12 @@ run) under a recipe, shaped as fused RNN kernels (cuDNN's) run them:
 
 A layer is one autograd Function (:class:`_Recurrence`), so a step adds no autograd
 nodes, and its backward writes the gates' gradients into one buffer that is at the same
-time the input projection's error. Stochastic roundings take a key per time step (the
+time the input projection's error. On CPU an LSTM step's point-wise operations run in
+native passes (:mod:`mixprec.core.native`: three in forward around torch's two sigmoids,
+one in backward), the same arithmetic as the torch ops they replace, bit for bit; and
+under a passive OpenMP the step loop runs on one thread while its GEMMs are small
+(:func:`mixprec.core.kernels.serial_gemm_threads`), so no op of a step waits for a
+sleeping thread to wake. Stochastic roundings take a key per time step (the
 forward's key mixed with the step), so consecutive steps do not reuse one stream of
 random bits.
 """
@@ -33,6 +38,8 @@ from mixprec.nn import kernels
 from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result, _grad_result_operand,
                             _kernel_dtype, _load, _load_extra, _log, _save, _no_autocast, _pad_dim, _path, _reserve_histories, _scale_sum,
                             _values, _finish, _forward_path, forward_product, gemm)
+from mixprec.core import native
+from mixprec.core.kernels import native_steps, serial_gemm_threads, serial_threads, torch_threads
 from mixprec.core.quantize import abs_max
 from mixprec.nn.state import EngineState, Quantized, _mix_key, quantize_operand, result_dtype
 from mixprec.recipe import Operand
@@ -75,6 +82,13 @@ def _record(call: _Call, history: AmaxHistory | None, x: torch.Tensor) -> None:
     history.record_amax(amax if call.state.amax_reduce is None else call.state.amax_reduce(amax))
 
 
+def _loop_threads(state: torch.Tensor, weight: torch.Tensor) -> int:
+    """The threads the time-step loop runs on: each step's GEMM of the (B, H) state and
+    the (gates x H, H) weight is small, and under a passive OpenMP one thread runs the
+    loop faster than two that sleep between its ops (:func:`serial_gemm_threads`)."""
+    return serial_gemm_threads(state.numel() // state.shape[-1] * weight.numel())
+
+
 def _step_call(call: _Call, step: int) -> _Call:
     """The call of time step ``step``: the layer's site and histories, and for
     stochastic roundings a random key of its own."""
@@ -109,7 +123,11 @@ class _Recurrence(torch.autograd.Function):
             cells[0] = c0
         h = h0
         h_scale, h_history = _sequence_scale(call, recipe.forward.left, f"{call.site}.a", projected.device)
-        with _no_autocast():
+        # the cell's point-wise steps in three native passes around torch's two sigmoids
+        native_cells = lstm and h0.dim() == 2 and native_steps(acts) and projected.is_contiguous()
+        doubled = h0.new_empty(h0.shape, dtype=torch.float32) if native_cells else None
+        cell_threads = serial_threads(h0.numel() * 4)
+        with _no_autocast(), torch_threads(_loop_threads(h0, w_hh)):
             for step in range(steps):
                 step_call = _step_call(call, step)
                 qh = quantize_operand(h, recipe.forward.left, state, f"{call.site}.a", axis=-1, scale=h_scale,
@@ -119,7 +137,14 @@ class _Recurrence(torch.autograd.Function):
                 # the rounded result in its holding dtype, widened by the FP32 additions
                 recurrent = _finish(step_call, y, recipe.forward.result, "output")
                 gates = acts[step]
-                if lstm:
+                if native_cells and recurrent.is_contiguous():
+                    native.lstm_preactivations(projected[step], recurrent, gates, cell_threads)
+                    gates.sigmoid_()
+                    native.lstm_cell(gates, cells[step], cells[step + 1], doubled, cell_threads)  # type: ignore[index]
+                    doubled.sigmoid_()  # type: ignore[union-attr]
+                    h = outputs[step]
+                    native.lstm_hidden(gates, doubled, h, cell_threads)
+                elif lstm:
                     torch.add(projected[step], recurrent, out=gates)
                     i, f, g, o = gates.split(hidden, -1)
                     g.mul_(2)
@@ -141,6 +166,7 @@ class _Recurrence(torch.autograd.Function):
                     n.copy_(_tanh(n))
                     h = outputs[step]
                     h.copy_(torch.lerp(n, states_h.float(), z))  # (1 - z) n + z h
+        with _no_autocast():
             # the weight gradient's operands: every step's previous hidden state, as one
             # (T x B, H) operand of one GEMM, contracted over its rows
             previous = torch.cat([h0.to(compute).unsqueeze(0), outputs[:-1]]).reshape(-1, hidden)
@@ -189,9 +215,18 @@ class _Recurrence(torch.autograd.Function):
                 out_slope = o * (1 - cell_tanh * cell_tanh)  # dc/dh through h = o tanh(c)
                 dc = grad_c.float().clone() if grad_c is not None else acts.new_zeros(acts.shape[1:-1] + (hidden,))
             dh = grad_h.float().clone()
+            native_cells = lstm and dh.dim() == 2 and native_steps(acts)
+            if native_cells:
+                grad_outputs, dc = grad_outputs.contiguous(), dc.contiguous()
+            cell_threads = serial_threads(acts[0].numel())
+        with _no_autocast(), torch_threads(_loop_threads(dh, w_values)):
             for step in reversed(range(steps)):
-                dh += grad_outputs[step].float()
-                if lstm:
+                if native_cells:
+                    dh = dh.contiguous()
+                    native.lstm_backward_step(dh, grad_outputs[step], dc, out_slope[step], cell_tanh[step], acts[step],
+                                              states[step], slopes[step], grad_projected[step], cell_threads)
+                elif lstm:
+                    dh += grad_outputs[step].float()
                     d_act = grad_projected[step]
                     di, df, dg, do = d_act.split(hidden, -1)
                     dc.addcmul_(dh, out_slope[step])
@@ -202,6 +237,7 @@ class _Recurrence(torch.autograd.Function):
                     dc.mul_(f[step])
                     d_act.mul_(slopes[step])
                 else:
+                    dh += grad_outputs[step].float()
                     r, z, n, hn = acts[step].split(hidden, -1)
                     dr, dz, dn = grad_projected[step].split(hidden, -1)
                     previous = states[step].float()
@@ -224,6 +260,7 @@ class _Recurrence(torch.autograd.Function):
                                      error, saved_w)
                 previous_grad = _grad_result(step_call, product, False, torch.float32)
                 dh = previous_grad if lstm else dh + previous_grad
+        with _no_autocast():
             grad_w = grad_b = None
             # the errors' amax, once; wgrad's rounding of the same errors in the same
             # format takes the same scale rather than recording them a second time

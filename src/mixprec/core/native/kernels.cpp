@@ -1390,6 +1390,104 @@ void hadamard_moved(const T* x, float* out, int64_t outer, int64_t rows, int64_t
   }
 }
 
+
+// ---- the LSTM cell's point-wise steps (mixprec.nn.recurrences) ------------------------------
+// Each is the torch code of the recurrence's step operation for operation: IEEE float32
+// multiplies and adds, torch's addcmul as one fused multiply-add (as its vectorised CPU
+// kernel computes it), results cast to BF16/FP16 as torch casts them. The sigmoids stay
+// torch's own (between these calls), so the recurrence's results are the same bit for bit
+// with or without these kernels (tests/nn/test_recurrences.py compares them).
+
+template <typename T>
+MIXPREC_INLINE float widened(const T* x, int64_t i) {
+  return float_of(load_bits<T>(x, i));
+}
+
+template <typename T>
+MIXPREC_INLINE void store_as(T* out, int64_t i, float v);
+
+template <>
+MIXPREC_INLINE void store_as<float>(float* out, int64_t i, float v) { out[i] = v; }
+
+template <>
+MIXPREC_INLINE void store_as<uint16_t>(uint16_t* out, int64_t i, float v) { out[i] = bf16_bits(v); }
+
+template <>
+MIXPREC_INLINE void store_as<Half>(Half* out, int64_t i, float v) { out[i].bits = half_bits(v); }
+
+// gates = projected + recurrent (widened), the cell candidate's quarter doubled (its tanh
+// is taken as 2 sigmoid(2x) - 1)
+template <typename T>
+void lstm_preact_rows(const float* projected, const T* recurrent, float* gates, int64_t batch, int64_t hidden,
+                      int threads) {
+  const int64_t width = 4 * hidden;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t row = b * width;
+    for (int64_t k = 0; k < width; ++k) gates[row + k] = projected[row + k] + widened(recurrent, row + k);
+    for (int64_t k = 2 * hidden; k < 3 * hidden; ++k) gates[row + k] = gates[row + k] * 2.0f;
+  }
+}
+
+// after the gates' sigmoid: g = 2 s - 1 (kept in gates), c = f c_prev + i g (addcmul: one
+// fused multiply-add), doubled = 2 c (the argument of tanh(c)'s sigmoid)
+void lstm_cell_rows(float* gates, const float* c_prev, float* c, float* doubled, int64_t batch, int64_t hidden,
+                    int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < batch; ++b) {
+    float* i = gates + b * 4 * hidden;
+    float* f = i + hidden;
+    float* g = f + hidden;
+    const int64_t row = b * hidden;
+    for (int64_t k = 0; k < hidden; ++k) {
+      const float gk = g[k] * 2.0f - 1.0f;
+      g[k] = gk;
+      const float ck = std::fma(i[k], gk, f[k] * c_prev[row + k]);
+      c[row + k] = ck;
+      doubled[row + k] = ck * 2.0f;
+    }
+  }
+}
+
+// after tanh(c)'s sigmoid s: h = o (2 s - 1), cast to h's dtype
+template <typename T>
+void lstm_hidden_rows(const float* gates, const float* s, T* h, int64_t batch, int64_t hidden, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* o = gates + b * 4 * hidden + 3 * hidden;
+    const int64_t row = b * hidden;
+    for (int64_t k = 0; k < hidden; ++k) store_as(h, row + k, o[k] * (s[row + k] * 2.0f - 1.0f));
+  }
+}
+
+// One step of the backward sweep, before the recurrent product's dgrad: dh += the
+// output's gradient; dc += dh out_slope (fused); the gates' gradients d_act (i, f, g, o)
+// = (dc g, dc c_prev, dc i, dh tanh(c)) times the activations' slopes; dc *= f.
+template <typename T>
+void lstm_backward_rows(float* dh, const T* grad_output, float* dc, const float* out_slope, const float* cell_tanh,
+                        const float* acts, const float* c_prev, const float* slopes, float* d_act, int64_t batch,
+                        int64_t hidden, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t row = b * hidden, wide = b * 4 * hidden;
+    const float* i = acts + wide;
+    const float* f = i + hidden;
+    const float* g = f + hidden;
+    const float* si = slopes + wide;
+    float* di = d_act + wide;
+    for (int64_t k = 0; k < hidden; ++k) {
+      const float dhk = dh[row + k] + widened(grad_output, row + k);
+      dh[row + k] = dhk;
+      const float dck = std::fma(dhk, out_slope[row + k], dc[row + k]);
+      di[k] = (dck * g[k]) * si[k];
+      di[hidden + k] = (dck * c_prev[row + k]) * si[hidden + k];
+      di[2 * hidden + k] = (dck * i[k]) * si[2 * hidden + k];
+      di[3 * hidden + k] = (dhk * cell_tanh[row + k]) * si[3 * hidden + k];
+      dc[row + k] = dck * f[k];
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1578,6 +1676,52 @@ int mixprec_hadamard16(const void* x, int dtype, float* out, int64_t outer, int6
     return 0;
   }
   return 1;
+}
+
+// The LSTM cell's point-wise steps (see lstm_preact_rows and the others above), on
+// contiguous (batch, 4 hidden) gates and (batch, hidden) states; dtype codes 0 float32,
+// 1 bfloat16, 2 float16. Each returns 0, 1 for an unknown dtype.
+int mixprec_lstm_preact(const float* projected, const void* recurrent, int dtype, float* gates, int64_t batch,
+                        int64_t hidden, int threads) {
+  threads = std::max(threads, 1);
+  if (dtype == 0) lstm_preact_rows(projected, static_cast<const float*>(recurrent), gates, batch, hidden, threads);
+  else if (dtype == 1) lstm_preact_rows(projected, static_cast<const uint16_t*>(recurrent), gates, batch, hidden, threads);
+  else if (dtype == 2) lstm_preact_rows(projected, static_cast<const Half*>(recurrent), gates, batch, hidden, threads);
+  else return 1;
+  return 0;
+}
+
+int mixprec_lstm_cell(float* gates, const float* c_prev, float* c, float* doubled, int64_t batch, int64_t hidden,
+                      int threads) {
+  lstm_cell_rows(gates, c_prev, c, doubled, batch, hidden, std::max(threads, 1));
+  return 0;
+}
+
+int mixprec_lstm_hidden(const float* gates, const float* s, void* h, int dtype, int64_t batch, int64_t hidden,
+                        int threads) {
+  threads = std::max(threads, 1);
+  if (dtype == 0) lstm_hidden_rows(gates, s, static_cast<float*>(h), batch, hidden, threads);
+  else if (dtype == 1) lstm_hidden_rows(gates, s, static_cast<uint16_t*>(h), batch, hidden, threads);
+  else if (dtype == 2) lstm_hidden_rows(gates, s, static_cast<Half*>(h), batch, hidden, threads);
+  else return 1;
+  return 0;
+}
+
+int mixprec_lstm_backward(float* dh, const void* grad_output, int dtype, float* dc, const float* out_slope,
+                          const float* cell_tanh, const float* acts, const float* c_prev, const float* slopes,
+                          float* d_act, int64_t batch, int64_t hidden, int threads) {
+  threads = std::max(threads, 1);
+  if (dtype == 0)
+    lstm_backward_rows(dh, static_cast<const float*>(grad_output), dc, out_slope, cell_tanh, acts, c_prev, slopes,
+                       d_act, batch, hidden, threads);
+  else if (dtype == 1)
+    lstm_backward_rows(dh, static_cast<const uint16_t*>(grad_output), dc, out_slope, cell_tanh, acts, c_prev, slopes,
+                       d_act, batch, hidden, threads);
+  else if (dtype == 2)
+    lstm_backward_rows(dh, static_cast<const Half*>(grad_output), dc, out_slope, cell_tanh, acts, c_prev, slopes,
+                       d_act, batch, hidden, threads);
+  else return 1;
+  return 0;
 }
 
 }  // extern "C"
