@@ -155,8 +155,7 @@ def _library() -> ctypes.CDLL | None:
     preact.argtypes = [pointer, pointer, i32, pointer, i64, i64, i32]
     cell.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i32]
     hidden.argtypes = [pointer, pointer, pointer, i32, i64, i64, i32]
-    backward.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64,
-                         i64, i32]
+    backward.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer, pointer, i64, i64, i32]
     for function in cells:
         function.restype = i32
     return library
@@ -455,16 +454,17 @@ def lstm_hidden(gates: torch.Tensor, sigmoid: torch.Tensor, h: torch.Tensor, thr
                  "lstm_hidden", h.dtype)
 
 
-def lstm_backward_step(dh: torch.Tensor, grad_output: torch.Tensor, dc: torch.Tensor, out_slope: torch.Tensor,
-                       cell_tanh: torch.Tensor, acts: torch.Tensor, c_prev: torch.Tensor, slopes: torch.Tensor,
-                       d_act: torch.Tensor, threads: int) -> None:
-    """One step of the LSTM's backward sweep before its dgrad GEMM, in place: ``dh +=
-    grad_output``; ``dc += dh out_slope`` (fused, as addcmul); the gates' gradients
-    ``d_act = (dc g, dc c_prev, dc i, dh tanh(c)) * slopes``; ``dc *= f``."""
+def lstm_backward_step(dh: torch.Tensor, grad_output: torch.Tensor, dc: torch.Tensor, cell_tanh: torch.Tensor,
+                       acts: torch.Tensor, c_prev: torch.Tensor, d_act: torch.Tensor, threads: int) -> None:
+    """One step of the LSTM's backward sweep before its dgrad GEMM, in place, with the
+    activations' slopes computed on the way from ``acts`` (i, f, g, o) and ``cell_tanh``
+    (as the torch chain computes them, not read from a tensor of the whole sequence):
+    ``dh += grad_output``; ``dc += dh o (1 - tanh(c)^2)`` (fused, as addcmul); the gates'
+    gradients ``d_act = (dc g, dc c_prev, dc i, dh tanh(c))`` times the slopes; ``dc *= f``."""
     library = _library()
     assert library is not None, "call native.available() first"
     batch, hidden = dh.shape
     _cell_status(library.mixprec_lstm_backward(
         dh.data_ptr(), grad_output.data_ptr(), _SCALAR_DTYPES.get(grad_output.dtype, -1), dc.data_ptr(),
-        out_slope.data_ptr(), cell_tanh.data_ptr(), acts.data_ptr(), c_prev.data_ptr(), slopes.data_ptr(),
-        d_act.data_ptr(), batch, hidden, max(int(threads), 1)), "lstm_backward_step", grad_output.dtype)
+        cell_tanh.data_ptr(), acts.data_ptr(), c_prev.data_ptr(), d_act.data_ptr(), batch, hidden,
+        max(int(threads), 1)), "lstm_backward_step", grad_output.dtype)

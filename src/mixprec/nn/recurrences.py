@@ -205,26 +205,29 @@ class _Recurrence(torch.autograd.Function):
         error_storage = None if kernels.fp8_tensor_cores(acts.device) else False
         error_key = f"{call.site}.grad_output"
         error_scale, error_history = _sequence_scale(call, recipe.dgrad.left, error_key, acts.device)
+        dh = grad_h.float().clone()
+        # the native pass takes the activations' slopes on the way (the torch chain's
+        # arithmetic), the torch ops from tensors of the whole sequence
+        native_cells = lstm and dh.dim() == 2 and native_steps(acts)
+        cell_threads = serial_threads(acts[0].numel())
         with _no_autocast():
             if lstm:
                 i, f, g, o = acts.split(hidden, -1)
                 cell_tanh = _tanh(states[1:])
+                dc = grad_c.float().clone() if grad_c is not None else acts.new_zeros(acts.shape[1:-1] + (hidden,))
+            if native_cells:
+                grad_outputs, dc = grad_outputs.contiguous(), dc.contiguous()
+            elif lstm:
                 # d(activation)/d(pre-activation): sigmoid's y(1-y), tanh's 1-y^2
                 slopes = acts * (1 - acts)
                 slopes[..., 2 * hidden:3 * hidden] = 1 - g * g
                 out_slope = o * (1 - cell_tanh * cell_tanh)  # dc/dh through h = o tanh(c)
-                dc = grad_c.float().clone() if grad_c is not None else acts.new_zeros(acts.shape[1:-1] + (hidden,))
-            dh = grad_h.float().clone()
-            native_cells = lstm and dh.dim() == 2 and native_steps(acts)
-            if native_cells:
-                grad_outputs, dc = grad_outputs.contiguous(), dc.contiguous()
-            cell_threads = serial_threads(acts[0].numel())
         with _no_autocast(), torch_threads(_loop_threads(dh, w_values)):
             for step in reversed(range(steps)):
                 if native_cells:
                     dh = dh.contiguous()
-                    native.lstm_backward_step(dh, grad_outputs[step], dc, out_slope[step], cell_tanh[step], acts[step],
-                                              states[step], slopes[step], grad_projected[step], cell_threads)
+                    native.lstm_backward_step(dh, grad_outputs[step], dc, cell_tanh[step], acts[step], states[step],
+                                              grad_projected[step], cell_threads)
                 elif lstm:
                     dh += grad_outputs[step].float()
                     d_act = grad_projected[step]

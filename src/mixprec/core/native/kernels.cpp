@@ -1460,29 +1460,32 @@ void lstm_hidden_rows(const float* gates, const float* s, T* h, int64_t batch, i
   }
 }
 
-// One step of the backward sweep, before the recurrent product's dgrad: dh += the
-// output's gradient; dc += dh out_slope (fused); the gates' gradients d_act (i, f, g, o)
-// = (dc g, dc c_prev, dc i, dh tanh(c)) times the activations' slopes; dc *= f.
+// One step of the backward sweep, before the recurrent product's dgrad, with the
+// activations' slopes taken on the way (sigmoid's a (1 - a), tanh's 1 - g^2, and
+// h = o tanh(c)'s o (1 - tanh(c)^2)): dh += the output's gradient; dc += dh out_slope
+// (fused); the gates' gradients d_act (i, f, g, o) = (dc g, dc c_prev, dc i, dh tanh(c))
+// times the slopes; dc *= f.
 template <typename T>
-void lstm_backward_rows(float* dh, const T* grad_output, float* dc, const float* out_slope, const float* cell_tanh,
-                        const float* acts, const float* c_prev, const float* slopes, float* d_act, int64_t batch,
-                        int64_t hidden, int threads) {
+void lstm_backward_rows(float* dh, const T* grad_output, float* dc, const float* cell_tanh, const float* acts,
+                        const float* c_prev, float* d_act, int64_t batch, int64_t hidden, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t row = b * hidden, wide = b * 4 * hidden;
     const float* i = acts + wide;
     const float* f = i + hidden;
     const float* g = f + hidden;
-    const float* si = slopes + wide;
+    const float* o = g + hidden;
     float* di = d_act + wide;
     for (int64_t k = 0; k < hidden; ++k) {
       const float dhk = dh[row + k] + widened(grad_output, row + k);
       dh[row + k] = dhk;
-      const float dck = std::fma(dhk, out_slope[row + k], dc[row + k]);
-      di[k] = (dck * g[k]) * si[k];
-      di[hidden + k] = (dck * c_prev[row + k]) * si[hidden + k];
-      di[2 * hidden + k] = (dck * i[k]) * si[2 * hidden + k];
-      di[3 * hidden + k] = (dhk * cell_tanh[row + k]) * si[3 * hidden + k];
+      const float tk = cell_tanh[row + k];
+      const float out_slope = o[k] * (1.0f - tk * tk);
+      const float dck = std::fma(dhk, out_slope, dc[row + k]);
+      di[k] = (dck * g[k]) * (i[k] * (1.0f - i[k]));
+      di[hidden + k] = (dck * c_prev[row + k]) * (f[k] * (1.0f - f[k]));
+      di[2 * hidden + k] = (dck * i[k]) * (1.0f - g[k] * g[k]);
+      di[3 * hidden + k] = (dhk * tk) * (o[k] * (1.0f - o[k]));
       dc[row + k] = dck * f[k];
     }
   }
@@ -1707,19 +1710,19 @@ int mixprec_lstm_hidden(const float* gates, const float* s, void* h, int dtype, 
   return 0;
 }
 
-int mixprec_lstm_backward(float* dh, const void* grad_output, int dtype, float* dc, const float* out_slope,
-                          const float* cell_tanh, const float* acts, const float* c_prev, const float* slopes,
-                          float* d_act, int64_t batch, int64_t hidden, int threads) {
+int mixprec_lstm_backward(float* dh, const void* grad_output, int dtype, float* dc, const float* cell_tanh,
+                          const float* acts, const float* c_prev, float* d_act, int64_t batch, int64_t hidden,
+                          int threads) {
   threads = std::max(threads, 1);
   if (dtype == 0)
-    lstm_backward_rows(dh, static_cast<const float*>(grad_output), dc, out_slope, cell_tanh, acts, c_prev, slopes,
-                       d_act, batch, hidden, threads);
+    lstm_backward_rows(dh, static_cast<const float*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, batch, hidden,
+                       threads);
   else if (dtype == 1)
-    lstm_backward_rows(dh, static_cast<const uint16_t*>(grad_output), dc, out_slope, cell_tanh, acts, c_prev, slopes,
-                       d_act, batch, hidden, threads);
+    lstm_backward_rows(dh, static_cast<const uint16_t*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, batch,
+                       hidden, threads);
   else if (dtype == 2)
-    lstm_backward_rows(dh, static_cast<const Half*>(grad_output), dc, out_slope, cell_tanh, acts, c_prev, slopes,
-                       d_act, batch, hidden, threads);
+    lstm_backward_rows(dh, static_cast<const Half*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, batch, hidden,
+                       threads);
   else return 1;
   return 0;
 }
