@@ -19,6 +19,7 @@ import mixprec
 from mixprec.nn import recurrences
 from mixprec.nn.convert import engine_state
 from mixprec.nn.ops import _Call
+from mixprec.nn.state import _mix_key
 from mixprec.recipe import FP32
 
 # per recipe: (forward result / operands, dgrad error and result, wgrad result, compute) as torch dtypes
@@ -177,13 +178,18 @@ def test_stochastic_rounding_takes_a_key_per_time_step() -> None:
     state = engine_state(model)
     state.begin_forward(training=True)
     call = _Call(state, "lstm0.hh")
-    keys = [recurrences._step_call(call, step).forward_key for step in range(3)]
+    batch = recurrences._step_keys(call, 3)
+    keys = [recurrences._step_call(call, step, batch).forward_key for step in range(3)]
     assert all(k is not None for k in keys)
     assert len({tuple(k.tolist()) for k in keys}) == 3
-    assert torch.equal(recurrences._step_call(call, 1).forward_key, keys[1])
+    # the batch of keys is the forward's key mixed with step + 1, as _mix_key mixes one
+    assert call.forward_key is not None
+    for step, key in enumerate(keys):
+        assert torch.equal(key, _mix_key(call.forward_key, step + 1))
     plain = mixprec.convert(nn.Sequential(nn.LSTM(4, 8)), "bf16")
     plain_call = _Call(engine_state(plain), "lstm0.hh")
-    assert recurrences._step_call(plain_call, 2) is plain_call
+    assert recurrences._step_keys(plain_call, 2) is None
+    assert recurrences._step_call(plain_call, 2, None) is plain_call
 
 
 def test_delayed_scaling_takes_one_scale_and_one_amax_per_sequence() -> None:

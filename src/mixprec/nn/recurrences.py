@@ -41,7 +41,7 @@ from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result,
 from mixprec.core import native
 from mixprec.core.kernels import native_steps, serial_gemm_threads, serial_threads, torch_threads
 from mixprec.core.quantize import abs_max
-from mixprec.nn.state import EngineState, Quantized, _mix_key, quantize_operand, result_dtype
+from mixprec.nn.state import EngineState, Quantized, _mix_tensor, quantize_operand, result_dtype
 from mixprec.recipe import Operand
 from mixprec.scaling import AmaxHistory
 
@@ -89,12 +89,22 @@ def _loop_threads(state: torch.Tensor, weight: torch.Tensor) -> int:
     return serial_gemm_threads(state.numel() // state.shape[-1] * weight.numel())
 
 
-def _step_call(call: _Call, step: int) -> _Call:
-    """The call of time step ``step``: the layer's site and histories, and for
-    stochastic roundings a random key of its own."""
+def _step_keys(call: _Call, steps: int) -> torch.Tensor | None:
+    """Every time step's random key, (steps, 2) int32: the forward's key mixed with the
+    step + 1, as :func:`mixprec.nn.state._mix_key` mixes an int salt, in one batch of
+    tensor ops rather than one mixing per step. None where the call has no key."""
     if call.forward_key is None:
+        return None
+    salts = torch.arange(1, steps + 1, dtype=torch.int32, device=call.forward_key.device)
+    return _mix_tensor(call.forward_key, torch.stack([salts, salts * 31 + 17], -1))
+
+
+def _step_call(call: _Call, step: int, keys: torch.Tensor | None) -> _Call:
+    """The call of time step ``step``: the layer's site and histories, and for
+    stochastic roundings a random key of its own (row ``step`` of :func:`_step_keys`)."""
+    if keys is None:
         return call
-    return _Call(call.state, call.site, call.recipe_for_call, _mix_key(call.forward_key, step + 1), call.policy)
+    return _Call(call.state, call.site, call.recipe_for_call, keys[step], call.policy)
 
 
 class _Recurrence(torch.autograd.Function):
@@ -127,9 +137,10 @@ class _Recurrence(torch.autograd.Function):
         native_cells = lstm and h0.dim() == 2 and native_steps(acts) and projected.is_contiguous()
         doubled = h0.new_empty(h0.shape, dtype=torch.float32) if native_cells else None
         cell_threads = serial_threads(h0.numel() * 4)
+        keys = _step_keys(call, steps)
         with _no_autocast(), torch_threads(_loop_threads(h0, w_hh)):
             for step in range(steps):
-                step_call = _step_call(call, step)
+                step_call = _step_call(call, step, keys)
                 qh = quantize_operand(h, recipe.forward.left, state, f"{call.site}.a", axis=-1, scale=h_scale,
                                       forward_key=step_call.forward_key, values_dtype=_kernel_dtype(path),
                                       keep_storage=False)
@@ -222,6 +233,7 @@ class _Recurrence(torch.autograd.Function):
                 slopes = acts * (1 - acts)
                 slopes[..., 2 * hidden:3 * hidden] = 1 - g * g
                 out_slope = o * (1 - cell_tanh * cell_tanh)  # dc/dh through h = o tanh(c)
+        keys = _step_keys(call, steps)
         with _no_autocast(), torch_threads(_loop_threads(dh, w_values)):
             for step in reversed(range(steps)):
                 if native_cells:
@@ -255,7 +267,7 @@ class _Recurrence(torch.autograd.Function):
                     dh = dh * z
                 if step == 0 and not need_h0:
                     break
-                step_call = _step_call(call, step)
+                step_call = _step_call(call, step, keys)
                 error = quantize_operand(grad_recurrent[step], recipe.dgrad.left, call.state, error_key,
                                          scale=error_scale, forward_key=step_call.forward_key,
                                          values_dtype=error_dtype, keep_storage=error_storage)
