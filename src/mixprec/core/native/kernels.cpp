@@ -1403,6 +1403,24 @@ MIXPREC_INLINE float widened(const T* x, int64_t i) {
   return float_of(load_bits<T>(x, i));
 }
 
+constexpr int64_t kWidenBlock = 256;
+
+// x[0, n) widened to float32 into out (n <= kWidenBlock), exactly as torch casts: FP16
+// through the CPU's conversion instruction where it has AVX-512 (the bit arithmetic of
+// load_bits<Half> does not vectorise; the instruction is exact on every finite value
+// and quiets a signalling NaN, which the additions after it would quiet anyway).
+template <typename T>
+MIXPREC_INLINE void widen_block(const T* x, int64_t n, float* out) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, Half>) {
+    for (; k + 16 <= n; k += 16)
+      _mm512_storeu_ps(out + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))));
+  }
+#endif
+  for (; k < n; ++k) out[k] = widened(x, k);
+}
+
 template <typename T>
 MIXPREC_INLINE void store_as(T* out, int64_t i, float v);
 
@@ -1424,29 +1442,38 @@ void lstm_preact_rows(const float* projected, const T* recurrent, float* gates, 
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t row = b * width;
-    for (int64_t k = 0; k < width; ++k) gates[row + k] = projected[row + k] + widened(recurrent, row + k);
+    float wide[kWidenBlock];
+    for (int64_t start = 0; start < width; start += kWidenBlock) {
+      const int64_t n = std::min(kWidenBlock, width - start);
+      widen_block(recurrent + row + start, n, wide);
+      for (int64_t k = 0; k < n; ++k) gates[row + start + k] = projected[row + start + k] + wide[k];
+    }
     for (int64_t k = 2 * hidden; k < 3 * hidden; ++k) gates[row + k] = gates[row + k] * 2.0f;
   }
 }
 
 // after the gates' sigmoid: g = 2 s - 1 (kept in gates), c = f c_prev + i g (addcmul: one
-// fused multiply-add), doubled = 2 c (the argument of tanh(c)'s sigmoid)
+// fused multiply-add), doubled = 2 c (the argument of tanh(c)'s sigmoid); one row on
+// restrict pointers, so that the loop vectorises
+MIXPREC_INLINE void lstm_cell_row(float* __restrict__ gates, const float* __restrict__ c_prev, float* __restrict__ c,
+                                  float* __restrict__ doubled, int64_t hidden) {
+  const float* __restrict__ i = gates;
+  const float* __restrict__ f = gates + hidden;
+  float* __restrict__ g = gates + 2 * hidden;
+  for (int64_t k = 0; k < hidden; ++k) {
+    const float gk = g[k] * 2.0f - 1.0f;
+    g[k] = gk;
+    const float ck = __builtin_fmaf(i[k], gk, f[k] * c_prev[k]);
+    c[k] = ck;
+    doubled[k] = ck * 2.0f;
+  }
+}
+
 void lstm_cell_rows(float* gates, const float* c_prev, float* c, float* doubled, int64_t batch, int64_t hidden,
                     int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t b = 0; b < batch; ++b) {
-    float* i = gates + b * 4 * hidden;
-    float* f = i + hidden;
-    float* g = f + hidden;
-    const int64_t row = b * hidden;
-    for (int64_t k = 0; k < hidden; ++k) {
-      const float gk = g[k] * 2.0f - 1.0f;
-      g[k] = gk;
-      const float ck = std::fma(i[k], gk, f[k] * c_prev[row + k]);
-      c[row + k] = ck;
-      doubled[row + k] = ck * 2.0f;
-    }
-  }
+  for (int64_t b = 0; b < batch; ++b)
+    lstm_cell_row(gates + b * 4 * hidden, c_prev + b * hidden, c + b * hidden, doubled + b * hidden, hidden);
 }
 
 // after tanh(c)'s sigmoid s: h = o (2 s - 1), cast to h's dtype
@@ -1464,30 +1491,41 @@ void lstm_hidden_rows(const float* gates, const float* s, T* h, int64_t batch, i
 // activations' slopes taken on the way (sigmoid's a (1 - a), tanh's 1 - g^2, and
 // h = o tanh(c)'s o (1 - tanh(c)^2)): dh += the output's gradient; dc += dh out_slope
 // (fused); the gates' gradients d_act (i, f, g, o) = (dc g, dc c_prev, dc i, dh tanh(c))
-// times the slopes; dc *= f.
+// times the slopes; dc *= f. One row (batch element) of it, on restrict pointers so
+// that the loop vectorises:
+MIXPREC_INLINE void lstm_backward_row(float* __restrict__ dh, float* __restrict__ dc,
+                                      const float* __restrict__ cell_tanh, const float* __restrict__ acts,
+                                      const float* __restrict__ c_prev, float* __restrict__ d_act, int64_t hidden) {
+  const float* __restrict__ i = acts;
+  const float* __restrict__ f = i + hidden;
+  const float* __restrict__ g = f + hidden;
+  const float* __restrict__ o = g + hidden;
+  for (int64_t k = 0; k < hidden; ++k) {
+    const float dhk = dh[k];
+    const float tk = cell_tanh[k];
+    const float out_slope = o[k] * (1.0f - tk * tk);
+    const float dck = __builtin_fmaf(dhk, out_slope, dc[k]);
+    d_act[k] = (dck * g[k]) * (i[k] * (1.0f - i[k]));
+    d_act[hidden + k] = (dck * c_prev[k]) * (f[k] * (1.0f - f[k]));
+    d_act[2 * hidden + k] = (dck * i[k]) * (1.0f - g[k] * g[k]);
+    d_act[3 * hidden + k] = (dhk * tk) * (o[k] * (1.0f - o[k]));
+    dc[k] = dck * f[k];
+  }
+}
+
 template <typename T>
 void lstm_backward_rows(float* dh, const T* grad_output, float* dc, const float* cell_tanh, const float* acts,
                         const float* c_prev, float* d_act, int64_t batch, int64_t hidden, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t row = b * hidden, wide = b * 4 * hidden;
-    const float* i = acts + wide;
-    const float* f = i + hidden;
-    const float* g = f + hidden;
-    const float* o = g + hidden;
-    float* di = d_act + wide;
-    for (int64_t k = 0; k < hidden; ++k) {
-      const float dhk = dh[row + k] + widened(grad_output, row + k);
-      dh[row + k] = dhk;
-      const float tk = cell_tanh[row + k];
-      const float out_slope = o[k] * (1.0f - tk * tk);
-      const float dck = std::fma(dhk, out_slope, dc[row + k]);
-      di[k] = (dck * g[k]) * (i[k] * (1.0f - i[k]));
-      di[hidden + k] = (dck * c_prev[row + k]) * (f[k] * (1.0f - f[k]));
-      di[2 * hidden + k] = (dck * i[k]) * (1.0f - g[k] * g[k]);
-      di[3 * hidden + k] = (dhk * tk) * (o[k] * (1.0f - o[k]));
-      dc[row + k] = dck * f[k];
+    const int64_t row = b * hidden;
+    for (int64_t start = 0; start < hidden; start += kWidenBlock) {  // dh += the output's gradient
+      float out_grad[kWidenBlock];
+      const int64_t n = std::min(kWidenBlock, hidden - start);
+      widen_block(grad_output + row + start, n, out_grad);
+      for (int64_t k = 0; k < n; ++k) dh[row + start + k] = dh[row + start + k] + out_grad[k];
     }
+    lstm_backward_row(dh + row, dc + row, cell_tanh + row, acts + 4 * row, c_prev + row, d_act + 4 * row, hidden);
   }
 }
 
