@@ -99,6 +99,28 @@ def test_bench_step_times_the_quick_compare_models(tmp_path):
         assert bf16["saved_bytes"] < fp32["saved_bytes"]
 
 
+def test_bench_step_times_the_quick_gan_with_both_networks(tmp_path):
+    """quick-gan is compare's DCGAN at its quick budget: the generator and the critic, each
+    with its Adam state, stepped by compare's gan_step; no torchao row (nothing for its
+    float8 to convert)."""
+    path = tmp_path / "step.json"
+    result = run("bench", "step", "--repeats", "1", "--batch-scale", "0.0625", "--models", "quick-gan",
+                 "--configs", "fp32,torchao-float8,bf16,fp8", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    rows = {row["config"]: row for row in json.loads(path.read_text())}
+    assert set(rows) == {"fp32", "bf16", "fp8"}
+    from mixprec.experiments.models import Discriminator, Generator
+
+    width = 32  # compare's quick budget
+    expected = sum(p.numel() for m in (Generator(64, width), Discriminator(width)) for p in m.parameters())
+    assert rows["fp32"]["parameters"] == expected
+    # Adam's two FP32 moments per parameter, and a step count per tensor
+    assert rows["fp32"]["optimizer_bytes"] == pytest.approx(8 * expected, rel=1e-3)
+    assert rows["fp32"]["x_fp32"] == 1.0 and rows["fp8"]["ms"] > 0
+    # bf16: a 2-byte rounded copy of each weight beside the FP32 masters; fp8: 1 byte
+    assert rows["bf16"]["param_bytes"] > rows["fp8"]["param_bytes"] > rows["fp32"]["param_bytes"]
+
+
 def test_bench_step_times_the_mlp_against_torchao_and_says_whether_bf16_is_native(tmp_path):
     path = tmp_path / "step.json"
     result = run("bench", "step", "--repeats", "1", "--batch-scale", "0.0625", "--models", "mlp",

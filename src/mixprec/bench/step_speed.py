@@ -1,7 +1,8 @@
 """``mixprec bench step``: one training step of a ResNet-style CNN, a Transformer (GPT)
 block and an MLP (4 x Linear(1024), batch 512), and on request the quick-budget
-models of ``mixprec compare`` (``quick-cnn``, ``quick-lstm``, ``quick-transformer``:
-their builders, sizes, optimizers and clipping, on random data), under FP32 eager, torch.autocast (bf16,
+models of ``mixprec compare`` (``quick-cnn``, ``quick-lstm``, ``quick-gan``,
+``quick-transformer``: their builders, sizes, optimizers, clipping and, for the GAN,
+compare's step of both networks, on random data), under FP32 eager, torch.autocast (bf16,
 fp16), torchao's float8 training emulation (an optional peer, where torchao imports) and
 every mixprec recipe, in one run with interleaved rounds: median step time, its ratio to
 FP32, and the bytes of parameters, optimizer state (master weights included) and
@@ -11,6 +12,7 @@ exact and native)."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -22,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.bench.timing import median_seconds
-from mixprec.experiments.steps import optimizer_step
-from mixprec.experiments.models import CharGPT, CharLSTM, TransformerBlock, resnet_style_cnn
+from mixprec.experiments.steps import gan_step, optimizer_step
+from mixprec.experiments.models import CharGPT, CharLSTM, Discriminator, Generator, TransformerBlock, resnet_style_cnn
 from mixprec.experiments.runner import BUDGETS
 from mixprec.stats.memory import SavedBytesCounter
 from mixprec.recipe import RECIPES
 from mixprec.amp import prepare
-from mixprec.nn.convert import engine_state
+from mixprec.nn.convert import engine_state, is_converted
 from mixprec.nn.kernels import KernelMode, gemm_kernels
 
 __all__ = ["StepRow", "run_step_bench", "CONFIGS", "COMPILED", "is_config", "MODELS", "DEFAULT_MODELS", "TORCHAO_FLOAT8",
@@ -41,14 +43,16 @@ with ``emulate=True``: its FP8 GEMMs emulated in high precision, as on a CPU."""
 CONFIGS = ("fp32", "autocast-bf16", "autocast-fp16", TORCHAO_FLOAT8, *[name for name in RECIPES if name != "fp32"])
 DEFAULT_MODELS = ("cnn", "transformer", "mlp")
 """The models a plain ``mixprec bench step`` times."""
-MODELS = (*DEFAULT_MODELS, "quick-cnn", "quick-lstm", "quick-transformer")
-"""Every model it can time: the defaults and the quick-budget ``compare`` models with one
-network (the CNN, the character LSTM and Transformer: compare's builders, sizes,
-optimizers and gradient clipping, on random data; small and overhead-bound, issue 12
+MODELS = (*DEFAULT_MODELS, "quick-cnn", "quick-lstm", "quick-gan", "quick-transformer")
+"""Every model it can time: the defaults and the quick-budget ``compare`` models (the CNN,
+the character LSTM and Transformer, the DCGAN: compare's builders, sizes, optimizers,
+gradient clipping and GAN step, on random data; small and overhead-bound, issue 12
 holds them to 1.5x FP32's step)."""
 _QUICK_TRANSFORMER = BUDGETS["quick"]["transformer"]
 _QUICK_LSTM = BUDGETS["quick"]["lstm"]
 _QUICK_CNN = BUDGETS["quick"]["cnn"]
+_QUICK_GAN = BUDGETS["quick"]["gan"]
+_GAN_LATENT = 64  # compare's generator input
 _QUICK_VOCABULARY = 63  # the KJV corpus's characters, which compare trains it on
 _CLIP = {"quick-lstm": 1.0, "quick-transformer": 1.0}  # compare clips the language models' gradients
 COMPILED = "+compile"
@@ -241,6 +245,10 @@ class _Run:
             self.optimizer.step()
             self.optimizer.zero_grad()
 
+    def parameter_count(self) -> int:
+        """The model's parameters."""
+        return sum(p.numel() for p in self.model.parameters())
+
     def bytes(self) -> dict[str, int]:
         # the eager model's bytes (a compiled graph's saved tensors are out of the hooks' sight)
         with SavedBytesCounter(exclude_from=[self.model]) as counter:
@@ -251,6 +259,66 @@ class _Run:
         return {
             "param_bytes": _tensor_bytes(list(self.model.parameters())) + _tensor_bytes(rounded),
             "optimizer_bytes": _optimizer_bytes(self.optimizer),
+            "saved_bytes": counter.bytes,
+        }
+
+
+class _GanRun:
+    """compare's quick-budget DCGAN under one configuration: its generator and critic with
+    their Adam optimizers, one step being compare's :func:`gan_step` (the critic on real
+    and generated images, then the generator through the critic), on random images and
+    noise. Both networks go through :func:`prepare` under every configuration, FP32
+    included, as compare runs them (the FP32 recipe converts nothing); autocast wraps
+    the whole step."""
+
+    def __init__(self, model_name: str, config: str, batch_scale: float, kernels: KernelMode = "auto") -> None:
+        self.compiled = config.endswith(COMPILED)
+        config = config.removesuffix(COMPILED)
+        generator = torch.Generator().manual_seed(0)
+        batch = max(2, int(_QUICK_GAN.batch * batch_scale))
+        self.real = torch.rand(batch, 1, 28, 28, generator=generator) * 2 - 1
+        self.noise = torch.randn(batch, _GAN_LATENT, generator=generator)
+        self.autocast = None
+        if config.startswith("autocast-"):
+            self.autocast = torch.bfloat16 if config.endswith("bf16") else torch.float16
+        recipe = config if config in RECIPES else "fp32"
+        torch.manual_seed(0)
+        self.models, self.optimizers = [], []
+        for network in (Generator(_GAN_LATENT, _QUICK_GAN.width), Discriminator(_QUICK_GAN.width)):
+            adam = torch.optim.Adam(network.parameters(), lr=_QUICK_GAN.lr, betas=(0.5, 0.999))
+            model, optimizer = prepare(network, adam, recipe)
+            self.models.append(model)
+            self.optimizers.append(optimizer)
+        self.forwards = [torch.compile(m) if self.compiled else m for m in self.models]
+        self.kernels = kernels
+
+    def _context(self, compiled: bool) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.autocast is not None:
+            stack.enter_context(torch.autocast("cpu", dtype=self.autocast))
+        stack.enter_context(gemm_kernels(self.kernels))
+        if compiled:
+            stack.enter_context(inductor_config.patch(emulate_precision_casts=True))
+        return stack
+
+    def step(self) -> None:
+        with self._context(self.compiled):
+            gan_step(*self.forwards, *self.optimizers, self.real, self.noise)
+
+    def parameter_count(self) -> int:
+        """Both networks' parameters."""
+        return sum(p.numel() for m in self.models for p in m.parameters())
+
+    def bytes(self) -> dict[str, int]:
+        generator, critic = self.models
+        with self._context(False), SavedBytesCounter(exclude_from=self.models) as counter:
+            score = critic(generator(self.noise))  # what compare counts: the critic on generated images
+        del score
+        rounded = [t for m in self.models if is_converted(m) for e in engine_state(m).weights.values()
+                   for t in e[3].tensors() if t is not None]
+        return {
+            "param_bytes": sum(_tensor_bytes(list(m.parameters())) for m in self.models) + _tensor_bytes(rounded),
+            "optimizer_bytes": sum(_optimizer_bytes(o) for o in self.optimizers),
             "saved_bytes": counter.bytes,
         }
 
@@ -281,11 +349,14 @@ def _run_step_bench(models: Sequence[str], configs: Sequence[str], repeats: int,
     notify = on_step or (lambda label: None)
     skip = {TORCHAO_FLOAT8} if TORCHAO_FLOAT8 in configs and torchao_float8_available() is not None else set()
     for model_name in models:
-        names = ("fp32", *[c for c in configs if c != "fp32" and c not in skip])
+        # the GAN has no linear layer torchao's float8 would convert: that row would be FP32's
+        left_out = skip | ({TORCHAO_FLOAT8} if model_name == "quick-gan" else set())
+        names = ("fp32", *[c for c in configs if c != "fp32" and c not in left_out])
         runs = {}
         for config in names:
             notify(f"{model_name} {config}")
-            run = runs[config] = _Run(model_name, config, batch_scale, kernels)
+            run = runs[config] = (_GanRun if model_name == "quick-gan" else _Run)(model_name, config, batch_scale,
+                                                                                    kernels)
             # warm-up; a compiled model compiles at its first step and, under delayed
             # scaling, recompiles at its second (the amax histories exist from then on)
             median_seconds(run.step, repeats=1, warmup=2 if run.compiled else 1)
@@ -302,6 +373,6 @@ def _run_step_bench(models: Sequence[str], configs: Sequence[str], repeats: int,
                 param_bytes=sizes[config]["param_bytes"], optimizer_bytes=sizes[config]["optimizer_bytes"],
                 saved_bytes=sizes[config]["saved_bytes"],
                 saved_ratio_to_fp32=sizes[config]["saved_bytes"] / max(sizes["fp32"]["saved_bytes"], 1),
-                parameters=sum(p.numel() for p in runs[config].model.parameters()),
+                parameters=runs[config].parameter_count(),
             ))
     return rows
