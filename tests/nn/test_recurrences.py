@@ -225,22 +225,31 @@ def test_coverage_counts_the_gemms_backward_runs(kind: type[nn.Module]) -> None:
     assert report.share == pytest.approx(1.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("recipe", ["fp32-compute", "bf16", "fp16", "fp8"])
+@pytest.mark.parametrize("recipe", ["fp32-compute", "bf16", "fp16", "fp8", "fp8-stochastic-inputs", "fp8-hybrid",
+                                    "nvfp4"])
 def test_native_cell_steps_equal_the_torch_ops_bit_for_bit(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The LSTM's point-wise steps in the native kernels give the torch chain's results
-    bit for bit: outputs, final states and every gradient, with hidden states held in
-    float32, BF16 and FP16, adversarial magnitudes (saturated gates, large cell states)
-    and initial states with gradients of their own."""
+    """The LSTM's point-wise steps in the native kernels, with the roundings they fuse
+    (the recurrent product's result, the next step's h, the dgrad's error: unscaled
+    scalar formats, to nearest and stochastically), give the torch chain's and separate
+    rounding passes' results bit for bit: outputs, final states and every gradient, with
+    hidden states held in float32, BF16 and FP16, adversarial magnitudes (saturated
+    gates, large cell states) and initial states with gradients of their own. Delayed
+    scaling (fp8-hybrid) and block formats (nvfp4) keep their rounding passes."""
     if not recurrences.native.available():
         pytest.skip("no C++ compiler here: the native kernels are not built")
     torch.manual_seed(3)
     rnn = nn.LSTM(16, 32, num_layers=2, batch_first=True)
     with torch.no_grad():
         rnn.weight_hh_l0.mul_(8)  # gates pushed into saturation, cell states past 1
-    named = "fp8-hybrid" if recipe == "fp32-compute" else recipe
+    named = {"fp32-compute": "fp8-hybrid", "fp8-stochastic-inputs": "fp8"}.get(recipe, recipe)
     chosen = mixprec.get_recipe(named).replace(keep=mixprec.KeepHighPrecision())
     if recipe == "fp32-compute":  # results and hidden states held in float32
         chosen = chosen.replace(forward=dataclasses.replace(chosen.forward, result=FP32), compute_dtype="fp32")
+    if recipe == "fp8-stochastic-inputs":  # the forward's inputs (h) and results rounded stochastically
+        forward = chosen.forward
+        chosen = chosen.replace(forward=dataclasses.replace(
+            forward, left=dataclasses.replace(forward.left, rounding="stochastic"),
+            result=dataclasses.replace(forward.result, rounding="stochastic")))
     x = torch.randn(6, 11, 16) * 3
     h0 = torch.randn(2, 6, 32, requires_grad=True)
     c0 = (torch.randn(2, 6, 32) * 4).requires_grad_()
@@ -258,8 +267,9 @@ def test_native_cell_steps_equal_the_torch_ops_bit_for_bit(recipe: str, monkeypa
         return [out, hn, cn, h.grad, c.grad] + [p.grad for p in converted.parameters()]
 
     native_results, torch_results = run(True), run(False)
-    assert native_results[0].dtype == {"fp32-compute": torch.float32, "bf16": torch.bfloat16,
-                                       "fp16": torch.float16, "fp8": torch.float16}[recipe]
+    assert native_results[0].dtype == {"fp32-compute": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                                       "fp8": torch.float16, "fp8-stochastic-inputs": torch.float16,
+                                       "fp8-hybrid": torch.bfloat16, "nvfp4": torch.bfloat16}[recipe]
     for ours, theirs in zip(native_results, torch_results):
         assert ours is not None and theirs is not None
         assert torch.equal(ours, theirs), float((ours.float() - theirs.float()).abs().max())

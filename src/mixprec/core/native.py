@@ -152,10 +152,11 @@ def _library() -> ctypes.CDLL | None:
     hadamard.argtypes = [pointer, i32, pointer, i64, i64, i64, pointer, pointer, i32]
     hadamard.restype = i32
     preact, cell, hidden, backward = cells
-    preact.argtypes = [pointer, pointer, i32, pointer, i64, i64, i32]
+    preact.argtypes = [pointer, pointer, i32, pointer, i64, i64, pointer, pointer, i32]
     cell.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i32]
-    hidden.argtypes = [pointer, pointer, pointer, i32, i64, i64, i32]
-    backward.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer, pointer, i64, i64, i32]
+    hidden.argtypes = [pointer, pointer, pointer, i32, i64, i64, pointer, pointer, pointer, i32, i32]
+    backward.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer, pointer, i64, i64, pointer, pointer,
+                         pointer, i32, i32]
     for function in cells:
         function.restype = i32
     return library
@@ -412,24 +413,40 @@ def packs(element: FloatFormat, cols: int) -> bool:
 
 # ---- the LSTM cell's point-wise steps (mixprec.nn.recurrences) ----------------------------------
 # Arguments are contiguous CPU tensors: gates (batch, 4 hidden) float32, states (batch,
-# hidden); the recurrence checks that before it calls them.
+# hidden); the recurrence checks that before it calls them. A ``rounding`` is a scalar
+# format's kernel parameters (mixprec.core.kernels._params, int32) and, for stochastic
+# rounding, its two-word key (None: to nearest): a rounding the step fuses, computed as
+# round_scalar computes it on the tensor it rounds.
+
+StepRounding = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def _cell_status(status: int, name: str, dtype: torch.dtype) -> None:
+def _rounding_pointers(rounding: StepRounding | None) -> tuple[int | None, int | None]:
+    if rounding is None:
+        return None, None
+    params, key = rounding
+    return params.data_ptr(), None if key is None else key.data_ptr()
+
+
+def _cell_status(status: int, name: str, *dtypes: torch.dtype) -> None:
     if status != 0:
-        raise ValueError(f"native {name}: unsupported dtype {dtype}")
+        raise ValueError(f"native {name}: unsupported dtypes {', '.join(str(d) for d in dtypes)}")
 
 
-def lstm_preactivations(projected: torch.Tensor, recurrent: torch.Tensor, gates: torch.Tensor, threads: int) -> None:
+def lstm_preactivations(projected: torch.Tensor, recurrent: torch.Tensor, gates: torch.Tensor, threads: int,
+                        rounding: StepRounding | None = None) -> None:
     """``gates = projected + recurrent`` (float32 plus the recurrent product's result in
     float32, BF16 or FP16), with the cell candidate's quarter doubled: the LSTM step's
-    operations before its gates' sigmoid, in one pass."""
+    operations before its gates' sigmoid, in one pass. With ``rounding``, ``recurrent``
+    is the product's FP32 sum, rounded on the way (the result's one rounding)."""
     library = _library()
     assert library is not None, "call native.available() first"
     batch, width = gates.shape
+    p, key = _rounding_pointers(rounding)
     _cell_status(library.mixprec_lstm_preact(projected.data_ptr(), recurrent.data_ptr(),
                                              _SCALAR_DTYPES.get(recurrent.dtype, -1), gates.data_ptr(), batch,
-                                             width // 4, max(int(threads), 1)), "lstm_preactivations", recurrent.dtype)
+                                             width // 4, p, key, max(int(threads), 1)),
+                 "lstm_preactivations", recurrent.dtype)
 
 
 def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor, c: torch.Tensor, doubled: torch.Tensor, threads: int) -> None:
@@ -443,28 +460,40 @@ def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor, c: torch.Tensor, double
                               max(int(threads), 1))
 
 
-def lstm_hidden(gates: torch.Tensor, sigmoid: torch.Tensor, h: torch.Tensor, threads: int) -> None:
+def lstm_hidden(gates: torch.Tensor, sigmoid: torch.Tensor, h: torch.Tensor, threads: int,
+                rounding: StepRounding | None = None, rounded: torch.Tensor | None = None) -> None:
     """``h = o (2 sigmoid - 1)``: the output gate times ``tanh(c)``, cast once to h's dtype
-    (float32, BF16 or FP16)."""
+    (float32, BF16 or FP16). With ``rounding``, ``rounded`` (float32 or BF16) receives the
+    held h rounded for the next step's GEMM, written by the same pass."""
     library = _library()
     assert library is not None, "call native.available() first"
     batch, hidden = h.shape
+    p, key = _rounding_pointers(rounding)
+    q_dtype = 0 if rounded is None else _DTYPE_CODES.get(rounded.dtype, -1)
     _cell_status(library.mixprec_lstm_hidden(gates.data_ptr(), sigmoid.data_ptr(), h.data_ptr(),
-                                             _SCALAR_DTYPES.get(h.dtype, -1), batch, hidden, max(int(threads), 1)),
-                 "lstm_hidden", h.dtype)
+                                             _SCALAR_DTYPES.get(h.dtype, -1), batch, hidden, p, key,
+                                             None if rounded is None else rounded.data_ptr(), q_dtype,
+                                             max(int(threads), 1)),
+                 "lstm_hidden", h.dtype, *(() if rounded is None else (rounded.dtype,)))
 
 
 def lstm_backward_step(dh: torch.Tensor, grad_output: torch.Tensor, dc: torch.Tensor, cell_tanh: torch.Tensor,
-                       acts: torch.Tensor, c_prev: torch.Tensor, d_act: torch.Tensor, threads: int) -> None:
+                       acts: torch.Tensor, c_prev: torch.Tensor, d_act: torch.Tensor, threads: int,
+                       rounding: StepRounding | None = None, error: torch.Tensor | None = None) -> None:
     """One step of the LSTM's backward sweep before its dgrad GEMM, in place, with the
     activations' slopes computed on the way from ``acts`` (i, f, g, o) and ``cell_tanh``
     (as the torch chain computes them, not read from a tensor of the whole sequence):
     ``dh += grad_output``; ``dc += dh o (1 - tanh(c)^2)`` (fused, as addcmul); the gates'
-    gradients ``d_act = (dc g, dc c_prev, dc i, dh tanh(c))`` times the slopes; ``dc *= f``."""
+    gradients ``d_act = (dc g, dc c_prev, dc i, dh tanh(c))`` times the slopes; ``dc *= f``.
+    With ``rounding``, ``error`` (float32 or BF16, d_act's shape) receives d_act rounded
+    for the dgrad GEMM, written by the same pass."""
     library = _library()
     assert library is not None, "call native.available() first"
     batch, hidden = dh.shape
+    p, key = _rounding_pointers(rounding)
+    e_dtype = 0 if error is None else _DTYPE_CODES.get(error.dtype, -1)
     _cell_status(library.mixprec_lstm_backward(
         dh.data_ptr(), grad_output.data_ptr(), _SCALAR_DTYPES.get(grad_output.dtype, -1), dc.data_ptr(),
-        cell_tanh.data_ptr(), acts.data_ptr(), c_prev.data_ptr(), d_act.data_ptr(), batch, hidden,
-        max(int(threads), 1)), "lstm_backward_step", grad_output.dtype)
+        cell_tanh.data_ptr(), acts.data_ptr(), c_prev.data_ptr(), d_act.data_ptr(), batch, hidden, p, key,
+        None if error is None else error.data_ptr(), e_dtype, max(int(threads), 1)),
+        "lstm_backward_step", grad_output.dtype, *(() if error is None else (error.dtype,)))

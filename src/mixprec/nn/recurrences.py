@@ -39,8 +39,9 @@ from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result,
                             _kernel_dtype, _load, _load_extra, _log, _save, _no_autocast, _pad_dim, _path, _reserve_histories, _scale_sum,
                             _values, _finish, _forward_path, forward_product, gemm)
 from mixprec.core import native
-from mixprec.core.kernels import native_steps, serial_gemm_threads, serial_threads, torch_threads
-from mixprec.core.quantize import abs_max
+from mixprec.core.formats import BlockFormat
+from mixprec.core.kernels import _params, native_steps, serial_gemm_threads, serial_threads, torch_threads
+from mixprec.core.quantize import abs_max, resolve_overflow
 from mixprec.nn.state import EngineState, Quantized, _mix_tensor, quantize_operand, result_dtype
 from mixprec.recipe import Operand
 from mixprec.scaling import AmaxHistory
@@ -80,6 +81,23 @@ def _record(call: _Call, history: AmaxHistory | None, x: torch.Tensor) -> None:
         return
     amax = abs_max(x)
     history.record_amax(amax if call.state.amax_reduce is None else call.state.amax_reduce(amax))
+
+
+def _step_rounding(call: _Call, operand: Operand, site: str, step_key: torch.Tensor | None,
+                   device: torch.device) -> native.StepRounding | None:
+    """The rounding onto ``operand``'s grid a native step fuses: the format's kernel
+    parameters (its default overflow, as an unscaled :func:`quantize_operand` takes it)
+    and, for stochastic rounding, the key call site ``site`` draws at this step (the same
+    random bits). None where a step cannot take it: FP32 (nothing to round), a block
+    format or a scaled operand (the separate rounding pass runs), or stochastic rounding
+    without a forward key."""
+    fmt = operand.fmt
+    if operand.is_fp32 or operand.scaling is not None or isinstance(fmt, BlockFormat):
+        return None
+    key = call.state.random_key(site, step_key) if operand.rounding == "stochastic" else None
+    if operand.rounding == "stochastic" and key is None:
+        return None
+    return _params(fmt, resolve_overflow(fmt, None), device), key
 
 
 def _loop_threads(state: torch.Tensor, weight: torch.Tensor) -> int:
@@ -137,24 +155,45 @@ class _Recurrence(torch.autograd.Function):
         native_cells = lstm and h0.dim() == 2 and native_steps(acts) and projected.is_contiguous()
         doubled = h0.new_empty(h0.shape, dtype=torch.float32) if native_cells else None
         cell_threads = serial_threads(h0.numel() * 4)
+        # the native step also takes the recurrent product's rounding and the next step's
+        # rounding of h, where they are unscaled scalar formats (the same values and
+        # random bits as the separate passes): h's rounded values go to a buffer the
+        # next step's GEMM reads
+        input_dtype = _kernel_dtype(path)
+        left = recipe.forward.left
+        fuse_h = (native_cells and h_scale is None and input_dtype in (torch.float32, torch.bfloat16)
+                  and not left.is_fp32 and not isinstance(left.fmt, BlockFormat) and left.fmt.torch_dtype != compute)
+        fused_h = h0.new_empty(h0.shape, dtype=input_dtype) if fuse_h else None
+        prepared: Quantized | None = None
         keys = _step_keys(call, steps)
         with _no_autocast(), torch_threads(_loop_threads(h0, w_hh)):
             for step in range(steps):
                 step_call = _step_call(call, step, keys)
-                qh = quantize_operand(h, recipe.forward.left, state, f"{call.site}.a", axis=-1, scale=h_scale,
-                                      forward_key=step_call.forward_key, values_dtype=_kernel_dtype(path),
-                                      keep_storage=False)
+                # h rounded by the previous step's native pass, or here
+                qh = prepared if prepared is not None else quantize_operand(
+                    h, recipe.forward.left, state, f"{call.site}.a", axis=-1, scale=h_scale,
+                    forward_key=step_call.forward_key, values_dtype=input_dtype, keep_storage=False)
+                prepared = None
                 y = forward_product(step_call, path, qh, qw, b_hh, True, right)
-                # the rounded result in its holding dtype, widened by the FP32 additions
-                recurrent = _finish(step_call, y, recipe.forward.result, "output")
                 gates = acts[step]
+                y_rounding = (_step_rounding(call, recipe.forward.result, f"{call.site}.output", step_call.forward_key,
+                                             y.device)
+                              if native_cells and y.dtype == torch.float32 and y.is_contiguous() else None)
+                # the rounded result in its holding dtype, widened by the FP32 additions
+                recurrent = y if y_rounding is not None else _finish(step_call, y, recipe.forward.result, "output")
                 if native_cells and recurrent.is_contiguous():
-                    native.lstm_preactivations(projected[step], recurrent, gates, cell_threads)
+                    native.lstm_preactivations(projected[step], recurrent, gates, cell_threads, y_rounding)
                     gates.sigmoid_()
                     native.lstm_cell(gates, cells[step], cells[step + 1], doubled, cell_threads)  # type: ignore[index]
                     doubled.sigmoid_()  # type: ignore[union-attr]
                     h = outputs[step]
-                    native.lstm_hidden(gates, doubled, h, cell_threads)
+                    next_rounding = (_step_rounding(call, recipe.forward.left, f"{call.site}.a",
+                                                    None if keys is None else keys[step + 1], h.device)
+                                     if fused_h is not None and step + 1 < steps else None)
+                    native.lstm_hidden(gates, doubled, h, cell_threads, next_rounding,
+                                       fused_h if next_rounding is not None else None)
+                    if next_rounding is not None:
+                        prepared = Quantized(fused_h, None, recipe.forward.left, fused_h)  # type: ignore[arg-type]
                 elif lstm:
                     torch.add(projected[step], recurrent, out=gates)
                     i, f, g, o = gates.split(hidden, -1)
@@ -234,12 +273,21 @@ class _Recurrence(torch.autograd.Function):
                 slopes[..., 2 * hidden:3 * hidden] = 1 - g * g
                 out_slope = o * (1 - cell_tanh * cell_tanh)  # dc/dh through h = o tanh(c)
         keys = _step_keys(call, steps)
+        # the native step also rounds the errors for the dgrad GEMM where their format is an
+        # unscaled scalar one (the same values and random bits as the separate pass)
+        fuse_error = (native_cells and error_scale is None and error_storage is False
+                      and error_dtype in (torch.float32, torch.bfloat16))
+        fused_error = acts.new_empty(acts.shape[1:-1] + (gates,), dtype=error_dtype) if fuse_error else None
         with _no_autocast(), torch_threads(_loop_threads(dh, w_values)):
             for step in reversed(range(steps)):
+                step_call = _step_call(call, step, keys)
+                error_rounding = (_step_rounding(call, recipe.dgrad.left, error_key, step_call.forward_key, acts.device)
+                                  if fused_error is not None and (step > 0 or need_h0) else None)
                 if native_cells:
                     dh = dh.contiguous()
                     native.lstm_backward_step(dh, grad_outputs[step], dc, cell_tanh[step], acts[step], states[step],
-                                              grad_projected[step], cell_threads)
+                                              grad_projected[step], cell_threads, error_rounding,
+                                              fused_error if error_rounding is not None else None)
                 elif lstm:
                     dh += grad_outputs[step].float()
                     d_act = grad_projected[step]
@@ -267,10 +315,12 @@ class _Recurrence(torch.autograd.Function):
                     dh = dh * z
                 if step == 0 and not need_h0:
                     break
-                step_call = _step_call(call, step, keys)
-                error = quantize_operand(grad_recurrent[step], recipe.dgrad.left, call.state, error_key,
-                                         scale=error_scale, forward_key=step_call.forward_key,
-                                         values_dtype=error_dtype, keep_storage=error_storage)
+                if error_rounding is not None:  # rounded by the native pass
+                    error = Quantized(fused_error, None, recipe.dgrad.left, fused_error)  # type: ignore[arg-type]
+                else:
+                    error = quantize_operand(grad_recurrent[step], recipe.dgrad.left, call.state, error_key,
+                                             scale=error_scale, forward_key=step_call.forward_key,
+                                             values_dtype=error_dtype, keep_storage=error_storage)
                 product = _scale_sum(kernels.matmul(_values(dgrad_path, error), w_values, dgrad_path, call.policy),
                                      error, saved_w)
                 previous_grad = _grad_result(step_call, product, False, torch.float32)

@@ -1433,11 +1433,48 @@ MIXPREC_INLINE void store_as<uint16_t>(uint16_t* out, int64_t i, float v) { out[
 template <>
 MIXPREC_INLINE void store_as<Half>(Half* out, int64_t i, float v) { out[i].bits = half_bits(v); }
 
-// gates = projected + recurrent (widened), the cell candidate's quarter doubled (its tanh
-// is taken as 2 sigmoid(2x) - 1)
+// A rounding fused into a recurrence step (an unscaled scalar format): the kernel
+// parameters, and for stochastic rounding the key whose hash of each element's flat
+// index in the tensor being rounded gives its random bits, as round_range draws them.
+struct StepRounding {
+  Params p;
+  bool on, stochastic;
+  uint32_t key0, key1;
+};
+
+MIXPREC_INLINE StepRounding step_rounding(const int32_t* p, const int32_t* key) {
+  StepRounding r{};
+  r.on = p != nullptr;
+  if (r.on) r.p = params_of(p);
+  r.stochastic = key != nullptr;
+  if (r.stochastic) {
+    r.key0 = static_cast<uint32_t>(key[0]);
+    r.key1 = static_cast<uint32_t>(key[1]);
+  }
+  return r;
+}
+
+// src[0, n) rounded onto the format's grid into dst (may be src), as round_range rounds
+// the elements with flat indices [base, base + n) of a tensor
+MIXPREC_INLINE void round_step_row(const float* src, float* dst, int64_t n, int64_t base, const StepRounding& r) {
+  const Params p = r.p;
+  const uint32_t key0 = r.key0, key1 = r.key1;
+  if (r.stochastic) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k)
+      dst[k] = float_of(round_bits(bits_of(src[k]), p, true, hash_bits(static_cast<uint32_t>(base + k), key0, key1)));
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = float_of(round_bits(bits_of(src[k]), p, false, 0));
+  }
+}
+
+// gates = projected + recurrent (widened; an FP32 recurrent product rounded first where
+// ``r`` is on: the result's rounding, fused), the cell candidate's quarter doubled (its
+// tanh is taken as 2 sigmoid(2x) - 1)
 template <typename T>
 void lstm_preact_rows(const float* projected, const T* recurrent, float* gates, int64_t batch, int64_t hidden,
-                      int threads) {
+                      const StepRounding& r, int threads) {
   const int64_t width = 4 * hidden;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < batch; ++b) {
@@ -1446,6 +1483,7 @@ void lstm_preact_rows(const float* projected, const T* recurrent, float* gates, 
     for (int64_t start = 0; start < width; start += kWidenBlock) {
       const int64_t n = std::min(kWidenBlock, width - start);
       widen_block(recurrent + row + start, n, wide);
+      if (r.on) round_step_row(wide, wide, n, row + start, r);
       for (int64_t k = 0; k < n; ++k) gates[row + start + k] = projected[row + start + k] + wide[k];
     }
     for (int64_t k = 2 * hidden; k < 3 * hidden; ++k) gates[row + k] = gates[row + k] * 2.0f;
@@ -1476,14 +1514,25 @@ void lstm_cell_rows(float* gates, const float* c_prev, float* c, float* doubled,
     lstm_cell_row(gates + b * 4 * hidden, c_prev + b * hidden, c + b * hidden, doubled + b * hidden, hidden);
 }
 
-// after tanh(c)'s sigmoid s: h = o (2 s - 1), cast to h's dtype
-template <typename T>
-void lstm_hidden_rows(const float* gates, const float* s, T* h, int64_t batch, int64_t hidden, int threads) {
+// after tanh(c)'s sigmoid s: h = o (2 s - 1), cast to h's dtype; where ``r`` is on, also
+// the held h rounded onto the next step's GEMM input format, into q (dtype Q): that
+// GEMM's operand, fused
+template <typename T, typename Q>
+void lstm_hidden_rows(const float* gates, const float* s, T* h, Q* q, int64_t batch, int64_t hidden,
+                      const StepRounding& r, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < batch; ++b) {
     const float* o = gates + b * 4 * hidden + 3 * hidden;
     const int64_t row = b * hidden;
     for (int64_t k = 0; k < hidden; ++k) store_as(h, row + k, o[k] * (s[row + k] * 2.0f - 1.0f));
+    if (!r.on) continue;
+    for (int64_t start = 0; start < hidden; start += kWidenBlock) {
+      float held[kWidenBlock];
+      const int64_t n = std::min(kWidenBlock, hidden - start);
+      widen_block(h + row + start, n, held);
+      round_step_row(held, held, n, row + start, r);
+      for (int64_t k = 0; k < n; ++k) store_as(q, row + start + k, held[k]);
+    }
   }
 }
 
@@ -1513,9 +1562,10 @@ MIXPREC_INLINE void lstm_backward_row(float* __restrict__ dh, float* __restrict_
   }
 }
 
-template <typename T>
+template <typename T, typename E>
 void lstm_backward_rows(float* dh, const T* grad_output, float* dc, const float* cell_tanh, const float* acts,
-                        const float* c_prev, float* d_act, int64_t batch, int64_t hidden, int threads) {
+                        const float* c_prev, float* d_act, E* error, int64_t batch, int64_t hidden,
+                        const StepRounding& r, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t row = b * hidden;
@@ -1526,7 +1576,39 @@ void lstm_backward_rows(float* dh, const T* grad_output, float* dc, const float*
       for (int64_t k = 0; k < n; ++k) dh[row + start + k] = dh[row + start + k] + out_grad[k];
     }
     lstm_backward_row(dh + row, dc + row, cell_tanh + row, acts + 4 * row, c_prev + row, d_act + 4 * row, hidden);
+    if (!r.on) continue;
+    // the gates' gradients rounded onto the recurrent dgrad's error format: that GEMM's
+    // operand, fused
+    for (int64_t start = 0; start < 4 * hidden; start += kWidenBlock) {
+      float rounded[kWidenBlock];
+      const int64_t n = std::min(kWidenBlock, 4 * hidden - start);
+      round_step_row(d_act + 4 * row + start, rounded, n, 4 * row + start, r);
+      for (int64_t k = 0; k < n; ++k) store_as(error, 4 * row + start + k, rounded[k]);
+    }
   }
+}
+
+template <typename T>
+int lstm_hidden_to(const float* gates, const float* s, T* h, void* q, int q_dtype, int64_t batch, int64_t hidden,
+                   const StepRounding& r, int threads) {
+  if (!r.on || q_dtype == 0) lstm_hidden_rows(gates, s, h, static_cast<float*>(q), batch, hidden, r, threads);
+  else if (q_dtype == 1) lstm_hidden_rows(gates, s, h, static_cast<uint16_t*>(q), batch, hidden, r, threads);
+  else return 1;
+  return 0;
+}
+
+template <typename T>
+int lstm_backward_to(float* dh, const T* grad_output, float* dc, const float* cell_tanh, const float* acts,
+                     const float* c_prev, float* d_act, void* error, int e_dtype, int64_t batch, int64_t hidden,
+                     const StepRounding& r, int threads) {
+  if (!r.on || e_dtype == 0)
+    lstm_backward_rows(dh, grad_output, dc, cell_tanh, acts, c_prev, d_act, static_cast<float*>(error), batch, hidden,
+                       r, threads);
+  else if (e_dtype == 1)
+    lstm_backward_rows(dh, grad_output, dc, cell_tanh, acts, c_prev, d_act, static_cast<uint16_t*>(error), batch,
+                       hidden, r, threads);
+  else return 1;
+  return 0;
 }
 
 }  // namespace
@@ -1721,13 +1803,18 @@ int mixprec_hadamard16(const void* x, int dtype, float* out, int64_t outer, int6
 
 // The LSTM cell's point-wise steps (see lstm_preact_rows and the others above), on
 // contiguous (batch, 4 hidden) gates and (batch, hidden) states; dtype codes 0 float32,
-// 1 bfloat16, 2 float16. Each returns 0, 1 for an unknown dtype.
+// 1 bfloat16, 2 float16. ``p`` (a format's kernel parameters) and ``key`` (stochastic
+// rounding's two words) fuse a rounding where ``p`` is not null. Each returns 0, 1 for an
+// unknown dtype.
 int mixprec_lstm_preact(const float* projected, const void* recurrent, int dtype, float* gates, int64_t batch,
-                        int64_t hidden, int threads) {
+                        int64_t hidden, const int32_t* p, const int32_t* key, int threads) {
   threads = std::max(threads, 1);
-  if (dtype == 0) lstm_preact_rows(projected, static_cast<const float*>(recurrent), gates, batch, hidden, threads);
-  else if (dtype == 1) lstm_preact_rows(projected, static_cast<const uint16_t*>(recurrent), gates, batch, hidden, threads);
-  else if (dtype == 2) lstm_preact_rows(projected, static_cast<const Half*>(recurrent), gates, batch, hidden, threads);
+  const StepRounding r = step_rounding(p, key);
+  if (r.on && dtype != 0) return 1;  // the rounding takes the FP32 sum
+  if (dtype == 0) lstm_preact_rows(projected, static_cast<const float*>(recurrent), gates, batch, hidden, r, threads);
+  else if (dtype == 1)
+    lstm_preact_rows(projected, static_cast<const uint16_t*>(recurrent), gates, batch, hidden, r, threads);
+  else if (dtype == 2) lstm_preact_rows(projected, static_cast<const Half*>(recurrent), gates, batch, hidden, r, threads);
   else return 1;
   return 0;
 }
@@ -1739,30 +1826,30 @@ int mixprec_lstm_cell(float* gates, const float* c_prev, float* c, float* double
 }
 
 int mixprec_lstm_hidden(const float* gates, const float* s, void* h, int dtype, int64_t batch, int64_t hidden,
-                        int threads) {
+                        const int32_t* p, const int32_t* key, void* q, int q_dtype, int threads) {
   threads = std::max(threads, 1);
-  if (dtype == 0) lstm_hidden_rows(gates, s, static_cast<float*>(h), batch, hidden, threads);
-  else if (dtype == 1) lstm_hidden_rows(gates, s, static_cast<uint16_t*>(h), batch, hidden, threads);
-  else if (dtype == 2) lstm_hidden_rows(gates, s, static_cast<Half*>(h), batch, hidden, threads);
-  else return 1;
-  return 0;
+  const StepRounding r = step_rounding(p, key);
+  if (dtype == 0) return lstm_hidden_to(gates, s, static_cast<float*>(h), q, q_dtype, batch, hidden, r, threads);
+  if (dtype == 1) return lstm_hidden_to(gates, s, static_cast<uint16_t*>(h), q, q_dtype, batch, hidden, r, threads);
+  if (dtype == 2) return lstm_hidden_to(gates, s, static_cast<Half*>(h), q, q_dtype, batch, hidden, r, threads);
+  return 1;
 }
 
 int mixprec_lstm_backward(float* dh, const void* grad_output, int dtype, float* dc, const float* cell_tanh,
                           const float* acts, const float* c_prev, float* d_act, int64_t batch, int64_t hidden,
-                          int threads) {
+                          const int32_t* p, const int32_t* key, void* error, int e_dtype, int threads) {
   threads = std::max(threads, 1);
+  const StepRounding r = step_rounding(p, key);
   if (dtype == 0)
-    lstm_backward_rows(dh, static_cast<const float*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, batch, hidden,
-                       threads);
-  else if (dtype == 1)
-    lstm_backward_rows(dh, static_cast<const uint16_t*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, batch,
-                       hidden, threads);
-  else if (dtype == 2)
-    lstm_backward_rows(dh, static_cast<const Half*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, batch, hidden,
-                       threads);
-  else return 1;
-  return 0;
+    return lstm_backward_to(dh, static_cast<const float*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, error,
+                            e_dtype, batch, hidden, r, threads);
+  if (dtype == 1)
+    return lstm_backward_to(dh, static_cast<const uint16_t*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, error,
+                            e_dtype, batch, hidden, r, threads);
+  if (dtype == 2)
+    return lstm_backward_to(dh, static_cast<const Half*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, error,
+                            e_dtype, batch, hidden, r, threads);
+  return 1;
 }
 
 }  // extern "C"
