@@ -156,7 +156,7 @@ def _library() -> ctypes.CDLL | None:
     cell.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i32]
     hidden.argtypes = [pointer, pointer, pointer, i32, i64, i64, pointer, pointer, pointer, i32, i32]
     backward.argtypes = [pointer, pointer, i32, pointer, pointer, pointer, pointer, pointer, i64, i64, pointer, pointer,
-                         pointer, i32, i32]
+                         pointer, i32, pointer, pointer, i32]
     for function in cells:
         function.restype = i32
     return library
@@ -479,21 +479,24 @@ def lstm_hidden(gates: torch.Tensor, sigmoid: torch.Tensor, h: torch.Tensor, thr
 
 def lstm_backward_step(dh: torch.Tensor, grad_output: torch.Tensor, dc: torch.Tensor, cell_tanh: torch.Tensor,
                        acts: torch.Tensor, c_prev: torch.Tensor, d_act: torch.Tensor, threads: int,
-                       rounding: StepRounding | None = None, error: torch.Tensor | None = None) -> None:
+                       rounding: StepRounding | None = None, error: torch.Tensor | None = None,
+                       dh_rounding: StepRounding | None = None) -> None:
     """One step of the LSTM's backward sweep before its dgrad GEMM, in place, with the
     activations' slopes computed on the way from ``acts`` (i, f, g, o) and ``cell_tanh``
     (as the torch chain computes them, not read from a tensor of the whole sequence):
     ``dh += grad_output``; ``dc += dh o (1 - tanh(c)^2)`` (fused, as addcmul); the gates'
     gradients ``d_act = (dc g, dc c_prev, dc i, dh tanh(c))`` times the slopes; ``dc *= f``.
     With ``rounding``, ``error`` (float32 or BF16, d_act's shape) receives d_act rounded
-    for the dgrad GEMM, written by the same pass."""
+    for the dgrad GEMM, written by the same pass. With ``dh_rounding``, ``dh`` is the later
+    step's dgrad sum, rounded first (that GEMM's result rounding)."""
     library = _library()
     assert library is not None, "call native.available() first"
     batch, hidden = dh.shape
     p, key = _rounding_pointers(rounding)
+    p_dh, key_dh = _rounding_pointers(dh_rounding)
     e_dtype = 0 if error is None else _DTYPE_CODES.get(error.dtype, -1)
     _cell_status(library.mixprec_lstm_backward(
         dh.data_ptr(), grad_output.data_ptr(), _SCALAR_DTYPES.get(grad_output.dtype, -1), dc.data_ptr(),
         cell_tanh.data_ptr(), acts.data_ptr(), c_prev.data_ptr(), d_act.data_ptr(), batch, hidden, p, key,
-        None if error is None else error.data_ptr(), e_dtype, max(int(threads), 1)),
+        None if error is None else error.data_ptr(), e_dtype, p_dh, key_dh, max(int(threads), 1)),
         "lstm_backward_step", grad_output.dtype, *(() if error is None else (error.dtype,)))

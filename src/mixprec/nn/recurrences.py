@@ -278,6 +278,7 @@ class _Recurrence(torch.autograd.Function):
         fuse_error = (native_cells and error_scale is None and error_storage is False
                       and error_dtype in (torch.float32, torch.bfloat16))
         fused_error = acts.new_empty(acts.shape[1:-1] + (gates,), dtype=error_dtype) if fuse_error else None
+        dh_rounding: native.StepRounding | None = None  # the later step's dgrad result, rounded by this step's pass
         with _no_autocast(), torch_threads(_loop_threads(dh, w_values)):
             for step in reversed(range(steps)):
                 step_call = _step_call(call, step, keys)
@@ -287,7 +288,8 @@ class _Recurrence(torch.autograd.Function):
                     dh = dh.contiguous()
                     native.lstm_backward_step(dh, grad_outputs[step], dc, cell_tanh[step], acts[step], states[step],
                                               grad_projected[step], cell_threads, error_rounding,
-                                              fused_error if error_rounding is not None else None)
+                                              fused_error if error_rounding is not None else None, dh_rounding)
+                    dh_rounding = None
                 elif lstm:
                     dh += grad_outputs[step].float()
                     d_act = grad_projected[step]
@@ -323,8 +325,15 @@ class _Recurrence(torch.autograd.Function):
                                              values_dtype=error_dtype, keep_storage=error_storage)
                 product = _scale_sum(kernels.matmul(_values(dgrad_path, error), w_values, dgrad_path, call.policy),
                                      error, saved_w)
-                previous_grad = _grad_result(step_call, product, False, torch.float32)
-                dh = previous_grad if lstm else dh + previous_grad
+                if native_cells and step > 0 and product.dtype == torch.float32 and product.is_contiguous():
+                    # rounded by the next (earlier) step's native pass, which adds to it first
+                    dh_rounding = _step_rounding(call, recipe.dgrad.result, f"{call.site}.grad_input",
+                                                 step_call.forward_key, product.device)
+                if dh_rounding is not None:
+                    dh = product
+                else:
+                    previous_grad = _grad_result(step_call, product, False, torch.float32)
+                    dh = previous_grad if lstm else dh + previous_grad
         with _no_autocast():
             grad_w = grad_b = None
             # the errors' amax, once; wgrad's rounding of the same errors in the same

@@ -1565,11 +1565,14 @@ MIXPREC_INLINE void lstm_backward_row(float* __restrict__ dh, float* __restrict_
 template <typename T, typename E>
 void lstm_backward_rows(float* dh, const T* grad_output, float* dc, const float* cell_tanh, const float* acts,
                         const float* c_prev, float* d_act, E* error, int64_t batch, int64_t hidden,
-                        const StepRounding& r, int threads) {
+                        const StepRounding& r, const StepRounding& r_dh, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t row = b * hidden;
-    for (int64_t start = 0; start < hidden; start += kWidenBlock) {  // dh += the output's gradient
+    // dh (the later step's dgrad sum, rounded first where r_dh is on: that GEMM's result
+    // rounding, fused) += the output's gradient
+    if (r_dh.on) round_step_row(dh + row, dh + row, hidden, row, r_dh);
+    for (int64_t start = 0; start < hidden; start += kWidenBlock) {
       float out_grad[kWidenBlock];
       const int64_t n = std::min(kWidenBlock, hidden - start);
       widen_block(grad_output + row + start, n, out_grad);
@@ -1600,13 +1603,13 @@ int lstm_hidden_to(const float* gates, const float* s, T* h, void* q, int q_dtyp
 template <typename T>
 int lstm_backward_to(float* dh, const T* grad_output, float* dc, const float* cell_tanh, const float* acts,
                      const float* c_prev, float* d_act, void* error, int e_dtype, int64_t batch, int64_t hidden,
-                     const StepRounding& r, int threads) {
+                     const StepRounding& r, const StepRounding& r_dh, int threads) {
   if (!r.on || e_dtype == 0)
     lstm_backward_rows(dh, grad_output, dc, cell_tanh, acts, c_prev, d_act, static_cast<float*>(error), batch, hidden,
-                       r, threads);
+                       r, r_dh, threads);
   else if (e_dtype == 1)
     lstm_backward_rows(dh, grad_output, dc, cell_tanh, acts, c_prev, d_act, static_cast<uint16_t*>(error), batch,
-                       hidden, r, threads);
+                       hidden, r, r_dh, threads);
   else return 1;
   return 0;
 }
@@ -1837,18 +1840,19 @@ int mixprec_lstm_hidden(const float* gates, const float* s, void* h, int dtype, 
 
 int mixprec_lstm_backward(float* dh, const void* grad_output, int dtype, float* dc, const float* cell_tanh,
                           const float* acts, const float* c_prev, float* d_act, int64_t batch, int64_t hidden,
-                          const int32_t* p, const int32_t* key, void* error, int e_dtype, int threads) {
+                          const int32_t* p, const int32_t* key, void* error, int e_dtype, const int32_t* p_dh,
+                          const int32_t* key_dh, int threads) {
   threads = std::max(threads, 1);
-  const StepRounding r = step_rounding(p, key);
+  const StepRounding r = step_rounding(p, key), r_dh = step_rounding(p_dh, key_dh);
   if (dtype == 0)
     return lstm_backward_to(dh, static_cast<const float*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, error,
-                            e_dtype, batch, hidden, r, threads);
+                            e_dtype, batch, hidden, r, r_dh, threads);
   if (dtype == 1)
     return lstm_backward_to(dh, static_cast<const uint16_t*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, error,
-                            e_dtype, batch, hidden, r, threads);
+                            e_dtype, batch, hidden, r, r_dh, threads);
   if (dtype == 2)
     return lstm_backward_to(dh, static_cast<const Half*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, error,
-                            e_dtype, batch, hidden, r, threads);
+                            e_dtype, batch, hidden, r, r_dh, threads);
   return 1;
 }
 
