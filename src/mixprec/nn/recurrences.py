@@ -19,8 +19,12 @@ A layer is one autograd Function (:class:`_Recurrence`), so a step adds no autog
 nodes, and its backward writes the gates' gradients into one buffer that is at the same
 time the input projection's error. On CPU an LSTM step's point-wise operations run in
 native passes (:mod:`mixprec.core.native`: three in forward around torch's two sigmoids,
-one in backward), the same arithmetic as the torch ops they replace, bit for bit; and
-under a passive OpenMP the step loop runs on one thread while its GEMMs are small
+one in backward), the same arithmetic as the torch ops they replace, bit for bit, and
+these passes also take the step's roundings where the format is an unscaled scalar one
+(:func:`_step_rounding`): the recurrent product's result, the next step's h, the dgrad's
+error and its result, with the values and random bits of the separate rounding passes
+(block formats and scaled operands keep those passes). Under a passive OpenMP the step
+loop runs on one thread while its GEMMs are small
 (:func:`mixprec.core.kernels.serial_gemm_threads`), so no op of a step waits for a
 sleeping thread to wake. Stochastic roundings take a key per time step (the
 forward's key mixed with the step), so consecutive steps do not reuse one stream of
