@@ -43,6 +43,8 @@ from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result,
                             _kernel_dtype, _load, _load_extra, _log, _save, _no_autocast, _pad_dim, _path, _reserve_histories, _scale_sum,
                             _values, _finish, _forward_path, forward_product, gemm)
 from mixprec.core import native
+from mixprec.core.block_kernels import RULE_IDS
+from mixprec.core.block_quantize import _block_params, _native_amax
 from mixprec.core.formats import BlockFormat
 from mixprec.core.kernels import _params, native_steps, serial_gemm_threads, serial_threads, torch_threads
 from mixprec.core.quantize import abs_max, resolve_overflow
@@ -102,6 +104,55 @@ def _step_rounding(call: _Call, operand: Operand, site: str, step_key: torch.Ten
     if operand.rounding == "stochastic" and key is None:
         return None
     return _params(fmt, resolve_overflow(fmt, None), device), key
+
+
+class _StepBlocks:
+    """An operand in an NVFP4-style format (1-D blocks along the contraction axis, amax
+    block scales under a tensor scale, no rotation), rounded at every time step of a
+    (B, N) tensor by one call of the native kernel: what :func:`quantize_operand`'s
+    values-only rounding sets up per call (the blocked view, the kernel's parameters, a
+    values buffer) is set up once per sequence. The same values (without the tensor
+    scale, which the GEMM applies to its sum), tensor scale and random bits."""
+
+    def __init__(self, call: _Call, operand: Operand, site: str, shape: tuple[int, ...], device: torch.device):
+        fmt = operand.fmt
+        assert isinstance(fmt, BlockFormat)
+        self.state, self.operand = call.state, operand
+        self.params = _block_params(fmt, device)
+        self.site = f"{site}@{len(shape) - 1}"  # quantize_operand's key: the site and the normalised axis
+        self.stochastic = operand.rounding == "stochastic"
+        self.values = torch.empty(shape, dtype=torch.float32, device=device)
+        self.blocked = (-1, 1, 1, fmt.block_shape[0])
+        self.threads = serial_threads(self.values.numel())
+
+    @staticmethod
+    def make(call: _Call, operand: Operand, site: str, shape: tuple[int, ...], values_dtype: torch.dtype | None,
+             device: torch.device) -> _StepBlocks | None:
+        """The per-step rounding of a (B, N) ``shape`` operand, or None where
+        :func:`quantize_operand` must round it (another format, a rotation, a scale,
+        BF16 values, stochastic rounding without a forward key, no native kernel)."""
+        fmt = operand.fmt
+        if not (isinstance(fmt, BlockFormat) and fmt.tensor_scale and len(fmt.block_shape) == 1
+                and fmt.scale_rule not in RULE_IDS and not operand.hadamard and operand.scaling is None
+                and len(shape) == 2 and shape[-1] % fmt.block_shape[0] == 0):
+            return None
+        if values_dtype == torch.bfloat16 and fmt.block_bf16_values:
+            return None  # quantize_operand writes these in BF16
+        if operand.rounding == "stochastic" and call.forward_key is None:
+            return None
+        probe = torch.empty((1, 1, 1, fmt.block_shape[0]), device=device)
+        return _StepBlocks(call, operand, site, shape, device) if _native_amax(probe, torch.float32) else None
+
+    def round(self, x: torch.Tensor, step_key: torch.Tensor | None) -> Quantized | None:
+        """``x`` (contiguous float32 or BF16, the sequence's shape) rounded, in the
+        values buffer (valid until the next call); None where x cannot go as it is."""
+        if not (x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16) and x.shape == self.values.shape):
+            return None
+        key = self.state.random_key(self.site, step_key) if self.stochastic else None
+        pe, ps, fp = self.params
+        tensor_scale = native.amax_blocks(x.view(self.blocked), self.values.view(self.blocked), pe, ps, fp, True,
+                                          None, True, key, self.threads)
+        return Quantized(self.values, None, self.operand, None, tensor_scale)
 
 
 def _loop_threads(state: torch.Tensor, weight: torch.Tensor) -> int:
@@ -169,13 +220,18 @@ class _Recurrence(torch.autograd.Function):
                   and not left.is_fp32 and not isinstance(left.fmt, BlockFormat) and left.fmt.torch_dtype != compute)
         fused_h = h0.new_empty(h0.shape, dtype=input_dtype) if fuse_h else None
         prepared: Quantized | None = None
+        # an NVFP4 h: one native call a step (native_cells: the steps' native kernels)
+        h_blocks = (_StepBlocks.make(call, left, f"{call.site}.a", tuple(h0.shape), input_dtype, h0.device)
+                    if native_cells and h0.dim() == 2 else None)
         keys = _step_keys(call, steps)
         with _no_autocast(), torch_threads(_loop_threads(h0, w_hh)):
             for step in range(steps):
                 step_call = _step_call(call, step, keys)
-                # h rounded by the previous step's native pass, or here
+                # h rounded by the previous step's native pass, or by one native call, or here
+                if prepared is None and h_blocks is not None:
+                    prepared = h_blocks.round(h, step_call.forward_key)
                 qh = prepared if prepared is not None else quantize_operand(
-                    h, recipe.forward.left, state, f"{call.site}.a", axis=-1, scale=h_scale,
+                    h, left, state, f"{call.site}.a", axis=-1, scale=h_scale,
                     forward_key=step_call.forward_key, values_dtype=input_dtype, keep_storage=False)
                 prepared = None
                 y = forward_product(step_call, path, qh, qw, b_hh, True, right)
@@ -282,6 +338,10 @@ class _Recurrence(torch.autograd.Function):
         fuse_error = (native_cells and error_scale is None and error_storage is False
                       and error_dtype in (torch.float32, torch.bfloat16))
         fused_error = acts.new_empty(acts.shape[1:-1] + (gates,), dtype=error_dtype) if fuse_error else None
+        # an NVFP4 error: one native call a step
+        error_blocks = (_StepBlocks.make(call, recipe.dgrad.left, error_key, tuple(acts.shape[1:-1]) + (gates,),
+                                         error_dtype, acts.device)
+                        if native_cells and error_scale is None and error_storage is False else None)
         dh_rounding: native.StepRounding | None = None  # the later step's dgrad result, rounded by this step's pass
         with _no_autocast(), torch_threads(_loop_threads(dh, w_values)):
             for step in reversed(range(steps)):
@@ -321,9 +381,12 @@ class _Recurrence(torch.autograd.Function):
                     dh = dh * z
                 if step == 0 and not need_h0:
                     break
+                error = None
                 if error_rounding is not None:  # rounded by the native pass
                     error = Quantized(fused_error, None, recipe.dgrad.left, fused_error)  # type: ignore[arg-type]
-                else:
+                elif error_blocks is not None:
+                    error = error_blocks.round(grad_recurrent[step], step_call.forward_key)
+                if error is None:
                     error = quantize_operand(grad_recurrent[step], recipe.dgrad.left, call.state, error_key,
                                              scale=error_scale, forward_key=step_call.forward_key,
                                              values_dtype=error_dtype, keep_storage=error_storage)
