@@ -451,7 +451,7 @@ def serial_threads(numel: int) -> int:
 SERIAL_GEMM_BELOW_PASSIVE = 1 << 25
 """Under ``OMP_WAIT_POLICY=passive`` a loop of dependent small GEMMs (a recurrence's
 time steps) whose GEMMs take fewer multiply-adds than this runs on one thread
-(:func:`threads_for_gemm`): each GEMM and point-wise op of a step otherwise wakes the
+(:func:`serial_gemm_threads`): each GEMM and point-wise op of a step otherwise wakes the
 sleeping second thread. Measured on this 2-core VM, B x 256 @ 256 x 1024 in FP32 and
 BF16, one thread against two: B = 32 (8M multiply-adds) 227-257 against 268-286 us
 (FP32) and 115-130 against 151-171 (BF16); B = 64 even; B = 128 (33M) two threads
@@ -500,11 +500,8 @@ def run_variant(name: str, fn: Callable[..., Any], x: torch.Tensor, *args: Any) 
             with grad, named, vector_bitcasts():
                 if not serial:
                     return compiled(x, *args)
-                torch.set_num_threads(1)
-                try:
+                with torch_threads(1):
                     return compiled(x, *args)
-                finally:
-                    torch.set_num_threads(threads)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back
             if _state.backend == "compiled":
                 raise

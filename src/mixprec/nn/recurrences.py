@@ -44,7 +44,7 @@ from mixprec.nn.ops import (_Call, _backward_copy, _grad_operands, _grad_result,
                             _values, _finish, _forward_path, forward_product, gemm)
 from mixprec.core import native
 from mixprec.core.block_kernels import RULE_IDS
-from mixprec.core.block_quantize import _block_params, _native_amax
+from mixprec.core.block_quantize import _block_params
 from mixprec.core.formats import BlockFormat
 from mixprec.core.kernels import _params, native_steps, serial_gemm_threads, serial_threads, torch_threads
 from mixprec.core.quantize import abs_max, resolve_overflow
@@ -130,7 +130,8 @@ class _StepBlocks:
              device: torch.device) -> _StepBlocks | None:
         """The per-step rounding of a (B, N) ``shape`` operand, or None where
         :func:`quantize_operand` must round it (another format, a rotation, a scale,
-        BF16 values, stochastic rounding without a forward key, no native kernel)."""
+        BF16 values, stochastic rounding without a forward key). Called where the native
+        steps run (:func:`native_steps`), whose conditions the native block kernel shares."""
         fmt = operand.fmt
         if not (isinstance(fmt, BlockFormat) and fmt.tensor_scale and len(fmt.block_shape) == 1
                 and fmt.scale_rule not in RULE_IDS and not operand.hadamard and operand.scaling is None
@@ -140,8 +141,7 @@ class _StepBlocks:
             return None  # quantize_operand writes these in BF16
         if operand.rounding == "stochastic" and call.forward_key is None:
             return None
-        probe = torch.empty((1, 1, 1, fmt.block_shape[0]), device=device)
-        return _StepBlocks(call, operand, site, shape, device) if _native_amax(probe, torch.float32) else None
+        return _StepBlocks(call, operand, site, shape, device)
 
     def round(self, x: torch.Tensor, step_key: torch.Tensor | None) -> Quantized | None:
         """``x`` (contiguous float32 or BF16, the sequence's shape) rounded, in the
