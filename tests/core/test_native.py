@@ -657,3 +657,23 @@ def test_native_fp8_decoding_of_every_code(name: str, dtype: torch.dtype, monkey
         assert torch.equal(expected.isnan(), nan)
         same_bits(values[~nan].float(), expected[~nan].float())
     assert decoded == [stored.numel()] * 5
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 300), cols=st.integers(1, 200), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), threads=st.sampled_from([1, 2]))
+def test_column_sums_are_float32_sums_of_the_widened_elements(rows: int, cols: int, seed: int, dtype: torch.dtype,
+                                                               threads: int) -> None:
+    """Each column summed in float32 (not in the 16-bit dtype: a BF16 accumulator loses
+    the small addends; within the float32 summation bound of the float64 sum), in row
+    order (so that 1 and 2 threads agree bit for bit)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 3, cols)).to(dtype)
+    sums = native.column_sums(x, threads)
+    exact = x.double().sum(0)
+    bound = rows * 2.0**-24 * x.double().abs().sum(0)
+    assert sums.dtype == torch.float32 and bool(((sums.double() - exact).abs() <= bound).all())
+    sequential = torch.zeros(cols)
+    for row in x.float():
+        sequential += row
+    assert torch.equal(sums, sequential)

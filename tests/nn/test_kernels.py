@@ -44,7 +44,8 @@ class GemmLog(TorchDispatchMode):
     (:data:`mixprec.nn.kernels.GemmPath`) of its matrix products: float32 operands in
     oneDNN's BF16 math mode are ``"bf16-fp32"``."""
 
-    OPS = ("mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_linear_pointwise")
+    OPS = ("mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_linear_pointwise",
+           "gemm_bf16_packed")
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,12 +67,14 @@ class GemmLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func.overloadpacket.__name__ in self.OPS:
             self.count += 1
-            # the GEMM's operands: the first two tensor arguments
-            tensors = [a for a in args if isinstance(a, torch.Tensor)][:2]
+            # the GEMM's operands: the first two tensor arguments (the native BF16-units
+            # GEMM's second is its packed operand: "bf16-fp32", as its first's dtype)
+            native_dot = func.overloadpacket.__name__ == "gemm_bf16_packed"
+            tensors = [a for a in args if isinstance(a, torch.Tensor)][:1 if native_dot else 2]
             self.dtypes |= {t.dtype for t in tensors}
             self.calls |= {(func.overloadpacket.__name__, t.dtype) for t in tensors}
             if "convolution" not in func.overloadpacket.__name__:
-                products = torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+                products = torch.backends.mkldnn.matmul.fp32_precision == "bf16" or native_dot
                 self.paths |= {"bf16" if t.dtype == torch.bfloat16 else "bf16-fp32" if products else "fp32"
                                for t in tensors}
         return func(*args, **(kwargs or {}))

@@ -572,6 +572,15 @@ def native_steps(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and _native_takes(x)
 
 
+def float32_column_sums(x: torch.Tensor) -> torch.Tensor:
+    """The 2-D ``x`` summed over its rows in float32 (a bias gradient): for a 16-bit
+    ``x`` where the native kernel takes it, in one pass that widens each element as it
+    reads it (:func:`mixprec.core.native.column_sums`); else torch's sum."""
+    if x.dtype in (torch.bfloat16, torch.float16) and _native_takes(x):
+        return native.column_sums(x, serial_threads(x.numel()))
+    return x.sum(0, dtype=torch.float32)
+
+
 def _native_takes(x: torch.Tensor) -> bool:
     """The ``"auto"`` backend, a contiguous CPU tensor, no ``torch.compile`` tracing, the
     library built: where a native kernel may take ``x``."""

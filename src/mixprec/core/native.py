@@ -33,15 +33,16 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mixprec.core.formats import FloatFormat
 
-__all__ = ["amax_blocks", "available", "decode_fp8", "hadamard16", "library_path", "lstm_backward_step",
-           "lstm_cell", "lstm_hidden", "lstm_preactivations", "packs", "pow2_blocks", "pow2_strided", "round_scalar",
-           "unpack_blocks"]
+__all__ = ["PackedBF16", "amax_blocks", "available", "bf16_dot_available", "column_sums", "decode_fp8", "gemm_bf16", "hadamard16",
+           "library_path", "lstm_backward_step", "lstm_cell", "lstm_hidden", "lstm_preactivations", "pack_bf16", "packs",
+           "pow2_blocks", "pow2_strided", "round_scalar", "unpack_blocks"]
 
 _SOURCE = Path(__file__).with_name("native") / "kernels.cpp"
 def _flags() -> tuple[str, ...]:
@@ -127,6 +128,9 @@ def _library() -> ctypes.CDLL | None:
         decode, hadamard = library.mixprec_decode, library.mixprec_hadamard16
         cells = (library.mixprec_lstm_preact, library.mixprec_lstm_cell, library.mixprec_lstm_hidden,
                  library.mixprec_lstm_backward)
+        gemm = (library.mixprec_bf16_dot_available, library.mixprec_bf16_packed_words, library.mixprec_pack_bf16,
+                library.mixprec_gemm_bf16)
+        sums = library.mixprec_column_sums
     except AttributeError as error:  # a library from elsewhere under this name
         warnings.warn(f"mixprec: the native block kernel at {target} lacks a function ({error}); delete it to "
                       "rebuild. Block quantization runs on the compiled torch kernels (same results, slower)",
@@ -159,6 +163,12 @@ def _library() -> ctypes.CDLL | None:
                          pointer, i32, pointer, pointer, i32]
     for function in cells:
         function.restype = i32
+    dot, words, pack, product = gemm
+    dot.argtypes, dot.restype = [], i32
+    words.argtypes, words.restype = [i64, i64], i64
+    pack.argtypes, pack.restype = [pointer, i32, i64, i64, i64, i64, pointer, i32], i32
+    product.argtypes, product.restype = [pointer, i32, i64, i64, i64, i64, pointer, i64, pointer, i64, i32], i32
+    sums.argtypes, sums.restype = [pointer, i32, i64, i64, pointer, i32], i32
     return library
 
 
@@ -349,6 +359,23 @@ def hadamard16(
                          f"axis {axis})")
 
 
+def column_sums(x: torch.Tensor, threads: int) -> torch.Tensor:
+    """The float32 column sums of the contiguous 2-D CPU tensor ``x`` (float32, BF16 or
+    FP16), each element widened exactly and summed in row order: torch's
+    ``sum(0, dtype=torch.float32)`` of a 16-bit tensor writes a float32 copy of it first
+    (a BF16 bias gradient's error of 2048 x 512: 1.2 ms in a training step). The caller
+    checks :func:`available`."""
+    library = _library()
+    assert library is not None, "call native.available() first"
+    rows, cols = x.shape
+    out = torch.empty(cols, dtype=torch.float32)
+    status = library.mixprec_column_sums(x.data_ptr(), _SCALAR_DTYPES.get(x.dtype, -1), rows, cols, out.data_ptr(),
+                                         max(int(threads), 1))
+    if status != 0:
+        raise ValueError(f"native column_sums: unsupported dtype {x.dtype}")
+    return out
+
+
 _FP8_KINDS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 _SCALAR_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -500,3 +527,64 @@ def lstm_backward_step(dh: torch.Tensor, grad_output: torch.Tensor, dc: torch.Te
         cell_tanh.data_ptr(), acts.data_ptr(), c_prev.data_ptr(), d_act.data_ptr(), batch, hidden, p, key,
         None if error is None else error.data_ptr(), e_dtype, p_dh, key_dh, max(int(threads), 1)),
         "lstm_backward_step", grad_output.dtype, *(() if error is None else (error.dtype,)))
+
+
+# ---- the FP32 sum of BF16 products (mixprec.nn.kernels' "bf16-fp32" path) -----------------------
+
+
+def bf16_dot_available() -> bool:
+    """Whether the library is built with the GEMM on the CPU's BF16 dot-product
+    instructions (AVX512_BF16: ``-march=native`` on a CPU that has them)."""
+    library = _library()
+    return library is not None and bool(library.mixprec_bf16_dot_available())
+
+
+@dataclass(frozen=True)
+class PackedBF16:
+    """A GEMM's right operand (K x N, BF16 values) packed for :func:`gemm_bf16`: pairs of
+    rows interleaved in panels of 64 columns, as the dot-product instruction reads them.
+    Packed once, it serves every GEMM by that operand (a recurrent weight at each step)."""
+
+    words: torch.Tensor
+    """The packed BF16 pairs as int32 words."""
+    k: int
+    """The contraction dimension."""
+    n: int
+    """The columns."""
+
+
+_BF16_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def pack_bf16(b: torch.Tensor, threads: int) -> PackedBF16:
+    """Pack the 2-D CPU tensor ``b`` (float32 holding BF16 values, or BF16; any strides)
+    for :func:`gemm_bf16`. Float32 elements are rounded to BF16 as torch casts them,
+    which leaves BF16 values as they are. The caller checks :func:`bf16_dot_available`."""
+    library = _library()
+    assert library is not None, "call native.bf16_dot_available() first"
+    k, n = b.shape
+    words = torch.empty(int(library.mixprec_bf16_packed_words(k, n)), dtype=torch.int32)
+    status = library.mixprec_pack_bf16(b.data_ptr(), _BF16_DTYPES.get(b.dtype, -1), k, n, b.stride(0), b.stride(1),
+                                       words.data_ptr(), max(int(threads), 1))
+    if status != 0:
+        raise ValueError(f"native pack_bf16: unsupported dtype {b.dtype} (float32 or bfloat16)")
+    return PackedBF16(words, k, n)
+
+
+def gemm_bf16(a: torch.Tensor, b: PackedBF16, threads: int) -> torch.Tensor:
+    """``a @ b`` as float32 for the 2-D CPU tensor ``a`` (float32 holding BF16 values, or
+    BF16; any strides) and a packed ``b``: each product exact, summed in float32 on the
+    BF16 dot-product units (the FP32 sum, up to summation order, with denormals flushed
+    to zero as oneDNN's BF16 GEMMs flush them). The caller checks
+    :func:`bf16_dot_available`."""
+    library = _library()
+    assert library is not None, "call native.bf16_dot_available() first"
+    m, k = a.shape
+    if k != b.k:
+        raise ValueError(f"native gemm_bf16: a has {k} columns, the packed operand {b.k} rows")
+    out = torch.empty((m, b.n), dtype=torch.float32)
+    status = library.mixprec_gemm_bf16(a.data_ptr(), _BF16_DTYPES.get(a.dtype, -1), m, k, a.stride(0), a.stride(1),
+                                       b.words.data_ptr(), b.n, out.data_ptr(), b.n, max(int(threads), 1))
+    if status != 0:
+        raise ValueError(f"native gemm_bf16: status {status} (dtype {a.dtype}; 3: no BF16 dot products in this build)")
+    return out

@@ -177,7 +177,10 @@ def _multi_head_attention(state: EngineState, query, key, value, embed_dim_to_ch
                    for x, w, b in zip((query, key, value), weights, biases))
 
     def heads(t: torch.Tensor, rows: int) -> torch.Tensor:  # (rows, N, E) -> (N, H, rows, head)
-        return t.reshape(rows, batch * num_heads, head).transpose(0, 1).reshape(batch, num_heads, rows, head)
+        # one copy into the attention's own layout: a strided (N, H, rows, head) view sent
+        # torch's BF16 batched GEMM to a path 3.5x slower than on contiguous operands
+        # (32 x 4 heads of 64 x 32 at 64 x 32: 823 against 229 us, the copy 60)
+        return t.reshape(rows, batch, num_heads, head).permute(1, 2, 0, 3).contiguous()
 
     q, k, v = heads(q, length), heads(k, source), heads(v, source)
     mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",

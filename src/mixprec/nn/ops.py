@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mixprec.core.kernels import float32_column_sums
+from mixprec.core.native import PackedBF16
 from mixprec.nn import kernels
 from mixprec.nn.kernels import GemmPath, KernelPolicy
 from mixprec.nn.state import CallRecord, EngineState, Quantized, block_axis_key, quantize_operand, result_dtype
@@ -317,18 +319,20 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def forward_product(call: _Call, path: GemmPath, qa: Quantized, qb: Quantized, bias: torch.Tensor | None,
-                    transpose_b: bool, right: torch.Tensor | None = None) -> torch.Tensor:
+                    transpose_b: bool, right: torch.Tensor | PackedBF16 | None = None) -> torch.Tensor:
     """The FP32 sum (or a BF16 kernel's once-rounded result) of a forward GEMM
     ``qa @ op(qb) + bias`` on kernel ``path``, before the result's rounding; ``right``
-    is qb's values already decoded for ``path`` (a weight used at every step of a
-    recurrence is decoded once)."""
+    is qb's values already decoded for ``path``, or op(qb) packed
+    (:func:`mixprec.nn.kernels.pack_right`): a weight used at every step of a recurrence
+    is decoded and packed once."""
     y = kernels.scaled_mm(qa, qb, call.policy, transpose_right=transpose_b) if path == "fp32" else None
     if y is not None:  # FP8 tensor cores (CUDA): FP32 out, bias and one rounding after
         return y if bias is None else y.add_(bias.float())
     right = _values(path, qb) if right is None else right
     if path == "bf16" and bias is not None:
         return kernels.linear_bf16(_values(path, qa), right if transpose_b else right.t(), bias)
-    right = right.transpose(-1, -2) if transpose_b else right
+    if not isinstance(right, PackedBF16):  # a packed right operand is op(qb) already
+        right = right.transpose(-1, -2) if transpose_b else right
     y = _scale_sum(kernels.matmul(_values(path, qa), right, path, call.policy), qa, qb)
     return y if bias is None else y.add_(bias.float())
 
@@ -424,8 +428,7 @@ class _Gemm(torch.autograd.Function):
                 # block recipes: summed from the high-precision error, as Transformer Engine's dbias
                 # (widened as the sum reads it: no float32 copy of the error)
                 g = grad_output if blocks else gbias.values()
-                grad_bias = _grad_result(call, g.reshape(-1, g.shape[-1]).sum(0, dtype=torch.float32), True,
-                                         ctx.dtypes[2])
+                grad_bias = _grad_result(call, float32_column_sums(g.reshape(-1, g.shape[-1])), True, ctx.dtypes[2])
         return grad_a, grad_b, grad_bias, None, None
 
 

@@ -196,7 +196,10 @@ class _Recurrence(torch.autograd.Function):
         # for all steps
         qw = call.state.weight(w_hh, recipe.forward.right, f"{call.site}.b", axis=-1,
                                forward_key=call.forward_key, values_dtype=_kernel_dtype(path))
-        right = _values(path, qw)
+        values = _values(path, qw)
+        # packed once for all steps where their GEMMs take it so
+        packed = kernels.pack_right(values.t(), path, call.policy, h0.numel() // hidden)
+        right = values if packed is None else packed
         lstm = kind == "lstm"
         # LSTM: i, f, g, o activations; GRU: r, z, n and the recurrent product's n part
         acts = projected.new_empty(steps, *projected.shape[1:-1], 4 * hidden)
@@ -309,6 +312,8 @@ class _Recurrence(torch.autograd.Function):
         grad_recurrent = grad_projected if lstm else acts.new_empty(*acts.shape[:-1], gates)
         dgrad_path = _path(call, _grad_result_operand(call, False), recipe.dgrad.left, saved_w)
         w_values = _values(dgrad_path, saved_w)  # (gates, H): the error times it gives dh
+        packed = kernels.pack_right(w_values, dgrad_path, call.policy, acts[0].numel() // acts.shape[-1])
+        w_right = w_values if packed is None else packed  # packed once for all steps where their GEMMs take it so
         # each step's error is used at once, by its dgrad GEMM: its values alone, in that
         # GEMM's kernel dtype (FP8 bytes only where FP8 tensor cores take them)
         error_dtype = _kernel_dtype(dgrad_path)
@@ -390,7 +395,7 @@ class _Recurrence(torch.autograd.Function):
                     error = quantize_operand(grad_recurrent[step], recipe.dgrad.left, call.state, error_key,
                                              scale=error_scale, forward_key=step_call.forward_key,
                                              values_dtype=error_dtype, keep_storage=error_storage)
-                product = _scale_sum(kernels.matmul(_values(dgrad_path, error), w_values, dgrad_path, call.policy),
+                product = _scale_sum(kernels.matmul(_values(dgrad_path, error), w_right, dgrad_path, call.policy),
                                      error, saved_w)
                 if native_cells and step > 0 and product.dtype == torch.float32 and product.is_contiguous():
                     # rounded by the next (earlier) step's native pass, which adds to it first

@@ -1614,6 +1614,146 @@ int lstm_backward_to(float* dh, const T* grad_output, float* dc, const float* ce
   return 0;
 }
 
+
+// ---- column sums in float32 (a bias gradient from a 16-bit error) ----------------------------
+// out[c] = the float32 sum over rows of x[r][c] widened as torch casts, in row order: torch's
+// sum(dtype=float32) of a BF16 tensor first writes a float32 copy of all of it.
+constexpr int64_t kSumColumns = 64;
+
+template <typename T>
+void column_sums(const T* x, int64_t rows, int64_t cols, float* out, int threads) {
+  const int64_t chunks = (cols + kSumColumns - 1) / kSumColumns;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t c0 = chunk * kSumColumns, width = std::min(kSumColumns, cols - c0);
+    alignas(64) float acc[kSumColumns] = {};
+    alignas(64) float row[kSumColumns];
+    for (int64_t r = 0; r < rows; ++r) {
+      widen_block(x + r * cols + c0, width, row);
+#pragma omp simd
+      for (int64_t c = 0; c < kSumColumns; ++c) acc[c] += c < width ? row[c] : 0.0f;
+    }
+    for (int64_t c = 0; c < width; ++c) out[c0 + c] = acc[c];
+  }
+}
+
+
+// ---- the FP32 sum of BF16 products: a GEMM on the CPU's BF16 dot-product units --------------
+// C (float32) = A @ B for operands whose elements are BF16 values (held as float32 or
+// BF16), each product exact in float32 and summed in float32: the sum an FP32 GEMM gives
+// them, up to summation order, at the BF16 units' rate. torch on the CPU has no such GEMM
+// (a BF16 GEMM returns BF16, aten::mm.dtype is CUDA-only, oneDNN's BF16 math mode takes
+// float32 operands and converts them at every call). VDPBF16PS adds two products a lane
+// to an FP32 accumulator (denormal inputs and results flushed to zero, as oneDNN's BF16
+// GEMMs flush them). B is packed once (pack_b_bf16) and may serve many GEMMs: a weight at
+// every step of a recurrence.
+
+constexpr int64_t kPanel = 64;  // B's columns per packed panel: four vectors of 16
+constexpr int64_t kTileRows = 6;  // A's rows per micro-tile: 6 x 4 accumulators of the 32 registers
+
+template <typename T>
+MIXPREC_INLINE uint32_t bf16_word(const T* x, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    return bf16_bits(x[i]);
+  } else {
+    return x[i];
+  }
+}
+
+// B (element (k, n) at b[k * sk + n * sn]) as panels of kPanel columns, each (K + 1) / 2
+// rows of kPanel pairs (B[2q][n], B[2q + 1][n]) as 32-bit words, zero past K and N.
+template <typename T>
+void pack_b_bf16(const T* b, int64_t k_size, int64_t n_size, int64_t sk, int64_t sn, uint32_t* out, int threads) {
+  const int64_t pairs = (k_size + 1) / 2, panels = (n_size + kPanel - 1) / kPanel;
+#pragma omp parallel for num_threads(threads) collapse(2) schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t q = 0; q < pairs; ++q) {
+      uint32_t* dst = out + (p * pairs + q) * kPanel;
+      const int64_t k0 = 2 * q;
+      const bool second = k0 + 1 < k_size;
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t n = p * kPanel + c;
+        uint32_t word = 0;
+        if (n < n_size) {
+          word = bf16_word(b, k0 * sk + n * sn);
+          if (second) word |= bf16_word(b, (k0 + 1) * sk + n * sn) << 16;
+        }
+        dst[c] = word;
+      }
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+
+// rows x (up to kPanel) of C from a micro-tile's packed A rows (pairs as words, ``pairs``
+// a row) and one panel of B
+template <int kRows>
+MIXPREC_INLINE void dot_tile(const uint32_t* a, int64_t pairs, const uint32_t* panel, float* c, int64_t ldc,
+                             int64_t cols) {
+  __m512 acc[kRows][4];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < pairs; ++q) {
+    const uint32_t* row = panel + q * kPanel;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(row);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(row + 16);
+    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(row + 32);
+    const __m512bh b3 = (__m512bh)_mm512_loadu_si512(row + 48);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * pairs + q]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w, b3);
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    const int64_t left = cols - 16 * v;
+    if (left <= 0) break;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    for (int r = 0; r < kRows; ++r) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask, acc[r][v]);
+  }
+}
+
+template <typename T>
+void gemm_bf16(const T* a, int64_t m_size, int64_t k_size, int64_t sm, int64_t sk, const uint32_t* packed,
+               int64_t n_size, float* c, int64_t ldc, int threads) {
+  const int64_t pairs = (k_size + 1) / 2, panels = (n_size + kPanel - 1) / kPanel;
+  const int64_t tiles = (m_size + kTileRows - 1) / kTileRows;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint32_t> rows(kTileRows * pairs);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m0 = t * kTileRows, count = std::min(kTileRows, m_size - m0);
+      for (int64_t r = 0; r < count; ++r) {  // the tile's rows of A as pairs along K
+        const T* x = a + (m0 + r) * sm;
+        uint32_t* dst = rows.data() + r * pairs;
+        for (int64_t q = 0; q < k_size / 2; ++q) dst[q] = bf16_word(x, 2 * q * sk) | (bf16_word(x, (2 * q + 1) * sk) << 16);
+        if (k_size % 2 != 0) dst[pairs - 1] = bf16_word(x, (k_size - 1) * sk);
+      }
+      for (int64_t p = 0; p < panels; ++p) {
+        const uint32_t* panel = packed + p * pairs * kPanel;
+        float* out = c + m0 * ldc + p * kPanel;
+        const int64_t cols = std::min(kPanel, n_size - p * kPanel);
+        switch (count) {
+          case 6: dot_tile<6>(rows.data(), pairs, panel, out, ldc, cols); break;
+          case 5: dot_tile<5>(rows.data(), pairs, panel, out, ldc, cols); break;
+          case 4: dot_tile<4>(rows.data(), pairs, panel, out, ldc, cols); break;
+          case 3: dot_tile<3>(rows.data(), pairs, panel, out, ldc, cols); break;
+          case 2: dot_tile<2>(rows.data(), pairs, panel, out, ldc, cols); break;
+          default: dot_tile<1>(rows.data(), pairs, panel, out, ldc, cols); break;
+        }
+      }
+    }
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -1854,6 +1994,74 @@ int mixprec_lstm_backward(float* dh, const void* grad_output, int dtype, float* 
     return lstm_backward_to(dh, static_cast<const Half*>(grad_output), dc, cell_tanh, acts, c_prev, d_act, error,
                             e_dtype, batch, hidden, r, r_dh, threads);
   return 1;
+}
+
+// out (cols float32) = the column sums of contiguous x (rows x cols; dtype 0 float32, 1
+// bfloat16, 2 float16), each in float32 in row order. Returns 0, 1 for an unknown dtype.
+int mixprec_column_sums(const void* x, int dtype, int64_t rows, int64_t cols, float* out, int threads) {
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    column_sums(static_cast<const float*>(x), rows, cols, out, threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    column_sums(static_cast<const uint16_t*>(x), rows, cols, out, threads);
+    return 0;
+  }
+  if (dtype == 2) {
+    column_sums(static_cast<const Half*>(x), rows, cols, out, threads);
+    return 0;
+  }
+  return 1;
+}
+
+// Whether this build has the BF16 dot-product GEMM (a CPU with AVX512_BF16).
+int mixprec_bf16_dot_available() { return kBf16Dot ? 1 : 0; }
+
+// The 32-bit words (K + 1) / 2 * ceil(N / 64) * 64 that pack_b_bf16 writes for K x N.
+int64_t mixprec_bf16_packed_words(int64_t k_size, int64_t n_size) {
+  return (k_size + 1) / 2 * ((n_size + kPanel - 1) / kPanel) * kPanel;
+}
+
+// Pack B (K x N, element (k, n) at b[k * sk + n * sn]; dtype 0 float32, 1 bfloat16;
+// float32 elements rounded to BF16 as torch casts them, the identity on BF16 values)
+// for mixprec_gemm_bf16. Returns 0, 1 for an unknown dtype.
+int mixprec_pack_bf16(const void* b, int dtype, int64_t k_size, int64_t n_size, int64_t sk, int64_t sn, uint32_t* out,
+                      int threads) {
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    pack_b_bf16(static_cast<const float*>(b), k_size, n_size, sk, sn, out, threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    pack_b_bf16(static_cast<const uint16_t*>(b), k_size, n_size, sk, sn, out, threads);
+    return 0;
+  }
+  return 1;
+}
+
+// C (M x N float32, row stride ldc) = A (M x K, element (m, k) at a[m * sm + k * sk];
+// dtype as above) @ B packed by mixprec_pack_bf16: each product of BF16 values exact,
+// summed in float32 on the BF16 dot-product units. Returns 0, 1 for an unknown dtype, 3
+// where this build has no BF16 dot products.
+int mixprec_gemm_bf16(const void* a, int dtype, int64_t m_size, int64_t k_size, int64_t sm, int64_t sk,
+                      const uint32_t* packed, int64_t n_size, float* c, int64_t ldc, int threads) {
+#if defined(__AVX512BF16__)
+  threads = std::max(threads, 1);
+  if (dtype == 0) {
+    gemm_bf16(static_cast<const float*>(a), m_size, k_size, sm, sk, packed, n_size, c, ldc, threads);
+    return 0;
+  }
+  if (dtype == 1) {
+    gemm_bf16(static_cast<const uint16_t*>(a), m_size, k_size, sm, sk, packed, n_size, c, ldc, threads);
+    return 0;
+  }
+  return 1;
+#else
+  (void)a; (void)dtype; (void)m_size; (void)k_size; (void)sm; (void)sk; (void)packed; (void)n_size; (void)c;
+  (void)ldc; (void)threads;
+  return 3;
+#endif
 }
 
 }  // extern "C"
